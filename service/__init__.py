@@ -1,0 +1,1 @@
+"""Copernica data-request receiver: files requests, receives callbacks, archives to S3."""

@@ -1,0 +1,155 @@
+"""Command line: `serve` (default), `request`, `status`, `list`, `simulate`. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+import aiohttp
+
+from .config import CLIENT_REQUIRES, SERVE_REQUIRES, ConfigError, Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="copernica-receiver",
+        description="Files Copernica data requests and archives their results to S3.",
+    )
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="run the HTTP service (default)")
+
+    request = commands.add_parser("request", help="file a data request through the service")
+    subject = request.add_mutually_exclusive_group(required=True)
+    subject.add_argument("email", nargs="?", help="e-mail address of the data subject")
+    subject.add_argument("--profile", type=int, help="Copernica profile id")
+    subject.add_argument("--subprofile", type=int, help="Copernica subprofile id")
+    request.add_argument("--idempotency-key", help="retrying with the same key files once")
+
+    status = commands.add_parser("status", help="show one request")
+    status.add_argument("id")
+
+    listing = commands.add_parser("list", help="list requests")
+    listing.add_argument(
+        "--status", choices=("submitting", "pending", "archived", "failed", "expired")
+    )
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--cursor", default="")
+
+    simulate = commands.add_parser("simulate", help="run the Copernica simulator")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=9000)
+    simulate.add_argument("--access-token", default="dev-token")
+    simulate.add_argument(
+        "--ready-after", type=float, default=2.0, help="seconds until a data request is ready"
+    )
+    simulate.add_argument(
+        "--payload-size", type=int, default=20_000, help="approximate payload bytes"
+    )
+    return parser
+
+
+def _serve() -> int:
+    from aiohttp import web
+
+    from .app import create_app
+    from .logs import configure_logging
+
+    settings = Settings.from_env(require=SERVE_REQUIRES)
+    configure_logging(settings)
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=settings.shutdown_grace_seconds,
+        access_log=None,  # each route logs its own canonical line
+        print=None,
+    )
+    return 0
+
+
+async def _call_api(
+    method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    settings = Settings.from_env(require=CLIENT_REQUIRES)
+    assert settings.api_token is not None
+    auth = {"Authorization": f"Bearer {settings.api_token.reveal()}", **(headers or {})}
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.request(method, settings.receiver_url + path, json=body, headers=auth) as answer,
+    ):
+        try:
+            return answer.status, await answer.json(content_type=None)
+        except ValueError:
+            return answer.status, {"error": (await answer.text())[:200]}
+
+
+def _client(args: argparse.Namespace) -> int:
+    if args.command == "request":
+        body: dict[str, Any]
+        if args.email:
+            body = {"email": args.email}
+        elif args.profile is not None:
+            body = {"profile": args.profile}
+        else:
+            body = {"subprofile": args.subprofile}
+        headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
+        status, answer = asyncio.run(_call_api("POST", "/v1/data-requests", body, headers))
+        if status == 202:
+            print(answer["id"])
+            if answer.get("status") == "failed":
+                print(f"filing failed: {answer.get('last_error')}", file=sys.stderr)
+                return 1
+            return 0
+    elif args.command == "status":
+        status, answer = asyncio.run(_call_api("GET", f"/v1/data-requests/{args.id}"))
+        if status == 200:
+            print(json.dumps(answer, indent=2))
+            return 0
+    else:
+        query = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
+        query += f"&cursor={args.cursor}" if args.cursor else ""
+        status, answer = asyncio.run(_call_api("GET", f"/v1/data-requests{query}"))
+        if status == 200:
+            for item in answer["items"]:
+                print(
+                    f"{item['id']}  {item['status']:<10}  {item['subject_type']:<10}  "
+                    f"{item['created_at']}"
+                )
+            if answer.get("next_cursor"):
+                print(f"next: --cursor {answer['next_cursor']}", file=sys.stderr)
+            return 0
+    print(f"error {status}: {answer.get('error', answer)}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command in (None, "serve"):
+            return _serve()
+        if args.command == "simulate":
+            from .simulator import run_simulator
+
+            run_simulator(
+                args.host,
+                args.port,
+                args.access_token,
+                ready_after=args.ready_after,
+                payload_size=args.payload_size,
+            )
+            return 0
+        return _client(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except aiohttp.ClientConnectionError as exc:
+        print(f"cannot reach the service: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""S3 access: the key layout, conditional puts, streamed multipart uploads and quarantine.
+
+All state lives in S3 (replicas are stateless). Every write that must happen once uses a
+conditional request: `If-None-Match: *` for objects created once (first writer wins),
+`If-Match: <etag>` for records that are updated. S3 failures become `ArchiveUnavailable`
+here, at the module edge, so the HTTP layer maps them to 503 in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import aiohttp
+import botocore.exceptions
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from ulid import ULID
+
+from .config import Settings
+from .metrics import Metrics
+
+T = TypeVar("T")
+
+# Errors that mean "S3 is not answering properly": retryable, never the caller's fault.
+_UNAVAILABLE = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.HTTPClientError,
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+    OSError,
+)
+
+
+class ArchiveUnavailable(Exception):
+    """S3 could not be reached or answered with a server error; try again later."""
+
+
+class NotFound(Exception):
+    """The object does not exist."""
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost: the object exists (If-None-Match) or changed (If-Match)."""
+
+
+class Keys:
+    """The S3 key layout of SPEC (all under ARCHIVE_PREFIX). No e-mail address in any key."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def record(self, request_id: str) -> str:
+        return f"{self.prefix}requests/{request_id}.json"
+
+    def archive(self, request_id: str) -> str:
+        # The date is the request's creation date, read from its ULID: deterministic.
+        created = ULID.from_str(request_id).datetime
+        return f"{self.prefix}archive/{created:%Y/%m/%d}/{request_id}.json"
+
+    def quarantine(self, request_id: str, received_at: datetime) -> str:
+        return f"{self.prefix}quarantine/{request_id}/{received_at:%Y%m%dT%H%M%S.%fZ}.bin"
+
+    def events(self, request_id: str, window_start: str) -> str:
+        return f"{self.prefix}events/{request_id}/{window_start}.jsonl"
+
+    def idempotency(self, key_hash: str) -> str:
+        return f"{self.prefix}idempotency/{key_hash}.json"
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    body: bytes
+    etag: str
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def isoformat(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _ascii(value: str) -> str:
+    """S3 user metadata travels in HTTP headers: keep it printable ASCII."""
+    return value.encode("ascii", "replace").decode("ascii").replace("\n", " ")[:1024]
+
+
+class ArchiveStore:
+    """One aiobotocore S3 client and the operations the service needs of it."""
+
+    def __init__(self, client: Any, settings: Settings, metrics: Metrics) -> None:
+        self._client = client
+        self.bucket = settings.archive_bucket
+        self.keys = Keys(settings.archive_prefix)
+        self.part_bytes = settings.s3_part_bytes
+        self._metrics = metrics
+        self._sse: dict[str, str] = {}
+        if settings.archive_sse:
+            self._sse["ServerSideEncryption"] = settings.archive_sse
+            if settings.archive_kms_key_id:
+                self._sse["SSEKMSKeyId"] = settings.archive_kms_key_id
+
+    async def _call(self, operation: str, **kwargs: Any) -> Any:
+        """Run one S3 operation, timed, with its failures mapped to our two exceptions."""
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            result = await getattr(self._client, operation)(Bucket=self.bucket, **kwargs)
+            outcome = "ok"
+            return result
+        except botocore.exceptions.ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            code = exc.response.get("Error", {}).get("Code", "")
+            if status == 412 or code == "PreconditionFailed":
+                outcome = "precondition_failed"
+                raise PreconditionFailed(operation) from None
+            if status == 404 or code in ("NoSuchKey", "404", "NotFound"):
+                outcome = "not_found"
+                raise NotFound(kwargs.get("Key", "")) from None
+            if status == 409 and code == "ConditionalRequestConflict":
+                # S3 saw a concurrent conditional write on the key; the caller retries later.
+                raise ArchiveUnavailable(f"S3 {operation}: concurrent conditional write") from None
+            raise ArchiveUnavailable(f"S3 {operation} failed: {code or status}") from None
+        except _UNAVAILABLE as exc:
+            raise ArchiveUnavailable(f"S3 {operation} failed: {type(exc).__name__}") from None
+        finally:
+            self._metrics.s3_seconds.labels(operation, outcome).observe(
+                time.perf_counter() - started
+            )
+
+    # -- plain objects -------------------------------------------------------------------
+
+    async def get(self, key: str) -> StoredObject | None:
+        try:
+            answer = await self._call("get_object", Key=key)
+        except NotFound:
+            return None
+        async with answer["Body"] as stream:
+            try:
+                body = await stream.read()
+            except _UNAVAILABLE as exc:
+                raise ArchiveUnavailable(f"S3 get_object read: {type(exc).__name__}") from None
+        return StoredObject(body, answer["ETag"])
+
+    async def head(self, key: str) -> dict[str, Any] | None:
+        try:
+            return dict(await self._call("head_object", Key=key))
+        except NotFound:
+            return None
+
+    async def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        metadata: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> str:
+        """Write an object; with a condition, `PreconditionFailed` when it does not hold."""
+        extra: dict[str, Any] = dict(self._sse)
+        if if_none_match:
+            extra["IfNoneMatch"] = "*"
+        if if_match is not None:
+            extra["IfMatch"] = if_match
+        if metadata:
+            extra["Metadata"] = {k: _ascii(v) for k, v in metadata.items()}
+        answer = await self._call(
+            "put_object", Key=key, Body=body, ContentType=content_type, **extra
+        )
+        return str(answer["ETag"])
+
+    async def list_keys(
+        self, prefix: str, *, start_after: str = "", limit: int = 1000
+    ) -> list[str]:
+        answer = await self._call(
+            "list_objects_v2", Prefix=prefix, StartAfter=start_after, MaxKeys=limit
+        )
+        return [item["Key"] for item in answer.get("Contents", [])]
+
+    async def reachable(self) -> bool:
+        try:
+            await self._call("head_bucket")
+        except (ArchiveUnavailable, NotFound):
+            return False
+        return True
+
+    async def ensure_bucket(self) -> None:
+        """Create the bucket when missing (local development and tests only)."""
+        if not await self.reachable():
+            await self._call("create_bucket")
+
+    # -- streamed uploads ----------------------------------------------------------------
+
+    def upload(self, key: str, metadata: dict[str, str]) -> StreamedUpload:
+        return StreamedUpload(self, key, metadata)
+
+    async def quarantine(
+        self, request_id: str, received_at: datetime, body: bytes, metadata: dict[str, str]
+    ) -> str:
+        key = self.keys.quarantine(request_id, received_at)
+        await self.put(key, body, metadata=metadata, content_type="application/octet-stream")
+        return key
+
+
+class AlreadyArchived(Exception):
+    """The archive object exists already (a repeat delivery, or another writer won)."""
+
+
+class StreamedUpload:
+    """Writes one body to one key exactly once, in bounded memory.
+
+    Bytes are buffered until a part is full. A body that ends before that goes up in one
+    `PutObject` with `If-None-Match: *`. A larger one becomes a multipart upload: parts go up
+    while the rest streams in (at most `_INFLIGHT` parts in flight, so memory stays at about
+    (`_INFLIGHT` + 1) x part size), and `CompleteMultipartUpload` carries `If-None-Match: *`
+    too. Nothing is visible in the bucket until `commit`; `abort` leaves nothing behind.
+    """
+
+    _INFLIGHT = 2
+
+    def __init__(self, store: ArchiveStore, key: str, metadata: dict[str, str]) -> None:
+        self._store = store
+        self.key = key
+        self._metadata = metadata
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(self._INFLIGHT)
+        self._failure: BaseException | None = None
+        self._first_part: bytes | None = None
+
+    @property
+    def multipart(self) -> bool:
+        return self._upload_id is not None
+
+    def buffered_bytes(self) -> bytes:
+        """What is still buffered (the whole body while it is smaller than a part)."""
+        return b"".join(self._chunks)
+
+    def first_bytes(self) -> bytes:
+        """The start of the body: the first part once uploading in parts, else the buffer."""
+        return self._first_part if self._first_part is not None else self.buffered_bytes()
+
+    async def write(self, chunk: bytes) -> None:
+        self._raise_failure()
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered >= self._store.part_bytes:
+            await self._flush_part()
+
+    async def _flush_part(self) -> None:
+        if self._upload_id is None:
+            # A repeat delivery of a large body: do not upload it all to lose at the end.
+            if await self._store.head(self.key) is not None:
+                raise AlreadyArchived(self.key)
+            answer = await self._store._call(
+                "create_multipart_upload",
+                Key=self.key,
+                ContentType="application/json",
+                Metadata={k: _ascii(v) for k, v in self._metadata.items()},
+                **self._store._sse,
+            )
+            self._upload_id = answer["UploadId"]
+        body = b"".join(self._chunks)
+        if self._first_part is None:
+            self._first_part = body
+        self._chunks.clear()
+        self._buffered = 0
+        number = len(self._parts) + 1
+        part: dict[str, Any] = {"PartNumber": number}
+        self._parts.append(part)
+        await self._slots.acquire()
+        task = asyncio.create_task(self._upload_part(part, body))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _upload_part(self, part: dict[str, Any], body: bytes) -> None:
+        try:
+            answer = await self._store._call(
+                "upload_part",
+                Key=self.key,
+                UploadId=self._upload_id,
+                PartNumber=part["PartNumber"],
+                Body=body,
+            )
+            part["ETag"] = answer["ETag"]
+        except BaseException as exc:
+            self._failure = self._failure or exc
+        finally:
+            self._slots.release()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            if isinstance(self._failure, ArchiveUnavailable | PreconditionFailed):
+                raise self._failure
+            raise ArchiveUnavailable(f"S3 upload_part failed: {type(self._failure).__name__}")
+
+    async def commit(self, final_metadata: dict[str, str]) -> bool:
+        """Make the object visible; True if this call created it, False if it existed."""
+        if self._upload_id is None:
+            try:
+                await self._store.put(
+                    self.key,
+                    self.buffered_bytes(),
+                    if_none_match=True,
+                    metadata={**self._metadata, **final_metadata},
+                )
+            except PreconditionFailed:
+                return False
+            return True
+        if self._buffered:
+            await self._flush_part()
+        if self._tasks:
+            await asyncio.gather(*self._tasks)
+        self._raise_failure()
+        try:
+            await self._store._call(
+                "complete_multipart_upload",
+                Key=self.key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},
+                IfNoneMatch="*",
+            )
+        except PreconditionFailed:
+            await self.abort()
+            return False
+        self._upload_id = None
+        return True
+
+    async def abort(self) -> None:
+        """Drop everything uploaded so far; best effort when S3 itself is failing."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        upload_id, self._upload_id = self._upload_id, None
+        self._chunks.clear()
+        self._buffered = 0
+        self._first_part = None
+        if upload_id is not None:
+            # If S3 is down this fails too; the bucket's lifecycle rule
+            # (AbortIncompleteMultipartUpload) removes the leftover parts.
+            with contextlib.suppress(ArchiveUnavailable, NotFound):
+                await self._store._call("abort_multipart_upload", Key=self.key, UploadId=upload_id)
+
+
+@contextlib.asynccontextmanager
+async def s3_client(settings: Settings) -> AsyncIterator[Any]:
+    """The process's one S3 client, with timeouts short enough to answer 503 in time."""
+    config = AioConfig(
+        max_pool_connections=64,
+        connect_timeout=min(5.0, settings.s3_timeout_seconds),
+        read_timeout=settings.s3_timeout_seconds,
+        retries={"max_attempts": 3, "mode": "standard"},
+    )
+    session = get_session()
+    async with session.create_client(
+        "s3", endpoint_url=settings.s3_endpoint_url, config=config
+    ) as client:
+        yield client
+
+
+async def retry_unavailable(
+    call: Callable[[], Awaitable[T]], *, attempts: int = 3, delay: float = 0.2
+) -> T:
+    """Retry a call through short S3 outages (background work only, never the callback path)."""
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except ArchiveUnavailable:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(delay * (2**attempt))
+    raise AssertionError("unreachable")

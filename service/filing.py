@@ -1,0 +1,199 @@
+"""Filing data requests: validate, record first (`submitting`), then ask Copernica.
+
+The record exists before Copernica is called, so a crash in between leaves a `submitting`
+record to recover rather than a request nobody knows about. An `Idempotency-Key` maps to one
+request id through an object created with `If-None-Match: *`: a retried POST finds the first
+request instead of filing a second one at Copernica.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from ulid import ULID
+
+from .archive import ArchiveStore, NotFound, PreconditionFailed, isoformat
+from .callbacks import callback_url
+from .config import Settings
+from .copernica import Backoff, CopernicaClient, CopernicaError, CopernicaUnavailable
+from .ledger import Ledger, RequestRecord
+from .logs import subject_hash
+from .metrics import Metrics
+from .payload import Subject
+
+log = structlog.get_logger(__name__)
+
+# Pragmatic address check: one @, no whitespace or control characters, a dotted domain.
+_EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f.]+$")
+# The operator waits for the answer: a short retry budget here; `submitting` records that
+# did not get through are for the poller to resubmit.
+_FILING_BACKOFF = Backoff(attempts=3, base=0.5, cap=4.0)
+
+
+class InvalidRequest(ValueError):
+    """The operator's request is malformed; the message says how. Nothing was filed."""
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    subject: Subject
+    fingerprint: str
+
+
+def parse_new_request(body: Any) -> NewRequest:
+    """Exactly one of email / profile / subprofile, each well formed."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("body must be a JSON object")
+    kinds = [k for k in ("email", "profile", "subprofile") if k in body]
+    if len(kinds) != 1:
+        raise InvalidRequest("give exactly one of 'email', 'profile', 'subprofile'")
+    unknown = set(body) - {"email", "profile", "subprofile", "events"}
+    if unknown:
+        raise InvalidRequest(f"unknown member(s): {', '.join(sorted(unknown))}")
+    if "events" in body:
+        # Events archiving is its own capability (not built yet): refuse rather than ignore.
+        raise NotImplementedError("archiving events with a data request is not available yet")
+    kind = kinds[0]
+    value = body[kind]
+    if kind == "email":
+        if not isinstance(value, str) or len(value) > 254 or not _EMAIL.match(value.strip()):
+            raise InvalidRequest("'email' must be an e-mail address")
+        subject_id = value.strip()
+    else:
+        if isinstance(value, bool) or not (
+            (isinstance(value, int) and value > 0)
+            or (isinstance(value, str) and value.isdigit() and int(value) > 0)
+        ):
+            raise InvalidRequest(f"'{kind}' must be a positive integer id")
+        subject_id = str(int(value))
+    fingerprint = hashlib.sha256(f"{kind}:{subject_id.casefold()}".encode()).hexdigest()
+    return NewRequest(Subject(kind, subject_id), fingerprint)
+
+
+class Filing:
+    """Creates request records and files them with Copernica."""
+
+    def __init__(
+        self,
+        store: ArchiveStore,
+        ledger: Ledger,
+        copernica: CopernicaClient,
+        settings: Settings,
+        metrics: Metrics,
+        hash_key: bytes,
+    ) -> None:
+        self._store = store
+        self._ledger = ledger
+        self._copernica = copernica
+        self._settings = settings
+        self._metrics = metrics
+        self._hash_key = hash_key
+
+    async def file(self, new: NewRequest, idempotency_key: str | None) -> RequestRecord:
+        request_id = str(ULID())
+        if idempotency_key is not None:
+            request_id = await self._claim_key(idempotency_key, new, request_id)
+            found = await self._ledger.get(request_id)
+            if found is not None:
+                return found[0]
+        record = RequestRecord(
+            id=request_id,
+            subject_type=new.subject.type,
+            subject_id=new.subject.id,
+            report=self._settings.public_base_url is not None,
+            idempotency_key=_key_hash(self._hash_key, idempotency_key) if idempotency_key else None,
+        )
+        etag = await self._ledger.create(record)
+        await self.submit(record, etag)
+        return record
+
+    async def submit(self, record: RequestRecord, etag: str) -> None:
+        """Ask Copernica for the data and record the answer (pending, failed or still due)."""
+        settings = self._settings
+        report = None
+        if settings.public_base_url and settings.callback_secret:
+            report = callback_url(settings.public_base_url, settings.callback_secret, record.id)
+        record.attempts += 1
+        outcome = "pending"
+        try:
+            record.copernica_id = await self._copernica.create_datarequest(
+                record.subject, report, backoff=_FILING_BACKOFF
+            )
+            record.status = "pending"
+            record.last_error = None
+        except CopernicaError as exc:
+            record.status, record.last_error, outcome = "failed", str(exc), "failed"
+        except CopernicaUnavailable as exc:
+            record.last_error, outcome = str(exc), "retry"
+        self._metrics.requests_filed.labels(outcome).inc()
+        log.info(
+            "datarequest_filed",
+            request_id=record.id,
+            subject=subject_hash(self._hash_key, record.subject_type, record.subject_id),
+            status=record.status,
+            copernica_id=record.copernica_id,
+            error=record.last_error,
+        )
+        await self._ledger.save(record, etag)
+
+    async def _claim_key(self, key: str, new: NewRequest, request_id: str) -> str:
+        """The request id this key stands for: ours if we are first, else the first one's."""
+        object_key = self._store.keys.idempotency(_key_hash(self._hash_key, key))
+        claim = json.dumps({"request_id": request_id, "fingerprint": new.fingerprint}).encode()
+        try:
+            await self._store.put(object_key, claim, if_none_match=True)
+            return request_id
+        except PreconditionFailed:
+            stored = await self._store.get(object_key)
+            if stored is None:
+                raise NotFound(object_key) from None
+            first = json.loads(stored.body)
+            if first["fingerprint"] != new.fingerprint:
+                raise IdempotencyConflict(key) from None
+            return str(first["request_id"])
+
+
+def _key_hash(hash_key: bytes, idempotency_key: str) -> str:
+    return hmac.new(
+        hash_key, b"idempotency:" + idempotency_key.encode(), hashlib.sha256
+    ).hexdigest()
+
+
+def describe(record: RequestRecord) -> dict[str, Any]:
+    """The operator's view of a request (no raw subject: it stays in the record)."""
+    return {
+        "id": record.id,
+        "status": record.status,
+        "subject_type": record.subject_type,
+        "copernica_id": record.copernica_id,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        "attempts": record.attempts,
+        "last_error": record.last_error,
+        "archive": record.archive,
+        "events": record.events,
+    }
+
+
+def archive_from_head(head: dict[str, Any], bucket: str, key: str) -> dict[str, Any]:
+    """Archive facts read back from the object's metadata (the callback path writes no record)."""
+    meta = head.get("Metadata", {})
+    modified = head.get("LastModified")
+    return {
+        "bucket": bucket,
+        "key": key,
+        "sha256": meta.get("sha256"),
+        "size": int(head.get("ContentLength", 0)),
+        "source": meta.get("source"),
+        "received_at": meta.get("received-at") or (isoformat(modified) if modified else None),
+    }

@@ -1,0 +1,129 @@
+"""Request records (the ledger): one JSON object per data request in S3, updated conditionally.
+
+A record is created with `If-None-Match: *` before Copernica is called and every later change
+is a read-modify-write with `If-Match: <etag>`, so two replicas never overwrite each other's
+change. Each write bumps `version`, so two records never have identical bytes (moto's ETag is
+the MD5 of the body, and identical bytes would make `If-Match` meaningless).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .archive import ArchiveStore, PreconditionFailed, isoformat, utcnow
+from .payload import Subject
+
+STATUSES = ("submitting", "pending", "archived", "failed", "expired")
+
+
+@dataclass
+class RequestRecord:
+    id: str
+    subject_type: str
+    subject_id: str  # the raw address or number: only ever in this record and the archive
+    status: str = "submitting"
+    copernica_id: str | None = None
+    created_at: str = ""
+    updated_at: str = ""
+    attempts: int = 0
+    last_error: str | None = None
+    report: bool = False
+    events: dict[str, Any] | None = None
+    archive: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+    version: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def subject(self) -> Subject:
+        return Subject(self.subject_type, self.subject_id)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, body: bytes) -> RequestRecord:
+        raw = json.loads(body)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+class RecordConflict(Exception):
+    """The record kept changing under us; the caller may try again later."""
+
+
+class Ledger:
+    """Create, read and conditionally update request records."""
+
+    def __init__(self, store: ArchiveStore) -> None:
+        self._store = store
+
+    async def create(self, record: RequestRecord) -> str:
+        now = isoformat(utcnow())
+        record.created_at = record.created_at or now
+        record.updated_at = now
+        return await self._store.put(
+            self._store.keys.record(record.id), record.to_bytes(), if_none_match=True
+        )
+
+    async def get(self, request_id: str) -> tuple[RequestRecord, str] | None:
+        stored = await self._store.get(self._store.keys.record(request_id))
+        if stored is None:
+            return None
+        return RequestRecord.from_bytes(stored.body), stored.etag
+
+    async def save(self, record: RequestRecord, etag: str) -> str:
+        """Write a changed record if nobody changed it since `etag`; else PreconditionFailed."""
+        record.version += 1
+        record.updated_at = isoformat(utcnow())
+        return await self._store.put(
+            self._store.keys.record(record.id), record.to_bytes(), if_match=etag
+        )
+
+    async def update(
+        self,
+        request_id: str,
+        change: Callable[[RequestRecord], bool],
+        *,
+        attempts: int = 5,
+    ) -> RequestRecord | None:
+        """Apply `change` (returns False for "nothing to do") with optimistic concurrency."""
+        for _ in range(attempts):
+            found = await self.get(request_id)
+            if found is None:
+                return None
+            record, etag = found
+            if not change(record):
+                return record
+            try:
+                await self.save(record, etag)
+            except PreconditionFailed:
+                continue
+            return record
+        raise RecordConflict(request_id)
+
+    async def page(
+        self, *, status: str | None, limit: int, cursor: str
+    ) -> tuple[list[RequestRecord], str | None]:
+        """Records in id (= creation time) order after `cursor`, optionally of one status."""
+        prefix = self._store.keys.record("")[: -len(".json")]
+        found: list[RequestRecord] = []
+        start_after = prefix + cursor + ".json" if cursor else ""
+        while len(found) < limit:
+            keys = await self._store.list_keys(prefix, start_after=start_after, limit=200)
+            if not keys:
+                return found, None
+            for key in keys:
+                start_after = key
+                stored = await self._store.get(key)
+                if stored is None:
+                    continue
+                record = RequestRecord.from_bytes(stored.body)
+                if status is None or record.status == status:
+                    found.append(record)
+                    if len(found) == limit:
+                        break
+        return found, found[-1].id if found else None

@@ -1,0 +1,70 @@
+"""Structured logging: structlog configured once, JSON in production, secrets scrubbed."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+
+from .config import Settings
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class _Scrub:
+    """Replace every configured secret in any string value by `***` (last line of defence)."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = [s for s in secrets if len(s) >= 4]
+
+    def __call__(self, _logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+        if not self._secrets:
+            return event
+        for key, value in event.items():
+            if isinstance(value, str):
+                for secret in self._secrets:
+                    if secret in value:
+                        value = value.replace(secret, "***")
+                event[key] = value
+        return event
+
+
+def configure_logging(settings: Settings, stream: Any = None) -> None:
+    """Set up structlog for the whole process; call once, at start-up."""
+    stream = stream or sys.stdout
+    fmt = settings.log_format
+    if fmt == "auto":
+        fmt = "console" if stream.isatty() else "json"
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _Scrub(settings.secrets()),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[settings.log_level]),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def subject_hash(key: bytes, subject_type: str, subject_id: str) -> str:
+    """A keyed hash of a data subject: logs and metrics may carry this, never the address."""
+    normal = subject_id.strip().casefold() if subject_type == "email" else subject_id.strip()
+    digest = hmac.new(key, f"{subject_type}:{normal}".encode(), hashlib.sha256).hexdigest()
+    return digest[:16]

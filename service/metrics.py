@@ -1,0 +1,57 @@
+"""Prometheus metrics of one process. Labels are outcomes and operations, never ids or addresses."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """One registry per application, so tests can build many apps in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.callbacks = Counter(
+            "receiver_callbacks_total",
+            "Callbacks answered, by outcome and status code.",
+            ["outcome", "code"],
+            registry=r,
+        )
+        self.callback_seconds = Histogram(
+            "receiver_callback_duration_seconds",
+            "Time from request to answer of a callback.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.archived_bytes = Counter(
+            "receiver_archived_bytes_total",
+            "Bytes written to archive objects, by source.",
+            ["source"],
+            registry=r,
+        )
+        self.s3_seconds = Histogram(
+            "receiver_s3_request_duration_seconds",
+            "S3 call latency, by operation and outcome.",
+            ["operation", "outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.copernica_calls = Counter(
+            "receiver_copernica_requests_total",
+            "Calls to Copernica, by endpoint and status.",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.requests_filed = Counter(
+            "receiver_data_requests_filed_total",
+            "Data requests filed, by final outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.draining = Gauge(
+            "receiver_draining",
+            "1 while the process is shutting down.",
+            registry=r,
+        )

@@ -1,0 +1,213 @@
+"""Fixtures: a real S3 API (moto's server, a separate process), the Copernica simulator and
+the service itself, each over real HTTP on loopback, built the way production builds them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiobotocore.session import get_session
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from service.app import create_app
+from service.callbacks import callback_url
+from service.config import Settings
+from service.simulator import SIM_STATE, SimState, SimulatorConfig, create_simulator_app
+
+# Any credentials do for the local S3; set before any client is made.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+ACCESS_TOKEN = "sim-access-token-5f1c"
+API_TOKEN = "operator-token-9a7e"
+CALLBACK_SECRET = "callback-secret-3d2b"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server in its own process: the real S3 HTTP API, in memory."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+async def s3(s3_endpoint: str) -> AsyncIterator[Any]:
+    """A plain S3 client for the test's own looks into the bucket."""
+    async with get_session().create_client("s3", endpoint_url=s3_endpoint) as client:
+        yield client
+
+
+@pytest.fixture
+async def bucket(s3: Any) -> str:
+    """A fresh bucket per test: tests never see each other's objects."""
+    name = f"test-{uuid.uuid4().hex[:20]}"
+    await s3.create_bucket(Bucket=name)
+    return name
+
+
+@dataclass
+class Bucket:
+    """What a user sees in the bucket: keys, bytes and metadata."""
+
+    client: Any
+    name: str
+    prefix: str = "copernica/"
+
+    async def keys(self, under: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.name, Prefix=self.prefix + under
+        )
+        return [item["Key"] async for page in pages for item in page.get("Contents", [])]
+
+    async def read(self, key: str) -> bytes:
+        answer = await self.client.get_object(Bucket=self.name, Key=key)
+        async with answer["Body"] as stream:
+            return bytes(await stream.read())
+
+    async def head(self, key: str) -> dict[str, Any]:
+        return dict(await self.client.head_object(Bucket=self.name, Key=key))
+
+    async def uploads(self) -> list[dict[str, Any]]:
+        answer = await self.client.list_multipart_uploads(Bucket=self.name)
+        return list(answer.get("Uploads", []))
+
+
+@pytest.fixture
+def store(s3: Any, bucket: str) -> Bucket:
+    return Bucket(s3, bucket)
+
+
+def sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+@dataclass
+class Simulator:
+    url: str
+    state: SimState
+    app: web.Application
+
+
+@pytest.fixture
+async def simulator(aiohttp_server: Any) -> Simulator:
+    app = create_simulator_app(SimulatorConfig(access_token=ACCESS_TOKEN, ready_after=0.05))
+    server = await aiohttp_server(app, host="127.0.0.1")
+    return Simulator(str(server.make_url("")).rstrip("/"), app[SIM_STATE], app)
+
+
+def make_settings(**overrides: str) -> Settings:
+    env = {
+        "COPERNICA_ACCESS_TOKEN": ACCESS_TOKEN,
+        "CALLBACK_SECRET": CALLBACK_SECRET,
+        "API_TOKEN": API_TOKEN,
+        "LOG_FORMAT": "json",
+        **overrides,
+    }
+    return Settings.from_env(env, dotenv=None)
+
+
+@dataclass
+class Service:
+    """The running service, reached over HTTP like Copernica and an operator would."""
+
+    url: str
+    settings: Settings
+    app: web.Application
+    http: aiohttp.ClientSession
+
+    def callback_url(self, request_id: str) -> str:
+        assert self.settings.callback_secret is not None
+        return callback_url(self.url, self.settings.callback_secret, request_id)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_TOKEN}"}
+
+    async def file(self, body: dict[str, Any], **kwargs: Any) -> aiohttp.ClientResponse:
+        return await self.http.post(f"{self.url}/v1/data-requests", json=body,
+                                    headers={**self.auth, **kwargs.pop("headers", {})}, **kwargs)
+
+    async def show(self, request_id: str) -> dict[str, Any]:
+        async with self.http.get(f"{self.url}/v1/data-requests/{request_id}",
+                                 headers=self.auth) as answer:
+            assert answer.status == 200, await answer.text()
+            return dict(await answer.json())
+
+
+ServiceFactory = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+async def make_service(
+    s3_endpoint: str, bucket: str, simulator: Simulator
+) -> AsyncIterator[ServiceFactory]:
+    """Start the service (same factory as production) on a loopback port; settings adjustable."""
+    started: list[tuple[TestServer, aiohttp.ClientSession]] = []
+
+    async def start(**overrides: str) -> Service:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        env = {
+            "ARCHIVE_BUCKET": bucket,
+            "S3_ENDPOINT_URL": s3_endpoint,
+            "COPERNICA_API_URL": simulator.url + "/v2",
+            "PUBLIC_BASE_URL": base,
+            "S3_TIMEOUT_SECONDS": "5",
+            **overrides,
+        }
+        settings = make_settings(**env)
+        app = create_app(settings)
+        server = TestServer(app, host="127.0.0.1", port=port)
+        await server.start_server()
+        http = aiohttp.ClientSession()
+        started.append((server, http))
+        return Service(base, settings, app, http)
+
+    yield start
+    for server, http in started:
+        await http.close()
+        await server.close()
+
+
+@pytest.fixture
+async def service(make_service: ServiceFactory) -> Service:
+    return await make_service()

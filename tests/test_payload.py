@@ -1,0 +1,126 @@
+"""The incremental payload check: fed in arbitrary chunks, it judges like a full parse would."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.payload import PayloadCheck, Subject, Verdict
+
+MIB = 1024 * 1024
+
+
+def judge(body: bytes, chunk: int = 7, max_token: int = 4 * MIB):
+    check = PayloadCheck(max_token)
+    for i in range(0, len(body), chunk):
+        check.feed(body[i : i + chunk])
+    return check.finish()
+
+
+def good(info_id: object = "alice@example.com", kind: str = "email") -> bytes:
+    return json.dumps({"info": {"type": kind, "id": info_id}, "data": [["MIME"], [{"o": 1}]]}).encode()
+
+
+def test_ready_payload_is_data() -> None:
+    result = judge(good())
+    assert (result.verdict, result.info_type, result.info_id) == (
+        Verdict.DATA, "email", "alice@example.com")
+
+
+def test_member_order_does_not_matter() -> None:
+    body = b'{"data": [], "extra": {"info": 1}, "info": {"id": 42, "type": "profile"}}'
+    result = judge(body)
+    assert (result.verdict, result.info_type, result.info_id) == (Verdict.DATA, "profile", 42)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"", "invalid JSON"),
+        (b'{"info": {"type": "email", "id": "a@b.c"}, "data": [', "invalid JSON"),
+        (b"[1, 2]", "top-level JSON value must be an object"),
+        (b'"text"', "top-level JSON value must be an object"),
+        (b'{"data": []}', "member 'info' is missing"),
+        (b'{"info": {"type": "email", "id": "a@b.c"}}', "member 'data' is missing"),
+        (b'{"info": [], "data": []}', "member 'info' must be an object"),
+        (b'{"info": {"type": "email", "id": "a@b.c"}, "data": {}}', "member 'data' must be an array"),
+        (b'{"info": {"type": "person", "id": "a@b.c"}, "data": []}', "info.type must be"),
+        (b'{"info": {"type": "email", "id": [1]}, "data": []}', "info.id must be"),
+        (b'{"info": {"type": "email", "id": true}, "data": []}', "info.id must be"),
+        (b'{"info": {"type": "email", "id": "a@b.c"}, "data": [], "data": []}', "duplicate"),
+        (b'{"info": {"type": "email", "id": "a", "id": "b"}, "data": []}', "duplicate"),
+        (b'{"info": {"type": "email", "id": "a@b.c"}, "data": [NaN]}', "invalid JSON"),
+        (b'{"info": {"type": "email", "id": "a@b.c"}, "data": []} trailing', "invalid JSON"),
+        (b'\xef\xbb\xbf{"info": {"type": "email", "id": "a@b.c"}, "data": []}', "invalid JSON"),
+        (b'{"info": {"type": "email", "id": "\xff"}, "data": []}', "invalid JSON"),
+    ],
+)
+def test_bad_bodies_are_invalid_with_a_reason(body: bytes, reason: str) -> None:
+    result = judge(body)
+    assert result.verdict is Verdict.INVALID
+    assert reason in result.reason
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"info": {"type": "email", "id": "a@b.c"}, "data": "Data not available (yet)"}',
+        b"Data not available (yet)",
+        b'"Data not available (yet)"\n',
+    ],
+)
+def test_not_available_forms(body: bytes) -> None:
+    assert judge(body).verdict is Verdict.NOT_AVAILABLE
+
+
+def test_deep_nesting_is_refused_without_recursion() -> None:
+    body = b'{"info": {"type": "email", "id": "a@b.c"}, "data": ' + b"[" * 100_000
+    result = judge(body, chunk=65536)
+    assert result.verdict is Verdict.INVALID
+    assert "nesting" in result.reason
+
+
+def test_one_huge_token_is_refused_before_it_is_buffered_whole() -> None:
+    check = PayloadCheck(max_token_bytes=MIB)
+    check.feed(b'{"info": {"type": "email", "id": "a@b.c"}, "data": ["')
+    fed = 0
+    while not check.failed and fed < 10 * MIB:
+        check.feed(b"x" * 65536)
+        fed += 65536
+    assert check.failed and "single JSON token" in (check.error or "")
+    assert fed <= MIB + 2 * 65536
+
+
+def test_subject_matching() -> None:
+    assert Subject("email", "Alice@Example.com").matches("email", "alice@example.COM")
+    assert not Subject("email", "alice@example.com").matches("email", "bob@example.com")
+    assert not Subject("email", "alice@example.com").matches("profile", "alice@example.com")
+    assert Subject("profile", "42").matches("profile", 42)
+    assert Subject("profile", "42").matches("profile", "42")
+    assert not Subject("profile", "42").matches("profile", 43)
+    assert not Subject("profile", "1").matches("profile", True)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.lists(json_values, max_size=5), chunk=st.integers(1, 64))
+def test_any_valid_payload_in_any_chunking_is_data(data: list, chunk: int) -> None:
+    body = json.dumps({"info": {"type": "email", "id": "a@b.c"}, "data": data}).encode()
+    assert judge(body, chunk=chunk).verdict is Verdict.DATA
+
+
+@settings(max_examples=200, deadline=None)
+@given(cut=st.integers(0, 200), chunk=st.integers(1, 64))
+def test_any_truncation_is_invalid(cut: int, chunk: int) -> None:
+    body = good()
+    cut = min(cut, len(body) - 1)
+    assert judge(body[:cut], chunk=chunk).verdict is Verdict.INVALID
