@@ -56,6 +56,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
             Filing(store, ledger, copernica, settings, metrics, key), ledger, store
         )
         yield
+        await store.close()
 
 
 async def _drain(app: web.Application) -> None:

@@ -105,6 +105,7 @@ class ArchiveStore:
         self.part_bytes = settings.s3_part_bytes
         self._metrics = metrics
         self._sse: dict[str, str] = {}
+        self._cleanups: set[asyncio.Task[None]] = set()
         if settings.archive_sse:
             self._sse["ServerSideEncryption"] = settings.archive_sse
             if settings.archive_kms_key_id:
@@ -202,6 +203,39 @@ class ArchiveStore:
             await self._call("create_bucket")
 
     # -- streamed uploads ----------------------------------------------------------------
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort a multipart upload; if S3 is failing right now, keep trying in the background.
+
+        An aborted upload is invisible either way; this just frees its parts early instead of
+        waiting for the bucket's lifecycle rule (AbortIncompleteMultipartUpload).
+        """
+        try:
+            await self._call("abort_multipart_upload", Key=key, UploadId=upload_id)
+        except NotFound:
+            return
+        except ArchiveUnavailable:
+            task = asyncio.create_task(self._abort_later(key, upload_id))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
+
+    async def _abort_later(self, key: str, upload_id: str) -> None:
+        for attempt in range(12):
+            await asyncio.sleep(min(60.0, 0.5 * 2**attempt))
+            try:
+                await self._call("abort_multipart_upload", Key=key, UploadId=upload_id)
+                return
+            except NotFound:
+                return
+            except ArchiveUnavailable:
+                continue
+
+    async def close(self) -> None:
+        """Stop background aborts; the bucket's lifecycle rule is the backstop for those left."""
+        for task in list(self._cleanups):
+            task.cancel()
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
 
     def upload(self, key: str, metadata: dict[str, str]) -> StreamedUpload:
         return StreamedUpload(self, key, metadata)
@@ -352,10 +386,7 @@ class StreamedUpload:
         self._buffered = 0
         self._first_part = None
         if upload_id is not None:
-            # If S3 is down this fails too; the bucket's lifecycle rule
-            # (AbortIncompleteMultipartUpload) removes the leftover parts.
-            with contextlib.suppress(ArchiveUnavailable, NotFound):
-                await self._store._call("abort_multipart_upload", Key=self.key, UploadId=upload_id)
+            await self._store.abort_upload(self.key, upload_id)
 
 
 @contextlib.asynccontextmanager

@@ -211,3 +211,88 @@ async def make_service(
 @pytest.fixture
 async def service(make_service: ServiceFactory) -> Service:
     return await make_service()
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of the local S3 that a test can cut, to play an outage.
+
+    `down()` drops every open connection and refuses new ones (connection refused is not
+    possible on a listening port, so new connections are accepted and closed at once).
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.up_flag = True
+        self.bytes_to_target = 0
+        self.cut_after_bytes: int | None = None
+        self._writers: set[Any] = set()
+        self._server: Any = None
+        self.port = 0
+
+    async def start(self) -> None:
+        import asyncio
+
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def down(self) -> None:
+        self.up_flag = False
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    def up(self) -> None:
+        self.up_flag = True
+        self.cut_after_bytes = None
+
+    async def _serve(self, reader: Any, writer: Any) -> None:
+        import asyncio
+
+        if not self.up_flag:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update({writer, up_writer})
+
+        async def pipe(src: Any, dst: Any, count: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if count:
+                        self.bytes_to_target += len(data)
+                        if self.cut_after_bytes is not None and (
+                            self.bytes_to_target > self.cut_after_bytes
+                        ):
+                            self.down()
+                            return
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort() if not self.up_flag else dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+        self._writers.discard(writer)
+        self._writers.discard(up_writer)
+
+    async def close(self) -> None:
+        self.down()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def s3_proxy(s3_endpoint: str) -> AsyncIterator[TcpProxy]:
+    proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    await proxy.start()
+    yield proxy
+    await proxy.close()

@@ -1,0 +1,227 @@
+"""The operator API and the end-to-end flow: file, Copernica calls back, the archive lands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from ulid import ULID
+
+from tests.conftest import ACCESS_TOKEN, API_TOKEN, Bucket, Service, ServiceFactory, Simulator, sha256
+from tests.test_callbacks import archive_key
+
+
+async def wait_for_status(service: Service, request_id: str, status: str,
+                          timeout: float = 10) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        shown = await service.show(request_id)
+        if shown["status"] == status or asyncio.get_running_loop().time() > deadline:
+            return shown
+        await asyncio.sleep(0.05)
+
+
+async def test_filed_request_is_called_back_and_archived_exactly(
+    service: Service, simulator: Simulator, store: Bucket
+) -> None:
+    async with await service.file({"email": "carol@example.com"}) as answer:
+        assert answer.status == 202
+        created = await answer.json()
+    assert created["status"] == "pending"
+    assert created["copernica_id"]
+    assert ULID.from_str(created["id"])
+
+    shown = await wait_for_status(service, created["id"], "archived")
+
+    assert shown["status"] == "archived"
+    expected = simulator.state.payload_bytes(created["copernica_id"])
+    assert await store.read(archive_key(created["id"])) == expected
+    assert shown["archive"]["sha256"] == sha256(expected)
+    assert shown["archive"]["source"] == "callback"
+    record = json.loads(await store.read(f"copernica/requests/{created['id']}.json"))
+    assert record["subject_id"] == "carol@example.com"
+    assert record["status"] == "archived"  # folded into the record when read
+
+
+async def test_report_address_is_our_authenticated_callback_url(
+    service: Service, simulator: Simulator
+) -> None:
+    simulator.state.faults.lose_callback = True
+    async with await service.file({"email": "dave@example.com"}) as answer:
+        created = await answer.json()
+    report = simulator.state.requests[created["copernica_id"]].report
+    assert report == service.callback_url(created["id"])
+    assert "dave" not in urlsplit(report).path
+
+
+async def test_without_public_base_url_no_report_is_given(
+    make_service: ServiceFactory, simulator: Simulator
+) -> None:
+    service = await make_service(PUBLIC_BASE_URL="")
+    simulator.state.faults.lose_callback = True
+    async with await service.file({"profile": 12}) as answer:
+        created = await answer.json()
+    assert answer.status == 202
+    assert simulator.state.requests[created["copernica_id"]].report is None
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/data-requests"), ("GET", "/v1/data-requests"),
+     ("GET", f"/v1/data-requests/{ULID()}")],
+)
+@pytest.mark.parametrize("auth", [None, "Bearer wrong", f"Basic {API_TOKEN}", API_TOKEN])
+async def test_operator_api_needs_the_bearer_token(
+    service: Service, method: str, path: str, auth: str | None
+) -> None:
+    headers = {"Authorization": auth} if auth else {}
+    async with service.http.request(method, service.url + path, json={"email": "a@b.cd"},
+                                    headers=headers) as answer:
+        assert answer.status == 401
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "exactly one"),
+        ({"email": "a@b.cd", "profile": 1}, "exactly one"),
+        ({"email": "not-an-address"}, "e-mail"),
+        ({"email": "two@@example.com"}, "e-mail"),
+        ({"email": "sp ace@example.com"}, "e-mail"),
+        ({"email": 5}, "e-mail"),
+        ({"profile": 0}, "positive integer"),
+        ({"profile": -3}, "positive integer"),
+        ({"profile": "12a"}, "positive integer"),
+        ({"subprofile": True}, "positive integer"),
+        ({"email": "a@b.cd", "colour": "red"}, "unknown member"),
+        (["email"], "JSON object"),
+    ],
+)
+async def test_malformed_request_is_400_and_nothing_is_filed(
+    service: Service, simulator: Simulator, store: Bucket, body: Any, message: str
+) -> None:
+    async with await service.file(body) as answer:
+        assert answer.status == 400
+        assert message in (await answer.json())["error"]
+    assert await store.keys() == []
+    assert simulator.state.requests == {}
+
+
+async def test_body_that_is_not_json_is_400(service: Service, store: Bucket) -> None:
+    async with service.http.post(f"{service.url}/v1/data-requests", data=b"{nope",
+                                 headers=service.auth) as answer:
+        assert answer.status == 400
+    assert await store.keys() == []
+
+
+async def test_events_option_is_refused_until_built(service: Service, store: Bucket) -> None:
+    async with await service.file({"email": "a@b.cd", "events": {"since": "2026-01-01"}}) as answer:
+        assert answer.status == 501
+    assert await store.keys() == []
+
+
+async def test_idempotency_key_files_once(service: Service, simulator: Simulator) -> None:
+    simulator.state.faults.lose_callback = True
+    headers = {"Idempotency-Key": "ticket-4711"}
+    answers = []
+    for _ in range(3):
+        async with await service.file({"email": "erin@example.com"}, headers=headers) as answer:
+            assert answer.status == 202
+            answers.append(await answer.json())
+    assert len({a["id"] for a in answers}) == 1
+    assert len(simulator.state.requests) == 1
+
+    async with await service.file({"email": "frank@example.com"}, headers=headers) as answer:
+        assert answer.status == 422
+    assert len(simulator.state.requests) == 1
+
+
+async def test_copernica_refusal_marks_the_request_failed(
+    service: Service, simulator: Simulator
+) -> None:
+    async with service.http.post(
+        f"{service.url}/v1/data-requests", json={"profile": 99}, headers=service.auth
+    ) as answer:
+        created = await answer.json()
+    assert created["status"] in ("pending", "failed")
+    # The simulator refuses unknown subprofiles the way Copernica does (400 + message).
+    simulator.state.faults.reject_create = True
+    async with await service.file({"subprofile": 5}) as answer:
+        failed = await answer.json()
+    assert answer.status == 202
+    assert failed["status"] == "failed"
+    assert "400" in failed["last_error"]
+    assert (await service.show(failed["id"]))["status"] == "failed"
+
+
+async def test_copernica_down_leaves_the_request_submitting_with_its_error(
+    service: Service, simulator: Simulator
+) -> None:
+    simulator.state.faults.fail_next = 100
+    async with await service.file({"email": "gina@example.com"}) as answer:
+        created = await answer.json()
+    assert answer.status == 202
+    assert created["status"] == "submitting"
+    assert "503" in created["last_error"]
+    assert ACCESS_TOKEN not in json.dumps(created)
+
+
+async def test_show_unknown_or_malformed_id_is_404(service: Service) -> None:
+    for request_id in (str(ULID()), "../../etc/passwd", "x" * 300):
+        async with service.http.get(f"{service.url}/v1/data-requests/{request_id}",
+                                    headers=service.auth) as answer:
+            assert answer.status == 404
+
+
+async def test_list_pages_and_filters(service: Service, simulator: Simulator) -> None:
+    simulator.state.faults.lose_callback = True
+    ids = []
+    for n in range(5):
+        async with await service.file({"profile": n + 1}) as answer:
+            ids.append((await answer.json())["id"])
+
+    seen, cursor = [], ""
+    while True:
+        query = f"?limit=2&status=pending" + (f"&cursor={cursor}" if cursor else "")
+        async with service.http.get(f"{service.url}/v1/data-requests{query}",
+                                    headers=service.auth) as answer:
+            page = await answer.json()
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == ids
+
+    for bad in ("?status=lost", "?limit=0", "?limit=x", "?cursor=zzz"):
+        async with service.http.get(f"{service.url}/v1/data-requests{bad}",
+                                    headers=service.auth) as answer:
+            assert answer.status == 400
+
+
+async def test_health_ready_and_metrics(service: Service, simulator: Simulator) -> None:
+    async with service.http.get(f"{service.url}/healthz") as answer:
+        assert answer.status == 200
+    async with service.http.get(f"{service.url}/readyz") as answer:
+        assert answer.status == 200
+    simulator.state.faults.lose_callback = True
+    async with await service.file({"email": "hal@example.com"}) as answer:
+        request_id = (await answer.json())["id"]
+    async with service.http.post(service.callback_url(request_id), data=b"{") as answer:
+        assert answer.status == 422
+    async with service.http.get(f"{service.url}/metrics") as answer:
+        text = await answer.text()
+    assert 'receiver_callbacks_total{code="422",outcome="invalid"} 1.0' in text
+    assert "receiver_s3_request_duration_seconds_bucket" in text
+    assert "hal@example.com" not in text and request_id not in text
+
+
+async def test_readyz_is_503_when_s3_is_unreachable(make_service: ServiceFactory) -> None:
+    service = await make_service(S3_ENDPOINT_URL="http://127.0.0.1:9", S3_TIMEOUT_SECONDS="1")
+    async with service.http.get(f"{service.url}/readyz") as answer:
+        assert answer.status == 503
+    async with service.http.get(f"{service.url}/healthz") as answer:
+        assert answer.status == 200
