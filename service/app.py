@@ -15,6 +15,7 @@ from .callbacks import ROUTE, CallbackReceiver, CallbackView
 from .config import Settings
 from .copernica import CopernicaClient
 from .filing import Filing
+from .intake import Intake
 from .ledger import Ledger
 from .metrics import Metrics
 
@@ -49,9 +50,8 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         copernica = CopernicaClient(http, settings, metrics)
         app[STORE], app[LEDGER], app[COPERNICA] = store, ledger, copernica
         app[HEALTH] = Health(store, metrics)
-        app[CALLBACKS] = CallbackView(
-            CallbackReceiver(store, ledger, settings), settings, metrics, key
-        )
+        intake = Intake(store, ledger, settings)
+        app[CALLBACKS] = CallbackView(CallbackReceiver(intake, ledger), settings, metrics, key)
         app[OPERATOR] = OperatorApi(
             Filing(store, ledger, copernica, settings, metrics, key), ledger, store
         )

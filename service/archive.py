@@ -100,7 +100,8 @@ class ArchiveStore:
 
     def __init__(self, client: Any, settings: Settings, metrics: Metrics) -> None:
         self._client = client
-        self.bucket = settings.archive_bucket
+        assert settings.archive_bucket is not None
+        self.bucket: str = settings.archive_bucket
         self.keys = Keys(settings.archive_prefix)
         self.part_bytes = settings.s3_part_bytes
         self._metrics = metrics

@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import structlog
@@ -27,7 +27,9 @@ class _Scrub:
     def __init__(self, secrets: Iterable[str]) -> None:
         self._secrets = [s for s in secrets if len(s) >= 4]
 
-    def __call__(self, _logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    def __call__(
+        self, _logger: Any, _name: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
         if not self._secrets:
             return event
         for key, value in event.items():

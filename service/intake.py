@@ -1,0 +1,250 @@
+"""One body from a stream into the archive: hashed, checked and uploaded at once.
+
+Shared by the callback route (Copernica POSTs the body) and the poller (we GET it): the same
+limits, the same check, the same conditional key, so either path archives the same bytes and
+the first writer wins. The outcome is a domain value; HTTP codes are decided by the caller.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+from aiohttp import StreamReader
+
+from .archive import (
+    AlreadyArchived,
+    ArchiveStore,
+    ArchiveUnavailable,
+    StreamedUpload,
+    isoformat,
+    utcnow,
+)
+from .config import Settings
+from .ledger import Ledger, RecordConflict, RequestRecord
+from .payload import PayloadCheck, Verdict
+
+log = structlog.get_logger(__name__)
+
+
+class Outcome(enum.Enum):
+    """What happened to one body."""
+
+    ARCHIVED = "archived"
+    DUPLICATE = "duplicate"
+    NOT_READY = "not_ready"
+    UNKNOWN = "unknown"
+    TOO_LARGE = "too_large"
+    INVALID = "invalid"
+    UNAVAILABLE = "s3_unavailable"
+
+
+@dataclass
+class Receipt:
+    outcome: Outcome
+    size: int = 0
+    sha256: str = ""
+    reason: str = ""
+    key: str = ""
+    record: RequestRecord | None = None
+    body_unread: bool = False
+
+
+class Intake:
+    """Takes one body for one request record into S3 and says what happened."""
+
+    def __init__(self, store: ArchiveStore, ledger: Ledger, settings: Settings) -> None:
+        self._store = store
+        self._ledger = ledger
+        self._max_bytes = settings.max_callback_bytes
+        self._max_token = settings.max_json_token_bytes
+
+    async def take(
+        self, record: RequestRecord, first: bytes, stream: StreamReader, source: str
+    ) -> Receipt:
+        """Archive the body that starts with `first` and continues in `stream`."""
+        received_at = utcnow()
+        upload = self._store.upload(
+            self._store.keys.archive(record.id),
+            {
+                "source": source,
+                "request-id": record.id,
+                "copernica-id": record.copernica_id or "",
+                "received-at": isoformat(received_at),
+            },
+        )
+        try:
+            return await self._stream(record, first, stream, upload, received_at, source)
+        except AlreadyArchived:
+            return Receipt(Outcome.DUPLICATE, record=record, body_unread=True)
+        finally:
+            # Whatever went wrong (S3, a dropped connection), leave no upload behind.
+            await upload.abort()
+
+    async def _stream(
+        self,
+        record: RequestRecord,
+        chunk: bytes,
+        stream: StreamReader,
+        upload: StreamedUpload,
+        received_at: datetime,
+        source: str,
+    ) -> Receipt:
+        digest = hashlib.sha256()
+        check = PayloadCheck(self._max_token)
+        size = 0
+        while chunk:
+            size += len(chunk)
+            if size > self._max_bytes:
+                return Receipt(
+                    Outcome.TOO_LARGE,
+                    size=size,
+                    record=record,
+                    body_unread=True,
+                    reason=f"body larger than {self._max_bytes} bytes",
+                )
+            digest.update(chunk)
+            check.feed(chunk)
+            if check.failed:
+                break
+            await upload.write(chunk)
+            chunk = await stream.readany()
+
+        if check.failed:
+            return await self._quarantine(
+                record, upload, chunk, stream, size, digest, received_at, check.error or "invalid"
+            )
+        result = check.finish()
+        if result.verdict is Verdict.NOT_AVAILABLE:
+            return Receipt(Outcome.NOT_READY, size=size, record=record)
+        if result.verdict is Verdict.INVALID:
+            return await self._quarantine(
+                record, upload, b"", stream, size, digest, received_at, result.reason
+            )
+        if not record.subject.matches(result.info_type, result.info_id):
+            return await self._quarantine(
+                record,
+                upload,
+                b"",
+                stream,
+                size,
+                digest,
+                received_at,
+                "info does not match the request's subject",
+            )
+        sha256 = digest.hexdigest()
+        multipart = upload.multipart
+        created = await upload.commit({"sha256": sha256, "size": str(size)})
+        receipt = Receipt(
+            Outcome.ARCHIVED if created else Outcome.DUPLICATE,
+            size=size,
+            sha256=sha256,
+            key=upload.key,
+            record=record,
+        )
+        if created and multipart:
+            # A multipart object's metadata was fixed before its sha256 was known: the record
+            # carries it. Not needed for durability, so a failure here is only logged.
+            await self._note_in_record(record.id, receipt, received_at, source)
+        return receipt
+
+    async def _quarantine(
+        self,
+        record: RequestRecord,
+        upload: StreamedUpload,
+        chunk: bytes,
+        stream: StreamReader,
+        size: int,
+        digest: Any,
+        received_at: datetime,
+        reason: str,
+    ) -> Receipt:
+        """Keep the rejected body (whole up to one part size, else its start) for inspection."""
+        cap = self._store.part_bytes
+        if upload.multipart:
+            # The first part is kept; the rest already went to the (aborted) upload.
+            head, finished = upload.first_bytes(), False
+        else:
+            # The buffer holds everything before the failing chunk, which was hashed already.
+            kept = [upload.buffered_bytes(), chunk]
+            held = len(kept[0]) + len(chunk)
+            finished = not chunk
+            while not finished and held <= cap:
+                chunk = await stream.readany()
+                if not chunk:
+                    finished = True
+                    break
+                size += len(chunk)
+                if size > self._max_bytes:
+                    return Receipt(
+                        Outcome.TOO_LARGE,
+                        size=size,
+                        record=record,
+                        body_unread=True,
+                        reason=f"body larger than {self._max_bytes} bytes",
+                    )
+                digest.update(chunk)
+                kept.append(chunk)
+                held += len(chunk)
+            head = b"".join(kept)
+        truncated = not finished or len(head) > cap
+        metadata = {
+            "reason": reason,
+            "request-id": record.id,
+            "received-at": isoformat(received_at),
+            "bytes-received": str(size),
+            "truncated": "true" if truncated else "false",
+        }
+        if not truncated:
+            metadata["sha256"] = digest.hexdigest()
+        await upload.abort()
+        key = await self._store.quarantine(record.id, received_at, head[:cap], metadata)
+        return Receipt(
+            Outcome.INVALID,
+            size=size,
+            reason=reason,
+            key=key,
+            record=record,
+            body_unread=not finished,
+        )
+
+    async def _note_in_record(
+        self, request_id: str, receipt: Receipt, received_at: datetime, source: str
+    ) -> None:
+        info = archive_info(
+            self._store,
+            receipt.key,
+            receipt.sha256,
+            receipt.size,
+            source,
+            isoformat(received_at),
+        )
+
+        def change(record: RequestRecord) -> bool:
+            if record.archive is not None:
+                return False
+            record.archive = info
+            record.status = "archived"
+            return True
+
+        try:
+            await self._ledger.update(request_id, change)
+        except (ArchiveUnavailable, RecordConflict) as exc:
+            log.warning("record_update_deferred", request_id=request_id, error=str(exc))
+
+
+def archive_info(
+    store: ArchiveStore, key: str, sha256: str, size: int, source: str, received_at: str
+) -> dict[str, Any]:
+    return {
+        "bucket": store.bucket,
+        "key": key,
+        "sha256": sha256,
+        "size": size,
+        "source": source,
+        "received_at": received_at,
+    }
