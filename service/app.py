@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from .filing import Filing
 from .intake import Intake
 from .ledger import Ledger
 from .metrics import Metrics
+from .poller import Poller
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -27,6 +29,7 @@ LEDGER = web.AppKey("ledger", Ledger)
 COPERNICA = web.AppKey("copernica", CopernicaClient)
 CALLBACKS = web.AppKey("callbacks", CallbackView)
 OPERATOR = web.AppKey("operator", OperatorApi)
+POLLER = web.AppKey("poller", Poller)
 
 # Operator requests are small JSON documents; callbacks stream and are bounded separately.
 OPERATOR_MAX_BODY = 64 * 1024
@@ -52,17 +55,28 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         app[HEALTH] = Health(store, metrics)
         intake = Intake(store, ledger, settings)
         app[CALLBACKS] = CallbackView(CallbackReceiver(intake, ledger), settings, metrics, key)
-        app[OPERATOR] = OperatorApi(
-            Filing(store, ledger, copernica, settings, metrics, key), ledger, store
-        )
+        filing = Filing(store, ledger, copernica, settings, metrics, key)
+        app[OPERATOR] = OperatorApi(filing, ledger, store)
+        app[POLLER] = Poller(store, ledger, copernica, intake, filing, settings, metrics, key)
         yield
         await store.close()
 
 
+async def _polling(app: web.Application) -> AsyncIterator[None]:
+    """The fallback loop runs in every replica for the life of the app."""
+    poller = app[POLLER]
+    task = asyncio.create_task(poller.run(), name="poller")
+    yield
+    poller.stop()
+    await task
+
+
 async def _drain(app: web.Application) -> None:
-    """First step of shutdown: the load balancer must stop sending us new work."""
+    """First step of shutdown: the load balancer must stop sending us new work, and the
+    poller takes no new item (the one in progress finishes and releases its lease)."""
     app[HEALTH].draining = True
     app[METRICS].draining.set(1)
+    app[POLLER].stop()
 
 
 # Thin route functions: the objects behind them exist once `_clients` has run.
@@ -106,6 +120,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_clients)
+    app.cleanup_ctx.append(_polling)
     app.on_shutdown.append(_drain)
     app.router.add_post(ROUTE, _callback, expect_handler=_callback_expect)
     app.router.add_post("/v1/data-requests", _create)

@@ -183,6 +183,9 @@ class ArchiveStore:
         )
         return str(answer["ETag"])
 
+    async def delete(self, key: str) -> None:
+        await self._call("delete_object", Key=key)
+
     async def list_keys(
         self, prefix: str, *, start_after: str = "", limit: int = 1000
     ) -> list[str]:

@@ -166,6 +166,7 @@ class Settings:
     copernica_timeout_seconds: float = _setting("COPERNICA_TIMEOUT_SECONDS", _positive_float, "30")
     s3_timeout_seconds: float = _setting("S3_TIMEOUT_SECONDS", _positive_float, "30")
     shutdown_grace_seconds: float = _setting("SHUTDOWN_GRACE_SECONDS", _positive_float, "30")
+    poll_lease_seconds: float = _setting("POLL_LEASE_SECONDS", _positive_float, "600")
 
     @classmethod
     def from_env(

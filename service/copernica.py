@@ -12,10 +12,13 @@ exceptions name the path, never the URL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import enum
 import json
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -43,6 +46,10 @@ class CopernicaError(Exception):
 
 class CopernicaUnavailable(Exception):
     """Copernica could not be reached or kept failing; try again later."""
+
+
+class DataGone(Exception):
+    """Copernica says the data of this request is no longer available (it expired)."""
 
 
 class RateLimiter:
@@ -124,6 +131,12 @@ class CopernicaClient:
         self._base = settings.copernica_api_url
         self._token = settings.copernica_access_token
         self._timeout = aiohttp.ClientTimeout(total=settings.copernica_timeout_seconds)
+        # A payload of hundreds of MB may take long in total; it must not stall.
+        self._stream_timeout = aiohttp.ClientTimeout(
+            sock_connect=settings.copernica_timeout_seconds,
+            sock_read=settings.copernica_timeout_seconds,
+        )
+        self.forms = ReadinessForms()
         self._metrics = metrics
         self.limiter = limiter or RateLimiter(settings.copernica_max_rps)
 
@@ -188,6 +201,115 @@ class CopernicaClient:
         if created is None:
             raise CopernicaError(_status, "create answered without an id")
         return created
+
+    async def readiness(self, copernica_id: str) -> Readiness:
+        """Ask whether the data is ready, through whichever form the deployment answers."""
+        if not self.forms.status_route:
+            return Readiness.UNKNOWN
+        try:
+            _status, _headers, body = await self.call(
+                "GET", f"datarequest/{quote(copernica_id, safe='')}/status", endpoint="status"
+            )
+        except CopernicaError as exc:
+            if _is_missing_route(exc) or exc.status == 404:
+                self.forms.status_route = False
+                return Readiness.UNKNOWN
+            raise
+        try:
+            state = str(json.loads(body).get("status", "")).lower()
+        except (ValueError, AttributeError):
+            raise CopernicaError(_status, "status answer is not a JSON object") from None
+        if state == "available":
+            return Readiness.READY
+        if state == "pending":
+            return Readiness.PENDING
+        return Readiness.GONE
+
+    @contextlib.asynccontextmanager
+    async def open_data(self, copernica_id: str) -> AsyncIterator[aiohttp.ClientResponse | None]:
+        """Stream the data: yields the open response, or None while it is not ready.
+
+        Tries `datarequest/{id}/data` and falls back to the old `datarequest/{id}` form, whose
+        not-ready answer is recognised by the payload check itself.
+        """
+        quoted = quote(copernica_id, safe="")
+        paths = ([f"datarequest/{quoted}/data"] if self.forms.data_route else []) + [
+            f"datarequest/{quoted}"
+        ]
+        for path in paths:
+            answer = await self._open(path)
+            if answer.status < 400:
+                try:
+                    yield answer
+                finally:
+                    answer.release()
+                return
+            body = await answer.read()
+            answer.release()
+            error = CopernicaError(answer.status, _error_message(body))
+            if path.endswith("/data"):
+                if answer.status == 404 and not _is_missing_route(error):
+                    yield None  # the /data form's "not ready yet"
+                    return
+                if _is_missing_route(error):
+                    self.forms.data_route = False
+                    continue
+            if answer.status == 410 or (
+                answer.status == 404 and "expired" in error.message.lower()
+            ):
+                raise DataGone(error.message)
+            raise error
+        raise CopernicaError(400, "no readiness form answered")
+
+    async def _open(self, path: str) -> aiohttp.ClientResponse:
+        """Open a streaming GET; retried like `call` until headers arrive."""
+        url = URL(f"{self._base}/{path}", encoded=True).update_query(
+            {"access_token": self._token.reveal()}
+        )
+        backoff = Backoff()
+        last = "no attempt"
+        for attempt in range(backoff.attempts):
+            await self.limiter.acquire()
+            retry_after = None
+            try:
+                answer = await self._session.get(url, timeout=self._stream_timeout)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self._metrics.copernica_calls.labels("data", "error").inc()
+                last = f"{type(exc).__name__} on GET datarequest"
+            else:
+                self._metrics.copernica_calls.labels("data", str(answer.status)).inc()
+                if answer.status not in _RETRY_STATUSES:
+                    return answer
+                retry_after = _retry_after(answer.headers.get("Retry-After"))
+                last = f"HTTP {answer.status}"
+                answer.release()
+            if attempt + 1 < backoff.attempts:
+                await asyncio.sleep(backoff.delay(attempt, retry_after))
+        raise CopernicaUnavailable(f"Copernica data: {last} after {backoff.attempts} tries")
+
+
+class Readiness(enum.Enum):
+    READY = "ready"
+    PENDING = "pending"
+    GONE = "gone"  # Copernica no longer has the data (expired or never will)
+    UNKNOWN = "unknown"  # this deployment has no status route: fetch to find out
+
+
+def _is_missing_route(exc: CopernicaError) -> bool:
+    """How Copernica answers a path it does not serve (e.g. GET on a POST-only path)."""
+    return exc.status in (400, 405) and "invalid method" in exc.message.lower()
+
+
+class ReadinessForms:
+    """Which of the three readiness forms this Copernica deployment answers, learned once.
+
+    `datarequest/{id}/status` (JSON status), `datarequest/{id}/data` (404 while not ready)
+    and the old `datarequest/{id}` (whose `data` member says "Data not available (yet)").
+    """
+
+    def __init__(self) -> None:
+        self.status_route = True
+        self.data_route = True
 
 
 def _created_id(headers: dict[str, str], body: bytes) -> str | None:

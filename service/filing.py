@@ -13,16 +13,17 @@ import hmac
 import json
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import structlog
 from ulid import ULID
 
-from .archive import ArchiveStore, NotFound, PreconditionFailed, isoformat
+from .archive import ArchiveStore, NotFound, PreconditionFailed, isoformat, utcnow
 from .callbacks import callback_url
 from .config import Settings
 from .copernica import Backoff, CopernicaClient, CopernicaError, CopernicaUnavailable
-from .ledger import Ledger, RequestRecord
+from .ledger import Ledger, RequestRecord, stamp
 from .logs import subject_hash
 from .metrics import Metrics
 from .payload import Subject
@@ -112,13 +113,19 @@ class Filing:
             subject_id=new.subject.id,
             report=self._settings.public_base_url is not None,
             idempotency_key=_key_hash(self._hash_key, idempotency_key) if idempotency_key else None,
+            next_poll_at=stamp(utcnow() + timedelta(seconds=self._settings.poll_interval_seconds)),
         )
+        # The poll marker goes first: a crash after it leaves a marker without a record (the
+        # poller drops it), never a record the poller does not know about.
+        assert record.next_poll_at is not None
+        await self._ledger.schedule(record.id, record.next_poll_at)
         etag = await self._ledger.create(record)
-        await self.submit(record, etag)
+        await self.call_copernica(record)
+        await self._ledger.save(record, etag)
         return record
 
-    async def submit(self, record: RequestRecord, etag: str) -> None:
-        """Ask Copernica for the data and record the answer (pending, failed or still due)."""
+    async def call_copernica(self, record: RequestRecord) -> None:
+        """Ask Copernica for the data; the record says how it went (pending, failed, or not)."""
         settings = self._settings
         report = None
         if settings.public_base_url and settings.callback_secret:
@@ -144,7 +151,6 @@ class Filing:
             copernica_id=record.copernica_id,
             error=record.last_error,
         )
-        await self._ledger.save(record, etag)
 
     async def _claim_key(self, key: str, new: NewRequest, request_id: str) -> str:
         """The request id this key stands for: ours if we are first, else the first one's."""

@@ -11,12 +11,20 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 from .archive import ArchiveStore, PreconditionFailed, isoformat, utcnow
 from .payload import Subject
 
 STATUSES = ("submitting", "pending", "archived", "failed", "expired")
+FINAL_STATUSES = ("archived", "failed", "expired")
+_STAMP = "%Y%m%dT%H%M%S.%fZ"
+
+
+def stamp(moment: datetime) -> str:
+    """A time as a string that sorts like the time (schedule keys are listed in order)."""
+    return moment.strftime(_STAMP)
 
 
 @dataclass
@@ -34,6 +42,9 @@ class RequestRecord:
     events: dict[str, Any] | None = None
     archive: dict[str, Any] | None = None
     idempotency_key: str | None = None
+    next_poll_at: str | None = None  # when the poller looks next; its schedule marker's time
+    poll_errors: int = 0  # consecutive failed polls, for backoff
+    lease: dict[str, Any] | None = None  # {"owner", "until"} while one replica works on it
     version: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -127,3 +138,41 @@ class Ledger:
                     if len(found) == limit:
                         break
         return found, found[-1].id if found else None
+
+    # -- the poll schedule -----------------------------------------------------------------
+    # One empty marker object per scheduled poll: `due/{stamp}/{id}`. S3 lists keys in order,
+    # so the due requests are the first keys under `due/`, and a tick with nothing due costs
+    # one LIST however many requests are pending. The record's `next_poll_at` names its one
+    # valid marker; any other marker of the same id is stale and is deleted when met.
+
+    def _marker(self, request_id: str, when: str) -> str:
+        return f"{self._store.keys.prefix}due/{when}/{request_id}"
+
+    async def schedule(self, request_id: str, when: str) -> None:
+        await self._store.put(
+            self._marker(request_id, when), b"", content_type="application/octet-stream"
+        )
+
+    async def unschedule(self, request_id: str, when: str) -> None:
+        # S3 answers a delete of a missing key with success: deleting is idempotent.
+        await self._store.delete(self._marker(request_id, when))
+
+    async def due(self, now: datetime, limit: int) -> list[tuple[str, str]]:
+        """(stamp, request id) of markers due at `now`, oldest first, at most `limit`."""
+        prefix = f"{self._store.keys.prefix}due/"
+        horizon = stamp(now)
+        found: list[tuple[str, str]] = []
+        start_after = ""
+        while len(found) < limit:
+            keys = await self._store.list_keys(
+                prefix, start_after=start_after, limit=min(1000, limit - len(found))
+            )
+            for key in keys:
+                when, _, request_id = key[len(prefix) :].partition("/")
+                if when > horizon:
+                    return found
+                found.append((when, request_id))
+            if len(keys) < min(1000, limit):
+                return found
+            start_after = keys[-1]
+        return found

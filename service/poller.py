@@ -1,0 +1,256 @@
+"""The polling fallback: every replica visits due requests until each one is final.
+
+Callbacks get lost; this loop makes sure nothing ready at Copernica is missed before it
+expires. A tick lists the due markers of the schedule (see `Ledger.due`), then visits each:
+
+1. read the record; a stale marker (not the record's `next_poll_at`) or a final record is
+   dropped;
+2. take the record's lease with a conditional write, so one replica at a time works on it
+   (a crashed replica's lease simply runs out);
+3. the work: a `submitting` record is filed again (crash recovery); for a `pending` one,
+   first HEAD the archive (a callback may have won), then check expiry, then ask Copernica
+   and, when ready, stream the data into the archive through the same intake as callbacks;
+4. schedule the next visit (new marker first, then the record, then drop the old marker: a
+   crash anywhere in between leaves at worst a stale marker, never an unscheduled request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+from ulid import ULID
+
+from .archive import ArchiveStore, ArchiveUnavailable, PreconditionFailed, isoformat, utcnow
+from .config import Settings
+from .copernica import CopernicaClient, CopernicaError, CopernicaUnavailable, DataGone, Readiness
+from .filing import Filing, archive_from_head
+from .intake import Intake, Outcome
+from .ledger import FINAL_STATUSES, Ledger, RecordConflict, RequestRecord, stamp
+from .logs import subject_hash
+from .metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+MAX_SUBMIT_ATTEMPTS = 5
+MAX_BACKOFF_FACTOR = 16
+WORKERS = 4
+BATCH = 200
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=utcnow().tzinfo)
+
+
+@dataclass
+class Visit:
+    """What one visit decided: the record's new state, and when to come back (if ever)."""
+
+    outcome: str
+    next_in: float | None
+
+
+class Poller:
+    def __init__(
+        self,
+        store: ArchiveStore,
+        ledger: Ledger,
+        copernica: CopernicaClient,
+        intake: Intake,
+        filing: Filing,
+        settings: Settings,
+        metrics: Metrics,
+        hash_key: bytes,
+    ) -> None:
+        self._store = store
+        self._ledger = ledger
+        self._copernica = copernica
+        self._intake = intake
+        self._filing = filing
+        self._settings = settings
+        self._metrics = metrics
+        self._hash_key = hash_key
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{str(ULID())[-6:]}"
+        self._interval = settings.poll_interval_seconds
+        self._lease = timedelta(seconds=settings.poll_lease_seconds)
+        self._expiry = timedelta(hours=settings.request_expiry_hours)
+        self._stopping = asyncio.Event()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def tick_seconds(self) -> float:
+        return min(10.0, max(0.05, self._interval / 5))
+
+    async def run(self) -> None:
+        """Tick until `stop()`; an S3 outage only delays the next tick."""
+        while not self._stopping.is_set():
+            try:
+                await self.tick()
+            except ArchiveUnavailable as exc:
+                log.warning("poll_tick_failed", error=str(exc))
+            except Exception:
+                log.exception("poll_tick_crashed")
+            pause = self.tick_seconds() * random.uniform(0.8, 1.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), pause)
+
+    def stop(self) -> None:
+        """Finish the visits in progress, start no new one."""
+        self._stopping.set()
+
+    async def tick(self) -> int:
+        """Visit everything due now (bounded per tick); returns how many were visited."""
+        due = await self._ledger.due(utcnow(), BATCH)
+        # Replicas list the same markers: shuffled, they mostly pick different ones first.
+        random.shuffle(due)
+        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        for item in due:
+            queue.put_nowait(item)
+
+        async def worker() -> None:
+            while not self._stopping.is_set():
+                try:
+                    when, request_id = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                try:
+                    await self.visit(request_id, when)
+                except (ArchiveUnavailable, RecordConflict) as exc:
+                    log.warning("poll_visit_failed", request_id=request_id, error=str(exc))
+
+        await asyncio.gather(*(worker() for _ in range(min(WORKERS, len(due)) or 1)))
+        return len(due)
+
+    # -- one visit ---------------------------------------------------------------------------
+
+    async def visit(self, request_id: str, when: str) -> None:
+        found = await self._ledger.get(request_id)
+        if found is None or found[0].status in FINAL_STATUSES or found[0].next_poll_at != when:
+            await self._ledger.unschedule(request_id, when)
+            return
+        record, etag = found
+        now = utcnow()
+        lease = record.lease
+        if lease and lease["owner"] != self.owner and parse_time(lease["until"]) > now:
+            return  # another replica works on it; its marker stays until it is done
+        record.lease = {"owner": self.owner, "until": isoformat(now + self._lease)}
+        try:
+            etag = await self._ledger.save(record, etag)
+        except PreconditionFailed:
+            return  # another replica took it first
+        result = await self._work(record)
+        await self._finish(record, etag, when, result)
+
+    async def _work(self, record: RequestRecord) -> Visit:
+        if record.status == "submitting":
+            return await self._resubmit(record)
+        key = self._store.keys.archive(record.id)
+        head = await self._store.head(key)
+        if head is not None:
+            record.status = "archived"
+            record.archive = record.archive or archive_from_head(head, self._store.bucket, key)
+            return Visit("archived", None)
+        if utcnow() - parse_time(record.created_at) > self._expiry:
+            record.status, record.last_error = "expired", "no data before REQUEST_EXPIRY_HOURS"
+            return Visit("expired", None)
+        try:
+            return await self._fetch(record)
+        except DataGone as exc:
+            record.status, record.last_error = "failed", f"Copernica: data gone ({exc})"
+            return Visit("gone", None)
+        except CopernicaUnavailable as exc:
+            record.last_error = str(exc)
+            return self._later(record, "copernica_unavailable", failed=True)
+        except CopernicaError as exc:
+            record.last_error = str(exc)
+            if exc.status in (401, 403):  # our token, not this request: keep trying
+                return self._later(record, "copernica_refused", failed=True)
+            record.status = "failed"
+            return Visit("copernica_refused", None)
+
+    async def _fetch(self, record: RequestRecord) -> Visit:
+        assert record.copernica_id is not None
+        readiness = await self._copernica.readiness(record.copernica_id)
+        if readiness is Readiness.PENDING:
+            return self._later(record, "not_ready")
+        if readiness is Readiness.GONE:
+            raise DataGone("status says not available")
+        async with self._copernica.open_data(record.copernica_id) as answer:
+            if answer is None:
+                return self._later(record, "not_ready")
+            first = await answer.content.readany()
+            receipt = await self._intake.take(record, first, answer.content, "poll")
+        if receipt.outcome is Outcome.ARCHIVED:
+            self._metrics.archived_bytes.labels("poll").inc(receipt.size)
+        if receipt.outcome in (Outcome.ARCHIVED, Outcome.DUPLICATE):
+            head = await self._store.head(receipt.key or self._store.keys.archive(record.id))
+            record.status, record.last_error = "archived", None
+            if head is not None:
+                record.archive = archive_from_head(
+                    head, self._store.bucket, self._store.keys.archive(record.id)
+                )
+                if receipt.sha256:
+                    record.archive["sha256"] = receipt.sha256
+            return Visit(receipt.outcome.value, None)
+        if receipt.outcome is Outcome.NOT_READY:
+            return self._later(record, "not_ready")
+        # Invalid or too large: quarantined; try again later, the error is on the record.
+        record.last_error = f"fetched data rejected: {receipt.reason}"
+        return self._later(record, receipt.outcome.value, failed=True)
+
+    async def _resubmit(self, record: RequestRecord) -> Visit:
+        """A `submitting` record: the filing never got Copernica's answer (crash or outage)."""
+        if record.attempts >= MAX_SUBMIT_ATTEMPTS:
+            record.status = "failed"
+            record.last_error = (
+                f"could not file after {record.attempts} attempts: {record.last_error}"
+            )
+            return Visit("failed", None)
+        if record.attempts:
+            # Copernica may have filed an earlier attempt whose answer we lost; its callback
+            # carries the same request id and is deduplicated by the archive's conditional key.
+            record.extra["resubmitted"] = record.extra.get("resubmitted", 0) + 1
+        await self._filing.call_copernica(record)
+        if record.status == "pending":
+            return self._later(record, "resubmitted")
+        if record.status == "failed":
+            return Visit("failed", None)
+        return self._later(record, "resubmit_failed", failed=True)
+
+    def _later(self, record: RequestRecord, outcome: str, *, failed: bool = False) -> Visit:
+        record.poll_errors = record.poll_errors + 1 if failed else 0
+        factor = min(MAX_BACKOFF_FACTOR, 2**record.poll_errors)
+        return Visit(outcome, self._interval * factor * random.uniform(0.8, 1.2))
+
+    async def _finish(self, record: RequestRecord, etag: str, when: str, result: Visit) -> None:
+        """Release the lease and move the schedule: new marker, record, old marker."""
+        record.lease = None
+        old_when = when
+        if result.next_in is not None:
+            record.next_poll_at = stamp(utcnow() + timedelta(seconds=result.next_in))
+            await self._ledger.schedule(record.id, record.next_poll_at)
+        else:
+            record.next_poll_at = None
+        try:
+            await self._ledger.save(record, etag)
+        except PreconditionFailed:
+            # Someone changed the record while we held the lease (an operator read folding in
+            # the archive): our marker is stale then, and theirs stands.
+            log.info("poll_record_changed", request_id=record.id)
+            return
+        await self._ledger.unschedule(record.id, old_when)
+        log.info(
+            "poll",
+            request_id=record.id,
+            outcome=result.outcome,
+            status=record.status,
+            subject=subject_hash(self._hash_key, record.subject_type, record.subject_id),
+            next_in_s=round(result.next_in, 1) if result.next_in is not None else None,
+            error=record.last_error,
+        )
