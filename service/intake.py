@@ -26,7 +26,7 @@ from .archive import (
 )
 from .config import Settings
 from .ledger import Ledger, RecordConflict, RequestRecord
-from .payload import PayloadCheck, Verdict
+from .payload import PayloadCheck, Verdict, is_plain_not_available
 
 log = structlog.get_logger(__name__)
 
@@ -191,6 +191,8 @@ class Intake:
                 kept.append(chunk)
                 held += len(chunk)
             head = b"".join(kept)
+        if finished and is_plain_not_available(head):
+            return Receipt(Outcome.NOT_READY, size=size, record=record)
         truncated = not finished or len(head) > cap
         metadata = {
             "reason": reason,

@@ -20,8 +20,12 @@ import ijson
 SUBJECT_TYPES = ("email", "profile", "subprofile")
 NOT_AVAILABLE_TEXT = "Data not available (yet)"
 MAX_DEPTH = 512
-# A plain-text "Data not available (yet)" answer is short; only tiny bodies are looked at.
 _NOT_AVAILABLE_PLAIN = re.compile(rb'^\s*"?data not available \(yet\)"?\s*$', re.IGNORECASE)
+
+
+def is_plain_not_available(body: bytes) -> bool:
+    """The not-ready answer as bare text (or a bare JSON string) rather than an object."""
+    return len(body) <= 64 and _NOT_AVAILABLE_PLAIN.match(body) is not None
 
 
 class Verdict(enum.Enum):
@@ -133,7 +137,6 @@ class PayloadCheck:
         self._parser = ijson.basic_parse_coro(self._events)
         self._max_token = max_token_bytes
         self._since_event = 0
-        self._head = bytearray()  # first 65 bytes: a body of <= 64 may be the plain-text form
         self.error: str | None = None
 
     @property
@@ -141,8 +144,6 @@ class PayloadCheck:
         return self.error is not None
 
     def feed(self, chunk: bytes) -> None:
-        if len(self._head) <= 64:
-            self._head += chunk[: 65 - len(self._head)]
         if self.error is not None:
             return
         events = self._events
@@ -169,8 +170,6 @@ class PayloadCheck:
             except ijson.JSONError as exc:
                 self.error = _json_error(exc)
         if self.error is not None:
-            if len(self._head) <= 64 and _NOT_AVAILABLE_PLAIN.match(bytes(self._head)):
-                return Result(Verdict.NOT_AVAILABLE)
             return Result(Verdict.INVALID, self.error)
         events = self._events
         if events.data_kind == "not_available":

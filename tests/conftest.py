@@ -163,12 +163,17 @@ class Service:
         return {"Authorization": f"Bearer {API_TOKEN}"}
 
     async def file(self, body: dict[str, Any], **kwargs: Any) -> aiohttp.ClientResponse:
-        return await self.http.post(f"{self.url}/v1/data-requests", json=body,
-                                    headers={**self.auth, **kwargs.pop("headers", {})}, **kwargs)
+        return await self.http.post(
+            f"{self.url}/v1/data-requests",
+            json=body,
+            headers={**self.auth, **kwargs.pop("headers", {})},
+            **kwargs,
+        )
 
     async def show(self, request_id: str) -> dict[str, Any]:
-        async with self.http.get(f"{self.url}/v1/data-requests/{request_id}",
-                                 headers=self.auth) as answer:
+        async with self.http.get(
+            f"{self.url}/v1/data-requests/{request_id}", headers=self.auth
+        ) as answer:
             assert answer.status == 200, await answer.text()
             return dict(await answer.json())
 
@@ -296,3 +301,68 @@ async def s3_proxy(s3_endpoint: str) -> AsyncIterator[TcpProxy]:
     await proxy.start()
     yield proxy
     await proxy.close()
+
+
+class ServiceProcess:
+    """The service as its own OS process (`python -m service serve`), for kill tests."""
+
+    def __init__(self, env: dict[str, str], log_path: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            **env,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "LOG_FORMAT": "json",
+        }
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for_port(self.port)
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.terminate()
+        return self.proc.wait(30)
+
+
+@pytest.fixture
+def service_processes(
+    s3_endpoint: str, bucket: str, simulator: Simulator, tmp_path: Any
+) -> Iterator[Callable[..., ServiceProcess]]:
+    started: list[ServiceProcess] = []
+
+    def start(**overrides: str) -> ServiceProcess:
+        env = {
+            "COPERNICA_ACCESS_TOKEN": ACCESS_TOKEN,
+            "CALLBACK_SECRET": CALLBACK_SECRET,
+            "API_TOKEN": API_TOKEN,
+            "ARCHIVE_BUCKET": bucket,
+            "S3_ENDPOINT_URL": s3_endpoint,
+            "COPERNICA_API_URL": simulator.url + "/v2",
+            "S3_TIMEOUT_SECONDS": "5",
+            **overrides,
+        }
+        proc = ServiceProcess(env, str(tmp_path / f"service-{len(started)}.log"))
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -5,17 +5,26 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 from ulid import ULID
 
-from tests.conftest import ACCESS_TOKEN, API_TOKEN, Bucket, Service, ServiceFactory, Simulator, sha256
+from tests.conftest import (
+    ACCESS_TOKEN,
+    API_TOKEN,
+    Bucket,
+    Service,
+    ServiceFactory,
+    Simulator,
+    sha256,
+)
 from tests.test_callbacks import archive_key
 
 
-async def wait_for_status(service: Service, request_id: str, status: str,
-                          timeout: float = 10) -> dict[str, Any]:
+async def wait_for_status(
+    service: Service, request_id: str, status: str, timeout: float = 10
+) -> dict[str, Any]:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         shown = await service.show(request_id)
@@ -70,16 +79,20 @@ async def test_without_public_base_url_no_report_is_given(
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/v1/data-requests"), ("GET", "/v1/data-requests"),
-     ("GET", f"/v1/data-requests/{ULID()}")],
+    [
+        ("POST", "/v1/data-requests"),
+        ("GET", "/v1/data-requests"),
+        ("GET", f"/v1/data-requests/{ULID()}"),
+    ],
 )
 @pytest.mark.parametrize("auth", [None, "Bearer wrong", f"Basic {API_TOKEN}", API_TOKEN])
 async def test_operator_api_needs_the_bearer_token(
     service: Service, method: str, path: str, auth: str | None
 ) -> None:
     headers = {"Authorization": auth} if auth else {}
-    async with service.http.request(method, service.url + path, json={"email": "a@b.cd"},
-                                    headers=headers) as answer:
+    async with service.http.request(
+        method, service.url + path, json={"email": "a@b.cd"}, headers=headers
+    ) as answer:
         assert answer.status == 401
         assert answer.headers["WWW-Authenticate"].startswith("Bearer")
 
@@ -112,8 +125,9 @@ async def test_malformed_request_is_400_and_nothing_is_filed(
 
 
 async def test_body_that_is_not_json_is_400(service: Service, store: Bucket) -> None:
-    async with service.http.post(f"{service.url}/v1/data-requests", data=b"{nope",
-                                 headers=service.auth) as answer:
+    async with service.http.post(
+        f"{service.url}/v1/data-requests", data=b"{nope", headers=service.auth
+    ) as answer:
         assert answer.status == 400
     assert await store.keys() == []
 
@@ -172,8 +186,9 @@ async def test_copernica_down_leaves_the_request_submitting_with_its_error(
 
 async def test_show_unknown_or_malformed_id_is_404(service: Service) -> None:
     for request_id in (str(ULID()), "../../etc/passwd", "x" * 300):
-        async with service.http.get(f"{service.url}/v1/data-requests/{request_id}",
-                                    headers=service.auth) as answer:
+        async with service.http.get(
+            f"{service.url}/v1/data-requests/{request_id}", headers=service.auth
+        ) as answer:
             assert answer.status == 404
 
 
@@ -186,9 +201,10 @@ async def test_list_pages_and_filters(service: Service, simulator: Simulator) ->
 
     seen, cursor = [], ""
     while True:
-        query = f"?limit=2&status=pending" + (f"&cursor={cursor}" if cursor else "")
-        async with service.http.get(f"{service.url}/v1/data-requests{query}",
-                                    headers=service.auth) as answer:
+        query = "?limit=2&status=pending" + (f"&cursor={cursor}" if cursor else "")
+        async with service.http.get(
+            f"{service.url}/v1/data-requests{query}", headers=service.auth
+        ) as answer:
             page = await answer.json()
         seen += [item["id"] for item in page["items"]]
         cursor = page["next_cursor"]
@@ -197,8 +213,9 @@ async def test_list_pages_and_filters(service: Service, simulator: Simulator) ->
     assert seen == ids
 
     for bad in ("?status=lost", "?limit=0", "?limit=x", "?cursor=zzz"):
-        async with service.http.get(f"{service.url}/v1/data-requests{bad}",
-                                    headers=service.auth) as answer:
+        async with service.http.get(
+            f"{service.url}/v1/data-requests{bad}", headers=service.auth
+        ) as answer:
             assert answer.status == 400
 
 

@@ -7,7 +7,6 @@ import io
 import json
 from typing import Any
 
-import aiohttp
 import pytest
 from ulid import ULID
 
@@ -42,7 +41,9 @@ async def pending_request(service: Service, simulator: Simulator, body: dict | N
         return str((await answer.json())["id"])
 
 
-async def post(service: Service, request_id: str, body: bytes | Any, **kwargs: Any) -> tuple[int, dict]:
+async def post(
+    service: Service, request_id: str, body: bytes | Any, **kwargs: Any
+) -> tuple[int, dict]:
     async with service.http.post(service.callback_url(request_id), data=body, **kwargs) as answer:
         return answer.status, await answer.json(content_type=None)
 
@@ -65,8 +66,12 @@ async def test_valid_callback_is_archived_byte_for_byte(
     status, answer = await post(service, request_id, body, headers={"Content-Type": "text/plain"})
 
     assert status == 200
-    assert answer == {"status": "archived", "request_id": request_id,
-                      "sha256": sha256(body), "size": len(body)}
+    assert answer == {
+        "status": "archived",
+        "request_id": request_id,
+        "sha256": sha256(body),
+        "size": len(body),
+    }
     assert await archive_keys(store) == [archive_key(request_id)]
     assert await store.read(archive_key(request_id)) == body
     meta = (await store.head(archive_key(request_id)))["Metadata"]
@@ -154,8 +159,9 @@ async def test_expect_continue_with_good_token_is_archived(
 ) -> None:
     request_id = await pending_request(service, simulator)
     body = payload()
-    async with service.http.post(service.callback_url(request_id), data=body,
-                                 expect100=True) as answer:
+    async with service.http.post(
+        service.callback_url(request_id), data=body, expect100=True
+    ) as answer:
         assert answer.status == 200
     assert await store.read(archive_key(request_id)) == body
 
@@ -188,7 +194,10 @@ async def test_valid_token_for_unknown_request_is_404(service: Service, store: B
         (payload(info_id="mallory@example.com"), "does not match"),
         (payload(info_id=42, kind="profile"), "does not match"),
         (b'{"info": {"type": "email"}, "data": []}', "info.id"),
-        (b'{"info": {"type": "email", "id": "a@b.c"}, "data": {"x": 1}}', "'data' must be an array"),
+        (
+            b'{"info": {"type": "email", "id": "a@b.c"}, "data": {"x": 1}}',
+            "'data' must be an array",
+        ),
     ],
 )
 async def test_rejected_body_is_422_and_quarantined_whole(
@@ -212,8 +221,9 @@ async def test_rejected_body_is_422_and_quarantined_whole(
 @pytest.mark.parametrize(
     "body",
     [
-        json.dumps({"info": {"type": "email", "id": EMAIL},
-                    "data": "Data not available (yet)"}).encode(),
+        json.dumps(
+            {"info": {"type": "email", "id": EMAIL}, "data": "Data not available (yet)"}
+        ).encode(),
         b"Data not available (yet)",
     ],
 )
@@ -366,8 +376,13 @@ async def test_log_lines_carry_no_address_and_no_secret(
     callbacks = [entry for entry in logged if entry["event"] == "callback"]
     assert [c["outcome"] for c in callbacks] == ["archived", "invalid"]
     text = lines.getvalue().lower()
-    for forbidden in (EMAIL.lower(), "mallory@example.com", CALLBACK_SECRET.lower(),
-                      ACCESS_TOKEN.lower(), API_TOKEN.lower(),
-                      service.callback_url(request_id).rsplit("/", 1)[1].lower()):
+    for forbidden in (
+        EMAIL.lower(),
+        "mallory@example.com",
+        CALLBACK_SECRET.lower(),
+        ACCESS_TOKEN.lower(),
+        API_TOKEN.lower(),
+        service.callback_url(request_id).rsplit("/", 1)[1].lower(),
+    ):
         assert forbidden not in text
     assert {"request_id", "bytes", "sha256", "duration_ms", "subject"} <= set(callbacks[0])

@@ -82,7 +82,11 @@ def test_serve_stops_with_one_line_naming_the_setting(tmp_path) -> None:
     env = {"PATH": "/usr/bin:/bin", **{k: v for k, v in BASE.items() if k != "API_TOKEN"}}
     done = subprocess.run(
         [sys.executable, "-m", "service", "serve"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["configuration error: API_TOKEN is required"]

@@ -1,0 +1,148 @@
+"""The polling fallback: whatever happens to callbacks, every request ends archived once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from tests.conftest import Bucket, Service, ServiceFactory, Simulator, sha256
+from tests.test_api import wait_for_status
+from tests.test_callbacks import archive_key
+
+FAST = {"POLL_INTERVAL_SECONDS": "0.3", "POLL_LEASE_SECONDS": "5"}
+
+
+async def file(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    async with await service.file(body) as answer:
+        assert answer.status == 202, await answer.text()
+        return dict(await answer.json())
+
+
+async def record_of(store: Bucket, request_id: str) -> dict[str, Any]:
+    return dict(json.loads(await store.read(f"copernica/requests/{request_id}.json")))
+
+
+@pytest.mark.parametrize("forms", [{"status", "data", "old"}, {"data", "old"}, {"old"}])
+async def test_lost_callback_is_archived_by_the_poller(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket, forms: set[str]
+) -> None:
+    simulator.state.config.readiness_forms = forms
+    simulator.state.faults.lose_callback = True
+    service = await make_service(**FAST)
+    created = await file(service, {"email": "ivy@example.com"})
+
+    shown = await wait_for_status(service, created["id"], "archived")
+
+    expected = simulator.state.payload_bytes(created["copernica_id"])
+    assert shown["status"] == "archived"
+    assert shown["archive"]["source"] == "poll"
+    assert shown["archive"]["sha256"] == sha256(expected)
+    assert await store.read(archive_key(created["id"])) == expected
+    assert await store.keys("archive/") == [archive_key(created["id"])]
+    assert await store.keys("due/") == []  # a final request leaves no schedule behind
+
+
+async def test_callback_and_poller_racing_make_one_object(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    simulator.state.faults.duplicate_callback = 3
+    service = await make_service(POLL_INTERVAL_SECONDS="0.05", POLL_LEASE_SECONDS="5")
+    created = [await file(service, {"profile": n}) for n in range(1, 6)]
+
+    for item in created:
+        await wait_for_status(service, item["id"], "archived")
+    await asyncio.sleep(0.5)  # let stragglers (duplicates, polls) land
+
+    keys = await store.keys("archive/")
+    assert sorted(keys) == sorted(archive_key(item["id"]) for item in created)
+    for item in created:
+        expected = simulator.state.payload_bytes(item["copernica_id"])
+        assert await store.read(archive_key(item["id"])) == expected
+
+
+async def test_data_gone_at_copernica_marks_failed(
+    make_service: ServiceFactory, simulator: Simulator
+) -> None:
+    simulator.state.faults.lose_callback = True
+    simulator.state.config.expire_after = 0.01
+    service = await make_service(**FAST)
+    created = await file(service, {"email": "jo@example.com"})
+
+    shown = await wait_for_status(service, created["id"], "failed")
+
+    assert shown["status"] == "failed"
+    assert "gone" in shown["last_error"]
+
+
+async def test_never_ready_request_expires(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    simulator.state.config.ready_after = 3600
+    service = await make_service(REQUEST_EXPIRY_HOURS="0.0003", **FAST)  # about one second
+    created = await file(service, {"email": "kim@example.com"})
+
+    shown = await wait_for_status(service, created["id"], "expired")
+
+    assert shown["status"] == "expired"
+    assert await store.keys("archive/") == []
+
+
+async def test_filing_during_copernica_outage_is_resubmitted_later(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    simulator.state.faults.fail_next = 3  # the three filing tries all get 503
+    service = await make_service(**FAST)
+    created = await file(service, {"email": "lee@example.com"})
+    assert created["status"] == "submitting"
+
+    shown = await wait_for_status(service, created["id"], "archived")
+
+    assert shown["status"] == "archived"
+    assert shown["attempts"] == 2
+    assert len(simulator.state.requests) == 1
+
+
+async def test_crash_after_copernica_accepted_is_recovered_without_a_second_archive(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    """A replica died after Copernica's 201 but before it saved `pending`: the record still
+    says `submitting`. The poller files again; both of Copernica's callbacks carry our id, and
+    the archive's conditional key keeps exactly one object."""
+    service = await make_service(**FAST)
+    simulator.state.faults.lose_callback = True
+    created = await file(service, {"email": "max@example.com"})
+    record_key = f"copernica/requests/{created['id']}.json"
+    crashed = await record_of(store, created["id"])
+    crashed.update(status="submitting", copernica_id=None, version=crashed["version"] + 1)
+    await store.client.put_object(
+        Bucket=store.name, Key=record_key, Body=json.dumps(crashed).encode()
+    )
+    simulator.state.faults.lose_callback = False
+
+    shown = await wait_for_status(service, created["id"], "archived")
+
+    assert shown["status"] == "archived"
+    assert len(simulator.state.requests) == 2  # the lost answer's request and the new one
+    assert await store.keys("archive/") == [archive_key(created["id"])]
+    assert (await record_of(store, created["id"]))["extra"]["resubmitted"] == 1
+
+
+async def test_copernica_429_and_503_are_backed_off_and_the_rate_limit_holds(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    simulator.state.faults.lose_callback = True
+    service = await make_service(
+        COPERNICA_MAX_RPS="20", POLL_INTERVAL_SECONDS="0.2", POLL_LEASE_SECONDS="5"
+    )
+    created = [await file(service, {"profile": n}) for n in range(1, 13)]
+    simulator.state.faults.status_429_rate = 0.3
+    simulator.state.faults.status_5xx_rate = 0.2
+
+    for item in created:
+        await wait_for_status(service, item["id"], "archived", timeout=30)
+
+    assert sorted(await store.keys("archive/")) == sorted(archive_key(i["id"]) for i in created)
+    assert simulator.state.max_rps <= 20
