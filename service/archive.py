@@ -90,6 +90,10 @@ def isoformat(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def parse_isoformat(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
 def _ascii(value: str) -> str:
     """S3 user metadata travels in HTTP headers: keep it printable ASCII."""
     return value.encode("ascii", "replace").decode("ascii").replace("\n", " ")[:1024]

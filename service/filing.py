@@ -23,7 +23,7 @@ from .archive import ArchiveStore, NotFound, PreconditionFailed, isoformat, utcn
 from .callbacks import callback_url
 from .config import Settings
 from .copernica import Backoff, CopernicaClient, CopernicaError, CopernicaUnavailable
-from .ledger import Ledger, RequestRecord, stamp
+from .ledger import REPLICA, Ledger, RequestRecord, stamp
 from .logs import subject_hash
 from .metrics import Metrics
 from .payload import Subject
@@ -35,6 +35,7 @@ _EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00
 # The operator waits for the answer: a short retry budget here; `submitting` records that
 # did not get through are for the poller to resubmit.
 _FILING_BACKOFF = Backoff(attempts=3, base=0.5, cap=4.0)
+FILING_OWNER = f"{REPLICA}/filing"
 
 
 class InvalidRequest(ValueError):
@@ -99,6 +100,11 @@ class Filing:
         self._settings = settings
         self._metrics = metrics
         self._hash_key = hash_key
+        # Longest a filing can take: every try timing out, plus the pauses between them.
+        self._filing_budget = (
+            _FILING_BACKOFF.attempts * settings.copernica_timeout_seconds
+            + _FILING_BACKOFF.attempts * _FILING_BACKOFF.cap
+        )
 
     async def file(self, new: NewRequest, idempotency_key: str | None) -> RequestRecord:
         request_id = str(ULID())
@@ -119,8 +125,12 @@ class Filing:
         # poller drops it), never a record the poller does not know about.
         assert record.next_poll_at is not None
         await self._ledger.schedule(record.id, record.next_poll_at)
+        # While we file, the poller keeps off (our lease); if we crash, the lease runs out and
+        # the poller finds a `submitting` record to file again.
+        record.take_lease(FILING_OWNER, self._filing_budget)
         etag = await self._ledger.create(record)
         await self.call_copernica(record)
+        record.lease = None
         await self._ledger.save(record, etag)
         return record
 

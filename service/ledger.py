@@ -9,17 +9,25 @@ the MD5 of the body, and identical bytes would make `If-Match` meaningless).
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from .archive import ArchiveStore, PreconditionFailed, isoformat, utcnow
+from ulid import ULID
+
+from .archive import ArchiveStore, PreconditionFailed, isoformat, parse_isoformat, utcnow
 from .payload import Subject
 
 STATUSES = ("submitting", "pending", "archived", "failed", "expired")
 FINAL_STATUSES = ("archived", "failed", "expired")
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
+
+
+# Who holds a lease: this process. Stable for its life, unique across replicas and restarts.
+REPLICA = f"{socket.gethostname()}-{os.getpid()}-{str(ULID())[-6:]}"
 
 
 def stamp(moment: datetime) -> str:
@@ -51,6 +59,16 @@ class RequestRecord:
     @property
     def subject(self) -> Subject:
         return Subject(self.subject_type, self.subject_id)
+
+    def take_lease(self, owner: str, seconds: float) -> None:
+        self.lease = {"owner": owner, "until": isoformat(utcnow() + timedelta(seconds=seconds))}
+
+    def leased_to_other(self, owner: str) -> bool:
+        """Somebody else works on this record and their lease has not run out."""
+        lease = self.lease
+        if not lease or lease["owner"] == owner:
+            return False
+        return parse_isoformat(lease["until"]) > utcnow()
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()

@@ -18,21 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
-import socket
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import structlog
-from ulid import ULID
 
-from .archive import ArchiveStore, ArchiveUnavailable, PreconditionFailed, isoformat, utcnow
+from .archive import ArchiveStore, ArchiveUnavailable, PreconditionFailed, parse_isoformat, utcnow
 from .config import Settings
 from .copernica import CopernicaClient, CopernicaError, CopernicaUnavailable, DataGone, Readiness
 from .filing import Filing, archive_from_head
 from .intake import Intake, Outcome
-from .ledger import FINAL_STATUSES, Ledger, RecordConflict, RequestRecord, stamp
+from .ledger import FINAL_STATUSES, REPLICA, Ledger, RecordConflict, RequestRecord, stamp
 from .logs import subject_hash
 from .metrics import Metrics
 
@@ -42,10 +39,6 @@ MAX_SUBMIT_ATTEMPTS = 5
 MAX_BACKOFF_FACTOR = 16
 WORKERS = 4
 BATCH = 200
-
-
-def parse_time(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=utcnow().tzinfo)
 
 
 @dataclass
@@ -76,9 +69,9 @@ class Poller:
         self._settings = settings
         self._metrics = metrics
         self._hash_key = hash_key
-        self.owner = f"{socket.gethostname()}-{os.getpid()}-{str(ULID())[-6:]}"
+        self.owner = REPLICA
         self._interval = settings.poll_interval_seconds
-        self._lease = timedelta(seconds=settings.poll_lease_seconds)
+        self._lease_seconds = settings.poll_lease_seconds
         self._expiry = timedelta(hours=settings.request_expiry_hours)
         self._stopping = asyncio.Event()
 
@@ -135,11 +128,9 @@ class Poller:
             await self._ledger.unschedule(request_id, when)
             return
         record, etag = found
-        now = utcnow()
-        lease = record.lease
-        if lease and lease["owner"] != self.owner and parse_time(lease["until"]) > now:
-            return  # another replica works on it; its marker stays until it is done
-        record.lease = {"owner": self.owner, "until": isoformat(now + self._lease)}
+        if record.leased_to_other(self.owner):
+            return  # another replica (or a filing in progress) works on it; the marker stays
+        record.take_lease(self.owner, self._lease_seconds)
         try:
             etag = await self._ledger.save(record, etag)
         except PreconditionFailed:
@@ -156,7 +147,7 @@ class Poller:
             record.status = "archived"
             record.archive = record.archive or archive_from_head(head, self._store.bucket, key)
             return Visit("archived", None)
-        if utcnow() - parse_time(record.created_at) > self._expiry:
+        if utcnow() - parse_isoformat(record.created_at) > self._expiry:
             record.status, record.last_error = "expired", "no data before REQUEST_EXPIRY_HOURS"
             return Visit("expired", None)
         try:

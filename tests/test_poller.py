@@ -112,7 +112,7 @@ async def test_crash_after_copernica_accepted_is_recovered_without_a_second_arch
     says `submitting`. The poller files again; both of Copernica's callbacks carry our id, and
     the archive's conditional key keeps exactly one object."""
     service = await make_service(**FAST)
-    simulator.state.faults.lose_callback = True
+    simulator.state.config.ready_after = 3600  # the first request never gets ready
     created = await file(service, {"email": "max@example.com"})
     record_key = f"copernica/requests/{created['id']}.json"
     crashed = await record_of(store, created["id"])
@@ -120,12 +120,13 @@ async def test_crash_after_copernica_accepted_is_recovered_without_a_second_arch
     await store.client.put_object(
         Bucket=store.name, Key=record_key, Body=json.dumps(crashed).encode()
     )
-    simulator.state.faults.lose_callback = False
+    simulator.state.config.ready_after = 0.05
 
     shown = await wait_for_status(service, created["id"], "archived")
 
     assert shown["status"] == "archived"
     assert len(simulator.state.requests) == 2  # the lost answer's request and the new one
+    assert shown["copernica_id"] == "1001" and shown["attempts"] == 2
     assert await store.keys("archive/") == [archive_key(created["id"])]
     assert (await record_of(store, created["id"]))["extra"]["resubmitted"] == 1
 
