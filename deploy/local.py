@@ -43,7 +43,7 @@ def main() -> None:
     env = {
         **os.environ,
         "AWS_ACCESS_KEY_ID": "local",
-        "AWS_SECRET_ACCESS_KEY": "local",  # noqa: S105 - moto accepts anything
+        "AWS_SECRET_ACCESS_KEY": "local",
         "AWS_DEFAULT_REGION": "us-east-1",
         "COPERNICA_ACCESS_TOKEN": access_token,
         "COPERNICA_API_URL": f"http://127.0.0.1:{SIM_PORT}/v2",
@@ -75,19 +75,34 @@ def main() -> None:
     try:
         s3 = subprocess.Popen(
             [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         procs.append(("local S3", s3))
         wait_for(S3_PORT, "local S3 (moto)", s3)
         client = botocore.session.get_session().create_client(
-            "s3", endpoint_url=env["S3_ENDPOINT_URL"], region_name="us-east-1",
-            aws_access_key_id="local", aws_secret_access_key="local",  # noqa: S106
+            "s3",
+            endpoint_url=env["S3_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id="local",
+            aws_secret_access_key="local",  # noqa: S106
         )
         client.create_bucket(Bucket=BUCKET)
 
         sim = subprocess.Popen(
-            [python, "-m", "service", "simulate", "--port", str(SIM_PORT),
-             "--access-token", access_token, "--ready-after", "3"],
+            [
+                python,
+                "-m",
+                "service",
+                "simulate",
+                "--port",
+                str(SIM_PORT),
+                "--access-token",
+                access_token,
+                "--ready-after",
+                "3",
+            ],
             env=env,
         )
         procs.append(("simulator", sim))
@@ -100,8 +115,10 @@ def main() -> None:
         dev_env = ROOT / ".local" / "dev.env"
         dev_env.parent.mkdir(exist_ok=True)
         dev_env.write_text(
-            "".join(f"{k}={env[k]}\n" for k in ("API_TOKEN", "RECEIVER_URL",
-                                                 "S3_ENDPOINT_URL", "ARCHIVE_BUCKET"))
+            "".join(
+                f"{k}={env[k]}\n"
+                for k in ("API_TOKEN", "RECEIVER_URL", "S3_ENDPOINT_URL", "ARCHIVE_BUCKET")
+            )
         )
         print(
             f"""

@@ -21,11 +21,14 @@ async def file_many(http: aiohttp.ClientSession, urls: list[str], count: int) ->
     gate = asyncio.Semaphore(16)
 
     async def one(n: int) -> dict[str, Any]:
-        async with gate, http.post(
-            f"{urls[n % len(urls)]}/v1/data-requests",
-            json={"profile": n + 1},
-            headers={"Authorization": f"Bearer {API_TOKEN}"},
-        ) as answer:
+        async with (
+            gate,
+            http.post(
+                f"{urls[n % len(urls)]}/v1/data-requests",
+                json={"profile": n + 1},
+                headers={"Authorization": f"Bearer {API_TOKEN}"},
+            ) as answer,
+        ):
             assert answer.status == 202, await answer.text()
             return dict(await answer.json())
 
@@ -36,8 +39,7 @@ async def test_two_replicas_archive_every_lost_callback_once_despite_a_kill(
     service_processes: Callable[..., ServiceProcess], simulator: Simulator, store: Bucket
 ) -> None:
     simulator.state.faults.lose_callback = True  # only the pollers can archive anything
-    settings = {"POLL_INTERVAL_SECONDS": "1", "POLL_LEASE_SECONDS": "3",
-                "COPERNICA_MAX_RPS": "40"}
+    settings = {"POLL_INTERVAL_SECONDS": "1", "POLL_LEASE_SECONDS": "3", "COPERNICA_MAX_RPS": "40"}
     first, second = service_processes(**settings), service_processes(**settings)
     async with aiohttp.ClientSession() as http:
         created = await file_many(http, [first.url, second.url], REQUESTS)
