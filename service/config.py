@@ -142,6 +142,9 @@ class Settings:
     copernica_access_token: Secret | None = _setting("COPERNICA_ACCESS_TOKEN", _secret)
     copernica_api_url: str = _setting("COPERNICA_API_URL", _url, "https://api.copernica.com/v2")
     copernica_events_url: str | None = _setting("COPERNICA_EVENTS_URL", _url)
+    copernica_auth_url: str = _setting(
+        "COPERNICA_AUTH_URL", _url, "https://authenticate.copernica.com"
+    )
     public_base_url: str | None = _setting("PUBLIC_BASE_URL", _url)
     callback_secret: Secret | None = _setting("CALLBACK_SECRET", _secret)
     api_token: Secret | None = _setting("API_TOKEN", _secret)

@@ -26,7 +26,7 @@ import aiohttp
 import structlog
 from yarl import URL
 
-from .config import Settings
+from .config import Secret, Settings
 from .metrics import Metrics
 from .payload import Subject
 
@@ -116,8 +116,74 @@ def subject_path(subject: Subject) -> str:
     return f"{subject.type}/{quote(subject.id, safe='@')}"
 
 
+class TokenAuth:
+    """v2/v3: the access token rides in the `access_token` query parameter."""
+
+    def __init__(self, token: Secret) -> None:
+        self._token = token
+
+    async def apply(self, params: dict[str, str], headers: dict[str, str]) -> None:
+        params["access_token"] = self._token.reveal()
+
+    def expire(self) -> bool:
+        return False  # nothing to refresh: a 401 is final
+
+
+class BearerAuth:
+    """v4: a JWT from the authentication server (POST `access_token=...`), valid 24 hours.
+
+    Refreshed an hour before it runs out, and at once when the API answers 401.
+    """
+
+    LIFETIME = 23 * 3600.0
+
+    def __init__(
+        self,
+        token: Secret,
+        url: str,
+        session: aiohttp.ClientSession,
+        timeout: aiohttp.ClientTimeout,
+    ) -> None:
+        self._token = token
+        self._url = url
+        self._session = session
+        self._timeout = timeout
+        self._jwt: str | None = None
+        self._fetched = 0.0
+        self._lock = asyncio.Lock()
+
+    async def apply(self, params: dict[str, str], headers: dict[str, str]) -> None:
+        headers["Authorization"] = f"Bearer {await self._current()}"
+
+    def expire(self) -> bool:
+        self._jwt = None
+        return True
+
+    async def _current(self) -> str:
+        async with self._lock:
+            if self._jwt is None or time.monotonic() - self._fetched > self.LIFETIME:
+                try:
+                    async with self._session.post(
+                        self._url,
+                        data={"access_token": self._token.reveal()},
+                        timeout=self._timeout,
+                    ) as answer:
+                        body = (await answer.read()).decode("utf-8", "replace").strip()
+                        status = answer.status
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise CopernicaUnavailable(f"authentication: {type(exc).__name__}") from None
+                if status >= 500 or status == 429:
+                    raise CopernicaUnavailable(f"authentication: HTTP {status}")
+                if status >= 400 or not body:
+                    raise CopernicaError(
+                        status, f"authentication refused: {_error_message(body.encode())}"
+                    )
+                self._jwt, self._fetched = body.strip('"'), time.monotonic()
+            return self._jwt
+
+
 class CopernicaClient:
-    """Calls to one Copernica API base (v2/v3 style, `access_token` parameter)."""
+    """Calls to one Copernica API base: rate-limited, retried, authenticated per version."""
 
     def __init__(
         self,
@@ -125,20 +191,85 @@ class CopernicaClient:
         settings: Settings,
         metrics: Metrics,
         limiter: RateLimiter | None = None,
+        base_url: str | None = None,
     ) -> None:
         assert settings.copernica_access_token is not None
         self._session = session
-        self._base = settings.copernica_api_url
-        self._token = settings.copernica_access_token
+        self._base = base_url or settings.copernica_api_url
         self._timeout = aiohttp.ClientTimeout(total=settings.copernica_timeout_seconds)
         # A payload of hundreds of MB may take long in total; it must not stall.
         self._stream_timeout = aiohttp.ClientTimeout(
             sock_connect=settings.copernica_timeout_seconds,
             sock_read=settings.copernica_timeout_seconds,
         )
+        self._auth: TokenAuth | BearerAuth
+        if self._base.rstrip("/").endswith("/v4"):
+            self._auth = BearerAuth(
+                settings.copernica_access_token, settings.copernica_auth_url, session, self._timeout
+            )
+        else:
+            self._auth = TokenAuth(settings.copernica_access_token)
         self.forms = ReadinessForms()
         self._metrics = metrics
         self.limiter = limiter or RateLimiter(settings.copernica_max_rps)
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        endpoint: str,
+        params: dict[str, str] | None = None,
+        backoff: Backoff = Backoff(),
+        stream: bool = False,
+    ) -> aiohttp.ClientResponse:
+        """Send one logical call: rate-limited, retried on 429/5xx/network errors with backoff.
+
+        Returns the open response of the first answer that is not retryable; the caller
+        reads and releases it. Messages name the endpoint, never the URL (it holds the token).
+        """
+        url = URL(f"{self._base}/{path}", encoded=True)
+        last = "no attempt"
+        refreshed = False
+        attempt = 0
+        while attempt < backoff.attempts:
+            await self.limiter.acquire()
+            query, headers = dict(params or {}), dict[str, str]()
+            await self._auth.apply(query, headers)
+            retry_after: float | None = None
+            try:
+                answer = await self._session.request(
+                    method,
+                    url.update_query(query),
+                    headers=headers,
+                    timeout=self._stream_timeout if stream else self._timeout,
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self._metrics.copernica_calls.labels(endpoint, "error").inc()
+                last = f"{type(exc).__name__} on {endpoint}"
+            else:
+                self._metrics.copernica_calls.labels(endpoint, str(answer.status)).inc()
+                if answer.status == 401 and not refreshed and self._auth.expire():
+                    answer.release()
+                    refreshed = True  # a JWT ran out early: fetch a new one, once
+                    continue
+                if answer.status not in _RETRY_STATUSES:
+                    return answer
+                last = f"HTTP {answer.status}"
+                retry_after = _retry_after(answer.headers.get("Retry-After"))
+                answer.release()
+            attempt += 1
+            if attempt < backoff.attempts:
+                pause = backoff.delay(attempt - 1, retry_after)
+                log.info(
+                    "copernica_retry",
+                    endpoint=endpoint,
+                    attempt=attempt,
+                    reason=last,
+                    pause_s=round(pause, 3),
+                )
+                await asyncio.sleep(pause)
+        raise CopernicaUnavailable(f"Copernica {endpoint}: {last} after {backoff.attempts} tries")
 
     async def call(
         self,
@@ -149,41 +280,17 @@ class CopernicaClient:
         params: dict[str, str] | None = None,
         backoff: Backoff = Backoff(),
     ) -> tuple[int, dict[str, str], bytes]:
-        """One logical call: rate-limited, retried; returns status, headers and body."""
-        url = URL(f"{self._base}/{path}", encoded=True).update_query(
-            {**(params or {}), "access_token": self._token.reveal()}
-        )
-        last = "no attempt"
-        for attempt in range(backoff.attempts):
-            await self.limiter.acquire()
-            retry_after: float | None = None
-            try:
-                async with self._session.request(method, url, timeout=self._timeout) as answer:
-                    body = await answer.read()
-                    status = answer.status
-                    headers = {k.lower(): v for k, v in answer.headers.items()}
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self._metrics.copernica_calls.labels(endpoint, "error").inc()
-                last = f"{type(exc).__name__} on {method} {path.split('/')[0]}"
-            else:
-                self._metrics.copernica_calls.labels(endpoint, str(status)).inc()
-                if status < 400:
-                    return status, headers, body
-                if status not in _RETRY_STATUSES:
-                    raise CopernicaError(status, _error_message(body))
-                last = f"HTTP {status}"
-                retry_after = _retry_after(headers.get("retry-after"))
-            if attempt + 1 < backoff.attempts:
-                pause = backoff.delay(attempt, retry_after)
-                log.info(
-                    "copernica_retry",
-                    endpoint=endpoint,
-                    attempt=attempt + 1,
-                    reason=last,
-                    pause_s=round(pause, 3),
-                )
-                await asyncio.sleep(pause)
-        raise CopernicaUnavailable(f"Copernica {endpoint}: {last} after {backoff.attempts} tries")
+        """`send`, read whole (small answers only); a 4xx becomes `CopernicaError`."""
+        answer = await self.send(method, path, endpoint=endpoint, params=params, backoff=backoff)
+        try:
+            body = await answer.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise CopernicaUnavailable(f"Copernica {endpoint}: {type(exc).__name__}") from None
+        finally:
+            answer.release()
+        if answer.status >= 400:
+            raise CopernicaError(answer.status, _error_message(body))
+        return answer.status, {k.lower(): v for k, v in answer.headers.items()}, body
 
     async def create_datarequest(
         self, subject: Subject, report: str | None, *, backoff: Backoff = Backoff()
@@ -237,7 +344,7 @@ class CopernicaClient:
             f"datarequest/{quoted}"
         ]
         for path in paths:
-            answer = await self._open(path)
+            answer = await self.send("GET", path, endpoint="data", stream=True)
             if answer.status < 400:
                 try:
                     yield answer
@@ -260,32 +367,6 @@ class CopernicaClient:
                 raise DataGone(error.message)
             raise error
         raise CopernicaError(400, "no readiness form answered")
-
-    async def _open(self, path: str) -> aiohttp.ClientResponse:
-        """Open a streaming GET; retried like `call` until headers arrive."""
-        url = URL(f"{self._base}/{path}", encoded=True).update_query(
-            {"access_token": self._token.reveal()}
-        )
-        backoff = Backoff()
-        last = "no attempt"
-        for attempt in range(backoff.attempts):
-            await self.limiter.acquire()
-            retry_after = None
-            try:
-                answer = await self._session.get(url, timeout=self._stream_timeout)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self._metrics.copernica_calls.labels("data", "error").inc()
-                last = f"{type(exc).__name__} on GET datarequest"
-            else:
-                self._metrics.copernica_calls.labels("data", str(answer.status)).inc()
-                if answer.status not in _RETRY_STATUSES:
-                    return answer
-                retry_after = _retry_after(answer.headers.get("Retry-After"))
-                last = f"HTTP {answer.status}"
-                answer.release()
-            if attempt + 1 < backoff.attempts:
-                await asyncio.sleep(backoff.delay(attempt, retry_after))
-        raise CopernicaUnavailable(f"Copernica data: {last} after {backoff.attempts} tries")
 
 
 class Readiness(enum.Enum):

@@ -12,12 +12,14 @@ lets tests switch faults and read what happened (calls, deliveries, observed rat
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import dataclasses
 import hashlib
 import json
 import random
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -60,6 +62,7 @@ class SimulatorConfig:
     delivery_retry_delay: float = 0.2
     retry_after_seconds: int = 1
     first_id: int = 1000
+    jwt_lifetime: float = 24 * 3600.0
     seed: int = 7
 
 
@@ -106,6 +109,7 @@ class SimState:
         self._window: collections.deque[float] = collections.deque()
         self._next_id = config.first_id
         self.random = random.Random(config.seed)
+        self.jwts: dict[str, float] = {}  # issued v4 tokens and when they expire
 
     def reset(self) -> None:
         self.__init__(self.config)  # type: ignore[misc]
@@ -166,17 +170,26 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=status, headers=headers)
 
 
+def _authorized(request: web.Request, state: SimState) -> bool:
+    """v1-v3: `access_token` parameter; v4: a bearer JWT from POST /authenticate."""
+    if request.match_info.get("version") == "v4":
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        issued = state.jwts.get(given)
+        return issued is not None and time.monotonic() < issued
+    return request.query.get("access_token") == state.config.access_token
+
+
 @web.middleware
 async def _api_faults(request: web.Request, handler: Any) -> web.StreamResponse:
     """Auth, rate observation and injected faults for every API call (not /_sim/)."""
-    if request.path.startswith("/_sim/"):
+    if request.path.startswith("/_sim/") or request.path == "/authenticate":
         return await handler(request)
     state = request.app[SIM_STATE]
     state.count_call()
     faults = state.faults
     if faults.slow_seconds:
         await asyncio.sleep(faults.slow_seconds)
-    if request.query.get("access_token") != state.config.access_token:
+    if not _authorized(request, state):
         return _error(401, "Invalid access token")
     if faults.fail_next > 0:
         faults.fail_next -= 1
@@ -385,6 +398,20 @@ def _again(sim_request: SimRequest, app: web.Application, kind: str, chunks: Any
     return chunks
 
 
+async def authenticate(request: web.Request) -> web.Response:
+    """The v4 authentication server: form `access_token` in, a JWT string out."""
+    state = request.app[SIM_STATE]
+    form = await request.post()
+    if form.get("access_token") != state.config.access_token:
+        return _error(401, "Invalid access token")
+    header = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=").decode()
+    claims = json.dumps({"sub": "sim", "n": len(state.jwts), "exp": int(time.time() + 86400)})
+    body = base64.urlsafe_b64encode(claims.encode()).rstrip(b"=").decode()
+    jwt = f"{header}.{body}.{secrets.token_urlsafe(16)}"
+    state.jwts[jwt] = time.monotonic() + state.config.jwt_lifetime
+    return web.Response(text=jwt)
+
+
 # -- control API ------------------------------------------------------------------------------
 
 
@@ -447,6 +474,7 @@ def create_simulator_app(config: SimulatorConfig | None = None) -> web.Applicati
     app.router.add_get(version + "/datarequest/{id}/status", status)
     app.router.add_get(version + "/datarequest/{id}/data", data)
     app.router.add_get(version + "/datarequest/{id}", old_form)
+    app.router.add_post("/authenticate", authenticate)
     app.router.add_get("/_sim/state", sim_state)
     app.router.add_post("/_sim/faults", sim_faults)
     app.router.add_post("/_sim/reset", sim_reset)
