@@ -1,0 +1,150 @@
+"""The Copernica client against the simulator over HTTP: id forms, versions, errors, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from service.copernica import (
+    Backoff,
+    CopernicaClient,
+    CopernicaError,
+    CopernicaUnavailable,
+    RateLimiter,
+    Readiness,
+)
+from service.metrics import Metrics
+from service.payload import Subject
+from tests.conftest import ACCESS_TOKEN, Simulator, make_settings
+
+QUICK = Backoff(attempts=4, base=0.01, cap=0.05)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def client(
+    http: aiohttp.ClientSession, simulator: Simulator, version: str = "v2", **env: str
+) -> CopernicaClient:
+    settings = make_settings(
+        COPERNICA_API_URL=f"{simulator.url}/{version}",
+        COPERNICA_AUTH_URL=f"{simulator.url}/authenticate",
+        **env,
+    )
+    return CopernicaClient(http, settings, Metrics())
+
+
+@pytest.mark.parametrize("form", ["X-Created", "Location", "X-Location", "body"])
+async def test_created_id_is_read_from_every_answer_form(
+    http: aiohttp.ClientSession, simulator: Simulator, form: str
+) -> None:
+    simulator.state.config.create_id_header = form
+    copernica = client(http, simulator)
+
+    created = await copernica.create_datarequest(Subject("email", "a+b@example.com"), None)
+
+    assert created in simulator.state.requests
+    assert simulator.state.requests[created].subject_id == "a+b@example.com"
+
+
+@pytest.mark.parametrize("version", ["v2", "v3", "v4"])
+async def test_each_api_version_authenticates(
+    http: aiohttp.ClientSession, simulator: Simulator, version: str
+) -> None:
+    copernica = client(http, simulator, version)
+    created = await copernica.create_datarequest(Subject("profile", "12"), "https://x.test/cb")
+    assert await copernica.readiness(created) in (Readiness.PENDING, Readiness.READY)
+    assert simulator.state.requests[created].report == "https://x.test/cb"
+    assert (len(simulator.state.jwts) == 1) == (version == "v4")
+
+
+async def test_v4_jwt_is_refreshed_when_it_runs_out(
+    http: aiohttp.ClientSession, simulator: Simulator
+) -> None:
+    simulator.state.config.jwt_lifetime = 0.2
+    copernica = client(http, simulator, "v4")
+    await copernica.create_datarequest(Subject("profile", "1"), None)
+    time.sleep(0.3)
+
+    await copernica.create_datarequest(Subject("profile", "2"), None)
+
+    assert len(simulator.state.jwts) == 2
+
+
+async def test_wrong_token_is_a_final_error_that_hides_the_token(
+    http: aiohttp.ClientSession, simulator: Simulator
+) -> None:
+    simulator.state.config.access_token = "another-token"
+    copernica = client(http, simulator)
+    with pytest.raises(CopernicaError) as raised:
+        await copernica.create_datarequest(Subject("email", "a@b.cd"), None, backoff=QUICK)
+    assert raised.value.status == 401
+    assert ACCESS_TOKEN not in str(raised.value) and ACCESS_TOKEN not in repr(raised.value)
+    assert simulator.state.api_calls == 1  # not retried
+
+
+async def test_copernica_error_message_is_kept(
+    http: aiohttp.ClientSession, simulator: Simulator
+) -> None:
+    copernica = client(http, simulator)
+    with pytest.raises(CopernicaError, match="No subprofile with supplied ID"):
+        await copernica.create_datarequest(Subject("subprofile", "0"), None)
+
+
+async def test_429_and_5xx_are_retried_until_they_pass(
+    http: aiohttp.ClientSession, simulator: Simulator
+) -> None:
+    simulator.state.faults.fail_next = 3
+    copernica = client(http, simulator)
+    created = await copernica.create_datarequest(Subject("profile", "3"), None, backoff=QUICK)
+    assert created in simulator.state.requests
+    assert simulator.state.api_calls == 4
+
+
+async def test_retry_after_is_honoured(http: aiohttp.ClientSession, simulator: Simulator) -> None:
+    simulator.state.faults.status_429_rate = 1.0
+    simulator.state.config.retry_after_seconds = 1
+    copernica = client(http, simulator)
+    started = time.monotonic()
+    with pytest.raises(CopernicaUnavailable, match="HTTP 429 after 2 tries"):
+        await copernica.create_datarequest(
+            Subject("profile", "3"), None, backoff=Backoff(attempts=2, base=0.01, cap=5)
+        )
+    assert time.monotonic() - started >= 1.0
+
+
+async def test_unreachable_copernica_is_unavailable_without_the_token(
+    http: aiohttp.ClientSession,
+) -> None:
+    settings = make_settings(COPERNICA_API_URL="http://127.0.0.1:9/v2")
+    copernica = CopernicaClient(http, settings, Metrics())
+    with pytest.raises(CopernicaUnavailable) as raised:
+        await copernica.create_datarequest(Subject("profile", "1"), None, backoff=QUICK)
+    assert ACCESS_TOKEN not in str(raised.value)
+
+
+async def test_rate_limit_is_never_exceeded(
+    http: aiohttp.ClientSession, simulator: Simulator
+) -> None:
+    copernica = client(http, simulator, COPERNICA_MAX_RPS="10")
+    created = await copernica.create_datarequest(Subject("profile", "4"), None)
+    started = time.monotonic()
+    await asyncio.gather(*(copernica.readiness(created) for _ in range(25)))
+    elapsed = time.monotonic() - started
+    assert simulator.state.max_rps <= 10
+    assert elapsed >= 2.0  # 25 calls at 10/s with a burst of one
+
+
+async def test_token_bucket_paces_calls() -> None:
+    limiter = RateLimiter(50)
+    started = time.monotonic()
+    for _ in range(26):
+        await limiter.acquire()
+    assert 0.45 <= time.monotonic() - started < 1.5
