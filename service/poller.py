@@ -100,6 +100,8 @@ class Poller:
     async def tick(self) -> int:
         """Visit everything due now (bounded per tick); returns how many were visited."""
         due = await self._ledger.due(utcnow(), BATCH)
+        self._metrics.poll_ticks.inc()
+        self._metrics.poll_due.set(len(due))
         # Replicas list the same markers: shuffled, they mostly pick different ones first.
         random.shuffle(due)
         queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -236,6 +238,7 @@ class Poller:
             log.info("poll_record_changed", request_id=record.id)
             return
         await self._ledger.unschedule(record.id, old_when)
+        self._metrics.poll_visits.labels(result.outcome).inc()
         log.info(
             "poll",
             request_id=record.id,

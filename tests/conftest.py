@@ -366,3 +366,18 @@ def service_processes(
     yield start
     for proc in started:
         proc.stop()
+
+
+async def metric_counts(service: Service) -> dict[str, float]:
+    """S3 calls by operation ("s3:<op>") and poller ticks, from the service's /metrics."""
+    async with service.http.get(f"{service.url}/metrics") as answer:
+        text = await answer.text()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("receiver_s3_request_duration_seconds_count{"):
+            operation = name.split('operation="', 1)[1].split('"', 1)[0]
+            counts[f"s3:{operation}"] = counts.get(f"s3:{operation}", 0) + float(value)
+        elif name == "receiver_poll_ticks_total":
+            counts[name] = float(value)
+    return counts

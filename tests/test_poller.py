@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Bucket, Service, ServiceFactory, Simulator, sha256
+from service.app import POLLER
+from tests.conftest import Bucket, Service, ServiceFactory, Simulator, metric_counts, sha256
 from tests.test_api import wait_for_status
 from tests.test_callbacks import archive_key
 
@@ -152,3 +153,22 @@ async def test_copernica_429_and_503_are_backed_off_and_the_rate_limit_holds(
 
     assert sorted(await store.keys("archive/")) == sorted(archive_key(i["id"]) for i in created)
     assert simulator.state.max_rps <= 20
+
+
+async def test_an_idle_tick_costs_one_listing_however_many_are_pending(
+    make_service: ServiceFactory, simulator: Simulator
+) -> None:
+    simulator.state.config.ready_after = 3600
+    service = await make_service(POLL_INTERVAL_SECONDS="600")  # nothing due for 10 minutes
+    for n in range(60):
+        await file(service, {"profile": n + 1})
+    poller = service.app[POLLER]
+    before = await metric_counts(service)
+
+    visited = [await poller.tick() for _ in range(5)]
+
+    after = await metric_counts(service)
+    spent = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    ticks = spent.pop("receiver_poll_ticks_total")
+    assert visited == [0] * 5 and ticks >= 5  # the background loop may tick too
+    assert spent == {"s3:list_objects_v2": ticks}
