@@ -1,4 +1,4 @@
-"""Command line: `serve` (default), `request`, `status`, `list`, `simulate`. Nothing else."""
+"""Command line: `serve` (default), `request`, `status`, `list`, `events`, `simulate`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 
 from .config import CLIENT_REQUIRES, SERVE_REQUIRES, ConfigError, Settings
+from .events import KINDS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +38,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--limit", type=int, default=100)
     listing.add_argument("--cursor", default="")
+
+    events = commands.add_parser(
+        "events",
+        help="export events of any range as JSON Lines, split into month windows",
+        description="Fetch events from Copernica directly (COPERNICA_ACCESS_TOKEN). --tags "
+        "alone selects the tags endpoint; with another source it filters by tags.",
+    )
+    whose = events.add_mutually_exclusive_group()
+    for kind in KINDS:
+        if kind != "tags":
+            whose.add_argument(f"--{kind.replace('/', '-')}", dest=kind, metavar="ID")
+    events.add_argument("--tags", help='semicolon-separated tags, e.g. "news;2026"')
+    events.add_argument("--since", required=True, help="first day, YYYY-MM-DD (UTC)")
+    events.add_argument("--until", help="day after the last, YYYY-MM-DD (default: tomorrow)")
+    events.add_argument(
+        "--out", default="-", help="FILE (resumable), - for stdout (default), or s3"
+    )
 
     simulate = commands.add_parser("simulate", help="run the Copernica simulator")
     simulate.add_argument("--host", default="127.0.0.1")
@@ -126,6 +144,58 @@ def _client(args: argparse.Namespace) -> int:
     return 1
 
 
+def _events(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from .archive import ArchiveUnavailable
+    from .copernica import CopernicaError, CopernicaUnavailable
+    from .event_archive import export
+    from .events import EventsInputError, Source, parse_day, plan
+
+    chosen = [
+        (kind, getattr(args, kind))
+        for kind in KINDS
+        if kind != "tags" and getattr(args, kind) is not None
+    ]
+    try:
+        if chosen:
+            source, tags = Source(*chosen[0]), args.tags
+        elif args.tags:
+            source, tags = Source("tags", args.tags), None
+        else:
+            raise EventsInputError("say whose events: --email, --profile, ... or --tags")
+        since = parse_day(args.since, "--since")
+        until = (
+            parse_day(args.until, "--until")
+            if args.until
+            else datetime.now(UTC).date() + timedelta(days=1)
+        )
+        windows = plan(since, until)
+        require = ("COPERNICA_ACCESS_TOKEN",) + (("ARCHIVE_BUCKET",) if args.out == "s3" else ())
+        settings = Settings.from_env(require=require)
+        progress = asyncio.run(
+            export(
+                settings,
+                source,
+                windows,
+                args.out,
+                tags=tags,
+                progress_stream=sys.stderr if sys.stderr.isatty() else None,
+            )
+        )
+    except (EventsInputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (CopernicaError, CopernicaUnavailable, ArchiveUnavailable) as exc:
+        print(f"error: {exc} (run the same command again to resume)", file=sys.stderr)
+        return 1
+    print(
+        f"{progress.events} events in {progress.windows} windows ({progress.skipped} already done)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -142,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                 payload_size=args.payload_size,
             )
             return 0
+        if args.command == "events":
+            return _events(args)
         return _client(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

@@ -69,8 +69,6 @@ class OperatorApi:
             record = await self._filing.file(new, key)
         except InvalidRequest as exc:
             return _error(400, str(exc))
-        except NotImplementedError as exc:
-            return _error(501, str(exc))
         except IdempotencyConflict:
             return _error(422, "Idempotency-Key was used before with a different request")
         except ArchiveUnavailable:
@@ -92,8 +90,8 @@ class OperatorApi:
 
     async def _reconcile(self, record: RequestRecord) -> RequestRecord:
         """The callback path writes only the archive object: fold it into the record on read."""
-        if record.status == "archived":
-            return record
+        if record.status == "archived" or not record.events_complete:
+            return record  # with events asked for, the poller decides when all is stored
         key = self._store.keys.archive(record.id)
         head = await self._store.head(key)
         if head is None:

@@ -57,7 +57,17 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         app[CALLBACKS] = CallbackView(CallbackReceiver(intake, ledger), settings, metrics, key)
         filing = Filing(store, ledger, copernica, settings, metrics, key)
         app[OPERATOR] = OperatorApi(filing, ledger, store)
-        app[POLLER] = Poller(store, ledger, copernica, intake, filing, settings, metrics, key)
+        # Events live in API v1 only; the same rate limit covers both clients.
+        events = CopernicaClient(
+            http,
+            settings,
+            metrics,
+            limiter=copernica.limiter,
+            base_url=settings.copernica_events_url,
+        )
+        app[POLLER] = Poller(
+            store, ledger, copernica, events, intake, filing, settings, metrics, key
+        )
         yield
         await store.close()
 

@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -27,6 +28,7 @@ import structlog
 from yarl import URL
 
 from .config import Secret, Settings
+from .events import Source, Window, normalised
 from .metrics import Metrics
 from .payload import Subject
 
@@ -308,6 +310,22 @@ class CopernicaClient:
         if created is None:
             raise CopernicaError(_status, "create answered without an id")
         return created
+
+    async def events(
+        self, source: Source, window: Window, tags: str | None = None
+    ) -> list[dict[str, Any]]:
+        """One window of events (v1 `GET .../events`), normalised to {event, time, data}."""
+        params = {"start": window.start.isoformat(), "end": window.end.isoformat()}
+        if tags:
+            params["tags"] = tags
+        _status, _headers, body = await self.call(
+            "GET", source.path, endpoint="events", params=params
+        )
+        try:
+            return list(normalised(json.loads(body)))
+        except ValueError:
+            # A 200 with garbage (a proxy's error page, a cut answer): try again later.
+            raise CopernicaUnavailable("Copernica events: answer is not a JSON array") from None
 
     async def readiness(self, copernica_id: str) -> Readiness:
         """Ask whether the data is ready, through whichever form the deployment answers."""

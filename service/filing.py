@@ -23,6 +23,8 @@ from .archive import ArchiveStore, NotFound, PreconditionFailed, isoformat, utcn
 from .callbacks import callback_url
 from .config import Settings
 from .copernica import Backoff, CopernicaClient, CopernicaError, CopernicaUnavailable
+from .event_archive import lookback, request_windows
+from .events import EventsInputError, parse_day, plan
 from .ledger import REPLICA, Ledger, RequestRecord, stamp
 from .logs import subject_hash
 from .metrics import Metrics
@@ -50,6 +52,7 @@ class IdempotencyConflict(Exception):
 class NewRequest:
     subject: Subject
     fingerprint: str
+    events: dict[str, str] | None = None  # {"since", "until"} asked for with the request
 
 
 def parse_new_request(body: Any) -> NewRequest:
@@ -62,9 +65,7 @@ def parse_new_request(body: Any) -> NewRequest:
     unknown = set(body) - {"email", "profile", "subprofile", "events"}
     if unknown:
         raise InvalidRequest(f"unknown member(s): {', '.join(sorted(unknown))}")
-    if "events" in body:
-        # Events archiving is its own capability (not built yet): refuse rather than ignore.
-        raise NotImplementedError("archiving events with a data request is not available yet")
+    events = _events_range(body["events"]) if "events" in body else None
     kind = kinds[0]
     value = body[kind]
     if kind == "email":
@@ -78,8 +79,27 @@ def parse_new_request(body: Any) -> NewRequest:
         ):
             raise InvalidRequest(f"'{kind}' must be a positive integer id")
         subject_id = str(int(value))
-    fingerprint = hashlib.sha256(f"{kind}:{subject_id.casefold()}".encode()).hexdigest()
-    return NewRequest(Subject(kind, subject_id), fingerprint)
+    identity = f"{kind}:{subject_id.casefold()}:{json.dumps(events, sort_keys=True)}"
+    fingerprint = hashlib.sha256(identity.encode()).hexdigest()
+    return NewRequest(Subject(kind, subject_id), fingerprint, events)
+
+
+def _events_range(value: Any) -> dict[str, str]:
+    """`{"since": "YYYY-MM-DD", "until": "YYYY-MM-DD"}`; `until` (exclusive) defaults to
+    tomorrow, so today's events are included."""
+    if not isinstance(value, dict) or "since" not in value or set(value) - {"since", "until"}:
+        raise InvalidRequest('\'events\' must be {"since": "YYYY-MM-DD"[, "until": ...]}')
+    try:
+        since = parse_day(value["since"], "events.since")
+        until = (
+            parse_day(value["until"], "events.until")
+            if value.get("until")
+            else utcnow().date() + timedelta(days=1)
+        )
+        plan(since, until)
+    except EventsInputError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return {"since": since.isoformat(), "until": until.isoformat()}
 
 
 class Filing:
@@ -120,6 +140,7 @@ class Filing:
             report=self._settings.public_base_url is not None,
             idempotency_key=_key_hash(self._hash_key, idempotency_key) if idempotency_key else None,
             next_poll_at=stamp(utcnow() + timedelta(seconds=self._settings.poll_interval_seconds)),
+            events=self._events_of(new),
         )
         # The poll marker goes first: a crash after it leaves a marker without a record (the
         # poller drops it), never a record the poller does not know about.
@@ -133,6 +154,21 @@ class Filing:
         record.lease = None
         await self._ledger.save(record, etag)
         return record
+
+    def _events_of(self, new: NewRequest) -> dict[str, Any] | None:
+        """What events to archive with the data: asked for, or EVENTS_LOOKBACK_DAYS."""
+        asked = new.events
+        if asked is None and self._settings.events_lookback_days > 0:
+            asked = lookback(utcnow().date(), self._settings.events_lookback_days)
+        if asked is None:
+            return None
+        return {
+            **asked,
+            "windows": len(request_windows(asked)),
+            "stored": 0,
+            "events": 0,
+            "complete": False,
+        }
 
     async def call_copernica(self, record: RequestRecord) -> None:
         """Ask Copernica for the data; the record says how it went (pending, failed, or not)."""

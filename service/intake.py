@@ -230,7 +230,8 @@ class Intake:
             if record.archive is not None:
                 return False
             record.archive = info
-            record.status = "archived"
+            if record.events_complete:  # else the poller finishes the events first
+                record.status = "archived"
             return True
 
         try:

@@ -60,6 +60,11 @@ class RequestRecord:
     def subject(self) -> Subject:
         return Subject(self.subject_type, self.subject_id)
 
+    @property
+    def events_complete(self) -> bool:
+        """No events were asked for, or all their windows are stored."""
+        return self.events is None or bool(self.events.get("complete"))
+
     def take_lease(self, owner: str, seconds: float) -> None:
         self.lease = {"owner": owner, "until": isoformat(utcnow() + timedelta(seconds=seconds))}
 

@@ -51,14 +51,20 @@ class Metrics:
             registry=r,
         )
         self.poll_ticks = Counter(
-            "receiver_poll_ticks_total", "Poller ticks (one schedule listing each).", registry=r,
+            "receiver_poll_ticks_total",
+            "Poller ticks (one schedule listing each).",
+            registry=r,
         )
         self.poll_visits = Counter(
-            "receiver_poll_visits_total", "Requests visited by the poller, by outcome.",
-            ["outcome"], registry=r,
+            "receiver_poll_visits_total",
+            "Requests visited by the poller, by outcome.",
+            ["outcome"],
+            registry=r,
         )
         self.poll_due = Gauge(
-            "receiver_poll_due", "Requests found due at the last tick.", registry=r,
+            "receiver_poll_due",
+            "Requests found due at the last tick.",
+            registry=r,
         )
         self.draining = Gauge(
             "receiver_draining",

@@ -27,6 +27,8 @@ import structlog
 from .archive import ArchiveStore, ArchiveUnavailable, PreconditionFailed, parse_isoformat, utcnow
 from .config import Settings
 from .copernica import CopernicaClient, CopernicaError, CopernicaUnavailable, DataGone, Readiness
+from .event_archive import S3Sink, fetch_events, request_windows
+from .events import Source
 from .filing import Filing, archive_from_head
 from .intake import Intake, Outcome
 from .ledger import FINAL_STATUSES, REPLICA, Ledger, RecordConflict, RequestRecord, stamp
@@ -55,6 +57,7 @@ class Poller:
         store: ArchiveStore,
         ledger: Ledger,
         copernica: CopernicaClient,
+        events: CopernicaClient,
         intake: Intake,
         filing: Filing,
         settings: Settings,
@@ -64,6 +67,7 @@ class Poller:
         self._store = store
         self._ledger = ledger
         self._copernica = copernica
+        self._events = events
         self._intake = intake
         self._filing = filing
         self._settings = settings
@@ -145,14 +149,18 @@ class Poller:
             return await self._resubmit(record)
         key = self._store.keys.archive(record.id)
         head = await self._store.head(key)
-        if head is not None:
-            record.status = "archived"
-            record.archive = record.archive or archive_from_head(head, self._store.bucket, key)
-            return Visit("archived", None)
-        if utcnow() - parse_isoformat(record.created_at) > self._expiry:
+        if head is None and utcnow() - parse_isoformat(record.created_at) > self._expiry:
             record.status, record.last_error = "expired", "no data before REQUEST_EXPIRY_HOURS"
             return Visit("expired", None)
         try:
+            # An access request is answered completely or not at all: events first (they
+            # are small), and `archived` only once both the data and the events are stored.
+            if not record.events_complete:
+                await self._archive_events(record)
+            if head is not None:
+                record.status, record.last_error = "archived", None
+                record.archive = record.archive or archive_from_head(head, self._store.bucket, key)
+                return Visit("archived", None)
             return await self._fetch(record)
         except DataGone as exc:
             record.status, record.last_error = "failed", f"Copernica: data gone ({exc})"
@@ -166,6 +174,18 @@ class Poller:
                 return self._later(record, "copernica_refused", failed=True)
             record.status = "failed"
             return Visit("copernica_refused", None)
+
+    async def _archive_events(self, record: RequestRecord) -> None:
+        """Every window of the record's events range into `events/{id}/{window}.jsonl`."""
+        assert record.events is not None
+        source = Source(record.subject_type, record.subject_id)
+        sink = S3Sink(self._store, lambda w: self._store.keys.events(record.id, w.name))
+        progress = await fetch_events(self._events, source, request_windows(record.events), sink)
+        record.events.update(
+            stored=record.events["windows"],
+            complete=True,
+            events=record.events.get("events", 0) + progress.events,
+        )
 
     async def _fetch(self, record: RequestRecord) -> Visit:
         assert record.copernica_id is not None

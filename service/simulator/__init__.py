@@ -9,7 +9,7 @@ from .app import (
     create_simulator_app,
     run_simulator,
 )
-from .payloads import PayloadSpec, payload_bytes, payload_chunks, payload_digest
+from .payloads import PayloadSpec, make_events, payload_bytes, payload_chunks, payload_digest
 
 __all__ = [
     "SIM_STATE",
@@ -19,6 +19,7 @@ __all__ = [
     "SimState",
     "SimulatorConfig",
     "create_simulator_app",
+    "make_events",
     "payload_bytes",
     "payload_chunks",
     "payload_digest",

@@ -23,11 +23,13 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from ..events import add_months
 from .payloads import PayloadSpec, payload_bytes, payload_chunks
 
 NOT_AVAILABLE = "Data not available (yet)"
@@ -63,6 +65,7 @@ class SimulatorConfig:
     retry_after_seconds: int = 1
     first_id: int = 1000
     jwt_lifetime: float = 24 * 3600.0
+    events_shape: str = "nested"  # or "flat": {"type": ..., **data}
     seed: int = 7
 
 
@@ -110,6 +113,8 @@ class SimState:
         self._next_id = config.first_id
         self.random = random.Random(config.seed)
         self.jwts: dict[str, float] = {}  # issued v4 tokens and when they expire
+        self.events: list[dict[str, Any]] = []  # {"event", "data": {id, time, email, ...}}
+        self.events_calls: list[tuple[str, str, date, date]] = []
 
     def reset(self) -> None:
         self.__init__(self.config)  # type: ignore[misc]
@@ -412,6 +417,63 @@ async def authenticate(request: web.Request) -> web.Response:
     return web.Response(text=jwt)
 
 
+# -- events (REST API v1, GET events) -----------------------------------------------------------
+# The seed's window rules, implemented on their own here (not through the service's planner):
+# start only -> one month from start; end only -> the month before end; both more than a
+# month apart -> one month from start, end ignored; neither -> the last month.
+SIM_WINDOW_MONTHS = 1
+
+
+def _events_window(start: str | None, end: str | None) -> tuple[date, date]:
+    begin = date.fromisoformat(start) if start else None
+    stop = date.fromisoformat(end) if end else None
+    if begin and stop:
+        limit = add_months(begin, SIM_WINDOW_MONTHS)
+        return begin, stop if stop <= limit else limit
+    if begin:
+        return begin, add_months(begin, SIM_WINDOW_MONTHS)
+    if stop:
+        return add_months(stop, -SIM_WINDOW_MONTHS), stop
+    today = datetime.now(UTC).date()
+    return add_months(today, -SIM_WINDOW_MONTHS), today + timedelta(days=1)
+
+
+def _matches(event: dict[str, Any], kind: str, ident: str, tags: list[str]) -> bool:
+    data = event["data"]
+    if kind == "tags":
+        wanted = [t for t in ident.split(";") if t]
+        if not set(wanted) <= set(data.get("tags", [])):
+            return False
+    elif kind == "email":
+        if str(data.get("email", "")).casefold() != ident.casefold():
+            return False
+    elif str(data.get(kind.removeprefix("old/"), "")) != ident:
+        return False
+    return set(tags) <= set(data.get("tags", []))
+
+
+async def events(request: web.Request) -> web.Response:
+    state = request.app[SIM_STATE]
+    kind = request.match_info["kind"]
+    if request.match_info.get("old"):
+        kind = "old/" + kind
+    try:
+        begin, stop = _events_window(request.query.get("start"), request.query.get("end"))
+    except ValueError:
+        return _error(400, "Invalid date")
+    tags = [t for t in request.query.get("tags", "").split(";") if t]
+    state.events_calls.append((kind, request.match_info["id"], begin, stop))
+    found = [
+        e
+        for e in state.events
+        if begin <= date.fromisoformat(e["data"]["time"][:10]) < stop
+        and _matches(e, kind, request.match_info["id"], tags)
+    ]
+    if state.config.events_shape == "flat":
+        return web.json_response([{"type": e["event"], **e["data"]} for e in found])
+    return web.json_response(found)
+
+
 # -- control API ------------------------------------------------------------------------------
 
 
@@ -474,6 +536,9 @@ def create_simulator_app(config: SimulatorConfig | None = None) -> web.Applicati
     app.router.add_get(version + "/datarequest/{id}/status", status)
     app.router.add_get(version + "/datarequest/{id}/data", data)
     app.router.add_get(version + "/datarequest/{id}", old_form)
+    kinds = "{kind:message|email|tags|profile|subprofile|template}"
+    app.router.add_get(version + "/" + kinds + "/{id}/events", events)
+    app.router.add_get(version + "/{old:old}/{kind:message|template|document}/{id}/events", events)
     app.router.add_post("/authenticate", authenticate)
     app.router.add_get("/_sim/state", sim_state)
     app.router.add_post("/_sim/faults", sim_faults)

@@ -14,6 +14,8 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
 
 CHUNK = 64 * 1024
 
@@ -151,3 +153,40 @@ def payload_digest(spec: PayloadSpec) -> tuple[int, str]:
         digest.update(chunk)
         size += len(chunk)
     return size, digest.hexdigest()
+
+
+EVENT_TYPES = (
+    "attempt",
+    "delivery",
+    "open",
+    "click",
+    "error",
+    "retry",
+    "abuse",
+    "unsubscribe",
+    "bounce-later",
+)  # the last is not in the docs: kept, not dropped
+
+
+def make_events(
+    since: date, until: date, per_day: int, first_id: int = 1, **fields: Any
+) -> list[dict[str, Any]]:
+    """Events on every day of `[since, until)`, `per_day` each, at spread times including
+    00:00:00 and 23:59:59 (the edges of every window), with `fields` (email, profile, tags,
+    template, message, ...) in their data."""
+    rng = random.Random(f"{since}:{until}:{per_day}:{sorted(fields.items())}")
+    found: list[dict[str, Any]] = []
+    day = since
+    n = first_id
+    while day < until:
+        for k in range(per_day):
+            seconds = 0 if k == 0 else 86399 if k == per_day - 1 else rng.randint(1, 86398)
+            moment = datetime.combine(day, datetime.min.time()) + timedelta(seconds=seconds)
+            kind = EVENT_TYPES[n % len(EVENT_TYPES)]
+            data: dict[str, Any] = {"id": n, "time": moment.strftime("%Y-%m-%d %H:%M:%S"), **fields}
+            if kind in ("open", "click"):
+                data.update(ip="192.0.2.10", country="NL", city="Amsterdam")
+            found.append({"event": kind, "data": data})
+            n += 1
+        day += timedelta(days=1)
+    return found
