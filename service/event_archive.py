@@ -128,9 +128,11 @@ async def fetch_events(
     *,
     tags: str | None = None,
     report: Callable[[int, int, Window, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Progress:
-    """Fetch every window not yet done into the sink, in order."""
-    progress = Progress()
+    """Fetch every window not yet done into the sink, in order; `progress` (if given) shows
+    how far it got even when a fetch fails."""
+    progress = progress or Progress()
     for index, window in enumerate(windows, 1):
         if await sink.done(window):
             progress.skipped += 1

@@ -27,7 +27,7 @@ import structlog
 from .archive import ArchiveStore, ArchiveUnavailable, PreconditionFailed, parse_isoformat, utcnow
 from .config import Settings
 from .copernica import CopernicaClient, CopernicaError, CopernicaUnavailable, DataGone, Readiness
-from .event_archive import S3Sink, fetch_events, request_windows
+from .event_archive import Progress, S3Sink, fetch_events, request_windows
 from .events import Source
 from .filing import Filing, archive_from_head
 from .intake import Intake, Outcome
@@ -180,12 +180,17 @@ class Poller:
         assert record.events is not None
         source = Source(record.subject_type, record.subject_id)
         sink = S3Sink(self._store, lambda w: self._store.keys.events(record.id, w.name))
-        progress = await fetch_events(self._events, source, request_windows(record.events), sink)
-        record.events.update(
-            stored=record.events["windows"],
-            complete=True,
-            events=record.events.get("events", 0) + progress.events,
-        )
+        progress = Progress()
+        try:
+            await fetch_events(
+                self._events, source, request_windows(record.events), sink, progress=progress
+            )
+        finally:
+            # Partial progress shows in the record too; stored windows are never refetched.
+            events = record.events
+            events["stored"] = progress.skipped + progress.windows
+            events["events"] = events.get("events", 0) + progress.events
+            events["complete"] = events["stored"] == events["windows"]
 
     async def _fetch(self, record: RequestRecord) -> Visit:
         assert record.copernica_id is not None

@@ -132,12 +132,6 @@ async def test_body_that_is_not_json_is_400(service: Service, store: Bucket) -> 
     assert await store.keys() == []
 
 
-async def test_events_option_is_refused_until_built(service: Service, store: Bucket) -> None:
-    async with await service.file({"email": "a@b.cd", "events": {"since": "2026-01-01"}}) as answer:
-        assert answer.status == 501
-    assert await store.keys() == []
-
-
 async def test_idempotency_key_files_once(service: Service, simulator: Simulator) -> None:
     simulator.state.faults.lose_callback = True
     headers = {"Idempotency-Key": "ticket-4711"}

@@ -160,3 +160,28 @@ async def test_control_api_switches_faults(simulator: Simulator) -> None:
         async with http.get(f"{simulator.url}/_sim/state") as answer:
             state = await answer.json()
     assert state["api_calls"] == 2 and len(state["requests"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("query", "first", "last"),
+    [
+        ({"start": "2025-01-10", "end": "2025-01-20"}, "2025-01-10", "2025-01-19"),
+        ({"start": "2025-01-10", "end": "2025-03-01"}, "2025-01-10", "2025-02-09"),  # end ignored
+        ({"start": "2025-01-31"}, "2025-01-31", "2025-02-27"),
+        ({"end": "2025-03-01"}, "2025-02-01", "2025-02-28"),
+    ],
+)
+async def test_events_follow_the_seeds_window_rules(
+    simulator: Simulator, query: dict[str, str], first: str, last: str
+) -> None:
+    from datetime import date
+
+    from service.simulator import make_events
+
+    simulator.state.events = make_events(date(2024, 12, 1), date(2025, 4, 1), per_day=1, profile=5)
+    async with aiohttp.ClientSession() as http:
+        status, _, body = await api(http, simulator, "GET", "profile/5/events", **query)
+    assert status == 200
+    found = [e["data"]["time"][:10] for e in json.loads(body)]
+    assert (found[0], found[-1]) == (first, last)
+    assert len(found) == len(set(found))
