@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -16,6 +17,7 @@ from .config import Secret
 from .filing import (
     Filing,
     IdempotencyConflict,
+    IdempotencyInProgress,
     InvalidRequest,
     archive_from_head,
     describe,
@@ -71,6 +73,12 @@ class OperatorApi:
             return _error(400, str(exc))
         except IdempotencyConflict:
             return _error(422, "Idempotency-Key was used before with a different request")
+        except IdempotencyInProgress:
+            return web.json_response(
+                {"error": "a request with this Idempotency-Key is being filed; retry"},
+                status=409,
+                headers={"Retry-After": "2"},
+            )
         except ArchiveUnavailable:
             return _unavailable()
         return web.json_response(describe(record), status=202)
@@ -147,6 +155,7 @@ class Health:
     """Liveness, readiness (S3 reachable, not draining) and the Prometheus endpoint."""
 
     _READY_CACHE_SECONDS = 1.0
+    _READY_TIMEOUT_SECONDS = 2.0
 
     def __init__(self, store: ArchiveStore, metrics: Metrics) -> None:
         self._store = store
@@ -163,8 +172,13 @@ class Health:
             return web.json_response({"status": "draining"}, status=503)
         now = time.monotonic()
         if now - self._checked_at > self._READY_CACHE_SECONDS:
-            self._reachable = await self._store.reachable()
-            self._checked_at = now
+            # A probe must answer quickly; an S3 that does not answer in time is not reachable.
+            try:
+                async with asyncio.timeout(self._READY_TIMEOUT_SECONDS):
+                    self._reachable = await self._store.reachable()
+            except TimeoutError:
+                self._reachable = False
+            self._checked_at = time.monotonic()
         if not self._reachable:
             return web.json_response({"status": "s3 unreachable"}, status=503)
         return web.json_response({"status": "ready"})

@@ -48,6 +48,10 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
 
 
+class IdempotencyInProgress(Exception):
+    """A request with this Idempotency-Key is being filed right now; retry shortly."""
+
+
 @dataclass(frozen=True)
 class NewRequest:
     subject: Subject
@@ -129,10 +133,19 @@ class Filing:
     async def file(self, new: NewRequest, idempotency_key: str | None) -> RequestRecord:
         request_id = str(ULID())
         if idempotency_key is not None:
-            request_id = await self._claim_key(idempotency_key, new, request_id)
-            found = await self._ledger.get(request_id)
-            if found is not None:
-                return found[0]
+            first_id = await self._claim_key(idempotency_key, new, request_id)
+            if first_id != request_id:
+                found = await self._ledger.get(first_id)
+                if found is not None:
+                    return found[0]
+                # The first filer has claimed the key but not yet written its record: it is
+                # still at work, or it died in between (then, after its lease would have run
+                # out, this request takes over its id).
+                if utcnow() - ULID.from_str(first_id).datetime < timedelta(
+                    seconds=self._filing_budget
+                ):
+                    raise IdempotencyInProgress(idempotency_key)
+                request_id = first_id
         record = RequestRecord(
             id=request_id,
             subject_type=new.subject.type,
@@ -149,7 +162,14 @@ class Filing:
         # While we file, the poller keeps off (our lease); if we crash, the lease runs out and
         # the poller finds a `submitting` record to file again.
         record.take_lease(FILING_OWNER, self._filing_budget)
-        etag = await self._ledger.create(record)
+        try:
+            etag = await self._ledger.create(record)
+        except PreconditionFailed:
+            # Two retries of a dead filer's key took over at once: the other one files it.
+            found = await self._ledger.get(request_id)
+            if found is None:
+                raise
+            return found[0]
         await self.call_copernica(record)
         record.lease = None
         await self._ledger.save(record, etag)

@@ -22,6 +22,7 @@ import random
 from dataclasses import dataclass
 from datetime import timedelta
 
+import aiohttp
 import structlog
 
 from .archive import ArchiveStore, ArchiveUnavailable, PreconditionFailed, parse_isoformat, utcnow
@@ -122,6 +123,9 @@ class Poller:
                     await self.visit(request_id, when)
                 except (ArchiveUnavailable, RecordConflict) as exc:
                     log.warning("poll_visit_failed", request_id=request_id, error=str(exc))
+                except Exception:
+                    # The lease runs out and the request is visited again later.
+                    log.exception("poll_visit_crashed", request_id=request_id)
 
         await asyncio.gather(*(worker() for _ in range(min(WORKERS, len(due)) or 1)))
         return len(due)
@@ -145,7 +149,7 @@ class Poller:
         await self._finish(record, etag, when, result)
 
     async def _work(self, record: RequestRecord) -> Visit:
-        if record.status == "submitting":
+        if record.status == "submitting" or record.copernica_id is None:
             return await self._resubmit(record)
         key = self._store.keys.archive(record.id)
         head = await self._store.head(key)
@@ -202,8 +206,14 @@ class Poller:
         async with self._copernica.open_data(record.copernica_id) as answer:
             if answer is None:
                 return self._later(record, "not_ready")
-            first = await answer.content.readany()
-            receipt = await self._intake.take(record, first, answer.content, "poll")
+            try:
+                first = await answer.content.readany()
+                receipt = await self._intake.take(record, first, answer.content, "poll")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Copernica's answer broke off mid-stream: nothing was archived; retry later.
+                raise CopernicaUnavailable(
+                    f"data download broke off: {type(exc).__name__}"
+                ) from None
         if receipt.outcome is Outcome.ARCHIVED:
             self._metrics.archived_bytes.labels("poll").inc(receipt.size)
         if receipt.outcome in (Outcome.ARCHIVED, Outcome.DUPLICATE):

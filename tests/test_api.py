@@ -236,3 +236,21 @@ async def test_readyz_is_503_when_s3_is_unreachable(make_service: ServiceFactory
         assert answer.status == 503
     async with service.http.get(f"{service.url}/healthz") as answer:
         assert answer.status == 200
+
+
+async def test_concurrent_retries_with_one_idempotency_key_file_once(
+    service: Service, simulator: Simulator
+) -> None:
+    simulator.state.faults.lose_callback = True
+    simulator.state.faults.slow_seconds = 0.2  # the first filing is still at work
+
+    async def attempt() -> tuple[int, dict[str, Any]]:
+        async with await service.file({"email": "ola@example.com"},
+                                      headers={"Idempotency-Key": "race-1"}) as answer:
+            return answer.status, await answer.json()
+
+    answers = await asyncio.gather(*(attempt() for _ in range(6)))
+
+    assert {status for status, _ in answers} <= {202, 409}
+    assert len({body["id"] for status, body in answers if status == 202}) == 1
+    assert len(simulator.state.requests) == 1
