@@ -245,8 +245,9 @@ async def test_concurrent_retries_with_one_idempotency_key_file_once(
     simulator.state.faults.slow_seconds = 0.2  # the first filing is still at work
 
     async def attempt() -> tuple[int, dict[str, Any]]:
-        async with await service.file({"email": "ola@example.com"},
-                                      headers={"Idempotency-Key": "race-1"}) as answer:
+        async with await service.file(
+            {"email": "ola@example.com"}, headers={"Idempotency-Key": "race-1"}
+        ) as answer:
             return answer.status, await answer.json()
 
     answers = await asyncio.gather(*(attempt() for _ in range(6)))
