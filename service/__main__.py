@@ -70,21 +70,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve() -> int:
-    from aiohttp import web
-
-    from .app import create_app
+    from .app import serve
     from .logs import configure_logging
 
     settings = Settings.from_env(require=SERVE_REQUIRES)
     configure_logging(settings)
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=settings.shutdown_grace_seconds,
-        access_log=None,  # each route logs its own canonical line
-        print=None,
-    )
+    asyncio.run(serve(settings))
     return 0
 
 

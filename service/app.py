@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
+import structlog
 from aiohttp import web
 
 from .api import Health, OperatorApi, bearer_middleware
@@ -21,6 +24,38 @@ from .ledger import Ledger
 from .metrics import Metrics
 from .poller import Poller
 
+log = structlog.get_logger(__name__)
+
+
+class InFlight:
+    """Counts requests being handled, so shutdown can wait for them before closing
+    connections (aiohttp's own shutdown stops reading request bodies at once, which would
+    cut an upload in progress)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.count += 1
+        self._idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+
+    async def wait_idle(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 HEALTH = web.AppKey("health", Health)
@@ -29,6 +64,7 @@ LEDGER = web.AppKey("ledger", Ledger)
 COPERNICA = web.AppKey("copernica", CopernicaClient)
 CALLBACKS = web.AppKey("callbacks", CallbackView)
 OPERATOR = web.AppKey("operator", OperatorApi)
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
 POLLER = web.AppKey("poller", Poller)
 
 # Operator requests are small JSON documents; callbacks stream and are bounded separately.
@@ -124,10 +160,13 @@ async def _metrics(request: web.Request) -> web.StreamResponse:
 
 def create_app(settings: Settings) -> web.Application:
     assert settings.api_token is not None, "API_TOKEN is required"
+    in_flight = InFlight()
     app = web.Application(
-        client_max_size=OPERATOR_MAX_BODY, middlewares=[bearer_middleware(settings.api_token)]
+        client_max_size=OPERATOR_MAX_BODY,
+        middlewares=[in_flight.middleware, bearer_middleware(settings.api_token)],
     )
     app[SETTINGS] = settings
+    app[IN_FLIGHT] = in_flight
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_clients)
     app.cleanup_ctx.append(_polling)
@@ -140,3 +179,45 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     return app
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then shut down without losing an in-flight callback.
+
+    1. `/readyz` answers 503 at once and the poller takes no new item (its current visit
+       finishes and releases its lease); requests are still served, so a load balancer that
+       has not yet noticed loses nothing;
+    2. after `SHUTDOWN_DRAIN_SECONDS` the listener closes;
+    3. in-flight requests get up to `SHUTDOWN_GRACE_SECONDS` to finish (an upload completes
+       or is aborted), then clients close and the process exits 0.
+    """
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_grace_seconds,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    log.info("serving", host=settings.host, port=settings.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        log.info(
+            "draining",
+            drain_s=settings.shutdown_drain_seconds,
+            grace_s=settings.shutdown_grace_seconds,
+        )
+        await _drain(app)
+        await asyncio.sleep(settings.shutdown_drain_seconds)
+        await site.stop()  # no new connections; open ones keep streaming their bodies
+        if not await app[IN_FLIGHT].wait_idle(settings.shutdown_grace_seconds):
+            log.warning("grace_period_over", in_flight=app[IN_FLIGHT].count)
+    finally:
+        await runner.cleanup()
+        log.info("stopped")

@@ -63,13 +63,14 @@ def _int(name: str, value: str, minimum: int = 0) -> int:
     return number
 
 
-def _float(name: str, value: str, minimum: float = 0.0) -> float:
+def _float(name: str, value: str, minimum: float = 0.0, *, inclusive: bool = False) -> float:
     try:
         number = float(value)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if not number > minimum:
-        raise ConfigError(f"{name} must be > {minimum}, got {number}")
+    if number != number or number < minimum or (number == minimum and not inclusive):
+        relation = ">=" if inclusive else ">"
+        raise ConfigError(f"{name} must be {relation} {minimum}, got {value}")
     return number
 
 
@@ -131,6 +132,10 @@ def _positive_float(name: str, value: str) -> float:
     return _float(name, value, 0.0)
 
 
+def _non_negative_float(name: str, value: str) -> float:
+    return _float(name, value, 0.0, inclusive=True)
+
+
 def _setting(env: str, parse: _Parser, default: str | None = None) -> Any:
     return field(default=None, metadata={"env": env, "parse": parse, "default": default})
 
@@ -169,6 +174,7 @@ class Settings:
     copernica_timeout_seconds: float = _setting("COPERNICA_TIMEOUT_SECONDS", _positive_float, "30")
     s3_timeout_seconds: float = _setting("S3_TIMEOUT_SECONDS", _positive_float, "30")
     shutdown_grace_seconds: float = _setting("SHUTDOWN_GRACE_SECONDS", _positive_float, "30")
+    shutdown_drain_seconds: float = _setting("SHUTDOWN_DRAIN_SECONDS", _non_negative_float, "5")
     poll_lease_seconds: float = _setting("POLL_LEASE_SECONDS", _positive_float, "600")
 
     @classmethod
