@@ -227,6 +227,22 @@ class ArchiveStore:
             self._cleanups.add(task)
             task.add_done_callback(self._cleanups.discard)
 
+    async def abort_superseded_uploads(self) -> int:
+        """Abort multipart uploads to archive keys that exist already.
+
+        Such an upload can never complete (its `If-None-Match: *` would fail): it was left by
+        a replica killed mid-upload, or lost a race. Uploads whose key does not exist yet may
+        still be in progress on another replica and are left alone; the bucket's lifecycle
+        rule (AbortIncompleteMultipartUpload) ends those that never finish.
+        """
+        answer = await self._call("list_multipart_uploads", Prefix=f"{self.keys.prefix}archive/")
+        aborted = 0
+        for upload in answer.get("Uploads", []):
+            if await self.head(upload["Key"]) is not None:
+                await self.abort_upload(upload["Key"], upload["UploadId"])
+                aborted += 1
+        return aborted
+
     async def _abort_later(self, key: str, upload_id: str) -> None:
         for attempt in range(12):
             await asyncio.sleep(min(60.0, 0.5 * 2**attempt))

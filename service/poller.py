@@ -42,6 +42,7 @@ MAX_SUBMIT_ATTEMPTS = 5
 MAX_BACKOFF_FACTOR = 16
 WORKERS = 4
 BATCH = 200
+JANITOR_EVERY_TICKS = 10
 
 
 @dataclass
@@ -87,9 +88,13 @@ class Poller:
 
     async def run(self) -> None:
         """Tick until `stop()`; an S3 outage only delays the next tick."""
+        ticks = 0
         while not self._stopping.is_set():
             try:
                 await self.tick()
+                ticks += 1
+                if ticks % JANITOR_EVERY_TICKS == 1:
+                    await self._store.abort_superseded_uploads()
             except ArchiveUnavailable as exc:
                 log.warning("poll_tick_failed", error=str(exc))
             except Exception:

@@ -5,8 +5,9 @@ an empty body and the id in `X-Created` (or Location / X-Location / a JSON body,
 clients against each); readiness through `datarequest/{id}/status`, `datarequest/{id}/data`
 (404 until ready) and the old `datarequest/{id}` ("Data not available (yet)"); errors as
 `{"error": {"message": ...}}`, including `400 "Invalid method"` for paths it does not serve;
-and delivery of the result by POST to the `report` web address. A control API under `/_sim/`
-lets tests switch faults and read what happened (calls, deliveries, observed rate).
+and delivery of the result by POST to the `report` web address. v1 events and the v4 bearer
+authentication are served too. A control API under `/_sim/` (no auth) lets tests and
+operators switch faults and read what happened: calls, deliveries, the observed call rate.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -30,10 +31,12 @@ import aiohttp
 from aiohttp import web
 
 from ..events import add_months
-from .payloads import PayloadSpec, payload_bytes, payload_chunks
+from .payloads import PayloadSpec, payload_bytes, payload_chunks, payload_digest, payload_size
 
 NOT_AVAILABLE = "Data not available (yet)"
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_EMAIL = re.compile(r"^[^@\s/]+@[^@\s/]+\.[^@\s/]+$")
+READINESS_FORMS = frozenset({"status", "data", "old"})
+CREATE_ID_FORMS = ("X-Created", "Location", "X-Location", "body")
 
 
 @dataclass
@@ -41,9 +44,10 @@ class Faults:
     """Switches, changeable at run time (in process, or by POST /_sim/faults)."""
 
     lose_callback: bool = False  # ready, but never POSTed to `report`
-    duplicate_callback: int = 0  # extra deliveries, sent concurrently with the first
+    duplicate_callback: int = 0  # this many extra deliveries of the payload
+    duplicate_concurrent: bool = False  # send the copies at once rather than one after another
     wrong_subject: bool = False  # payload's info.id is someone else
-    malformed_json: bool = False  # payload cut short
+    malformed_json: bool = False  # payload cut short: invalid JSON
     not_available_callback: bool = False  # first POST a "Data not available (yet)" body
     status_5xx_rate: float = 0.0  # fraction of API calls answered 503
     status_429_rate: float = 0.0  # fraction of API calls answered 429 + Retry-After
@@ -52,30 +56,49 @@ class Faults:
     reject_create: bool = False  # create answers 400 "No entity with supplied ID"
 
 
+# Faults that make sense for one request; the others concern API calls as a whole.
+REQUEST_FAULTS = frozenset(
+    {
+        "lose_callback",
+        "duplicate_callback",
+        "duplicate_concurrent",
+        "wrong_subject",
+        "malformed_json",
+        "not_available_callback",
+    }
+)
+
+
 @dataclass
 class SimulatorConfig:
     access_token: str = "dev-token"  # noqa: S105 - the fake's own, for local use
     ready_after: float = 0.2  # seconds from create to ready (late readiness: make it large)
-    expire_after: float | None = None  # seconds from ready to gone
-    payload_size: int = 20_000
-    readiness_forms: set[str] = field(default_factory=lambda: {"status", "data", "old"})
+    expire_after: float | None = None  # seconds from ready to gone; None: never
+    payload_size: int = 20_000  # bytes, at least; any size streams in bounded memory
+    payload_seed: int = 0
+    readiness_forms: set[str] = field(default_factory=lambda: set(READINESS_FORMS))
     create_id_header: str = "X-Created"  # or Location, X-Location, body
-    delivery_retries: int = 3
+    delivery_retries: int = 3  # after a connection error or 5xx
     delivery_retry_delay: float = 0.2
+    delivery_chunked: bool = False  # False: Content-Length; True: chunked transfer encoding
     retry_after_seconds: int = 1
     first_id: int = 1000
     jwt_lifetime: float = 24 * 3600.0
     events_shape: str = "nested"  # or "flat": {"type": ..., **data}
-    seed: int = 7
+    seed: int = 7  # for the injected 429/5xx answers
 
 
 @dataclass
 class Delivery:
+    """One POST to a `report` address (or the e-mail Copernica would have sent)."""
+
     copernica_id: str
-    status: int | None
+    url: str
+    status: int | None  # None: connection error, or an e-mail report
     bytes: int
     sha256: str
-    kind: str  # payload | not_available
+    at: float  # Unix time the attempt ended
+    kind: str  # payload | not_available | email
 
 
 @dataclass
@@ -84,13 +107,15 @@ class SimRequest:
     subject_type: str
     subject_id: str
     report: str | None
-    created: float
+    created: float  # monotonic clock, like ready_at
     ready_at: float
     status_gets: int = 0
-    data_gets: int = 0
+    data_gets: int = 0  # data and old-form GETs, pending or not
+    old_gets: int = 0
     open_fetches: int = 0
     max_open_fetches: int = 0
     spec: PayloadSpec | None = None
+    woken: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def ready(self, now: float) -> bool:
         return now >= self.ready_at
@@ -98,28 +123,38 @@ class SimRequest:
     def gone(self, now: float, expire_after: float | None) -> bool:
         return expire_after is not None and now >= self.ready_at + expire_after
 
+    @property
+    def subject_key(self) -> str:
+        """The subject as the API path names it: `email/ann@x.test`, `profile/7`."""
+        subject = self.subject_id.casefold() if self.subject_type == "email" else self.subject_id
+        return f"{self.subject_type}/{subject}"
+
 
 class SimState:
     """Everything the simulator knows, readable by tests in process or over /_sim/state."""
 
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget requests, deliveries, counters and faults; keep the configuration."""
         self.faults = Faults()
+        # Per-request fault overrides, keyed by copernica id or subject key (`profile/7`).
+        self.overrides: dict[str, dict[str, Any]] = {}
         self.requests: dict[str, SimRequest] = {}
         self.deliveries: list[Delivery] = []
         self.api_calls = 0
         self.max_rps = 0
         self._window: collections.deque[float] = collections.deque()
-        self._next_id = config.first_id
-        self.random = random.Random(config.seed)
+        self._next_id = self.config.first_id
+        self.random = random.Random(self.config.seed)
         self.jwts: dict[str, float] = {}  # issued v4 tokens and when they expire
         self.events: list[dict[str, Any]] = []  # {"event", "data": {id, time, email, ...}}
         self.events_calls: list[tuple[str, str, date, date]] = []
 
-    def reset(self) -> None:
-        self.__init__(self.config)  # type: ignore[misc]
-
     def count_call(self) -> None:
+        """One API call; keeps the most calls seen in any one-second window."""
         now = time.monotonic()
         self.api_calls += 1
         self._window.append(now)
@@ -137,29 +172,62 @@ class SimState:
         self.requests[copernica_id] = request
         return request
 
+    def faults_for(self, request: SimRequest) -> Faults:
+        """The global faults, overridden by those set for the subject, then for the id."""
+        return dataclasses.replace(
+            self.faults,
+            **self.overrides.get(request.subject_key, {}),
+            **self.overrides.get(request.copernica_id, {}),
+        )
+
     def payload_spec(self, copernica_id: str) -> PayloadSpec:
+        """What the request's payload is made of; fixed at first use, so faults switched
+        afterwards do not change bytes a client may already hold."""
         request = self.requests[copernica_id]
-        if request.spec is None:  # fixed at first use, so faults switched later do not apply
+        if request.spec is None:
+            faults = self.faults_for(request)
             request.spec = PayloadSpec(
                 request.subject_type,
                 request.subject_id,
                 copernica_id,
                 self.config.payload_size,
-                wrong_subject=self.faults.wrong_subject,
-                malformed=self.faults.malformed_json,
+                wrong_subject=faults.wrong_subject,
+                malformed=faults.malformed_json,
+                seed=self.config.payload_seed,
             )
         return request.spec
 
     def payload_bytes(self, copernica_id: str) -> bytes:
         return payload_bytes(self.payload_spec(copernica_id))
 
+    def payload_digest(self, copernica_id: str) -> tuple[int, str]:
+        return payload_digest(self.payload_spec(copernica_id))
+
     def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        config = dataclasses.asdict(self.config)
+        del config["access_token"]
+        config["readiness_forms"] = sorted(self.config.readiness_forms)
         return {
+            "config": config,
             "faults": dataclasses.asdict(self.faults),
+            "overrides": self.overrides,
             "api_calls": self.api_calls,
             "max_rps": self.max_rps,
             "requests": {
-                cid: {k: v for k, v in dataclasses.asdict(r).items() if k != "spec"}
+                cid: {
+                    "copernica_id": cid,
+                    "subject_type": r.subject_type,
+                    "subject_id": r.subject_id,
+                    "report": r.report,
+                    "ready": r.ready(now),
+                    "expired": r.gone(now, self.config.expire_after),
+                    "ready_in": max(0.0, r.ready_at - now),
+                    "status_gets": r.status_gets,
+                    "data_gets": r.data_gets,
+                    "old_gets": r.old_gets,
+                    "max_open_fetches": r.max_open_fetches,
+                }
                 for cid, r in self.requests.items()
             },
             "deliveries": [dataclasses.asdict(d) for d in self.deliveries],
@@ -168,15 +236,18 @@ class SimState:
 
 SIM_STATE = web.AppKey("sim_state", SimState)
 _HTTP = web.AppKey("sim_http", aiohttp.ClientSession)
-_TASKS = web.AppKey("sim_tasks", set[asyncio.Task[None]])
+_TASKS = web.AppKey("sim_tasks", dict[str, asyncio.Task[None]])  # copernica id -> delivery
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=status, headers=headers)
 
 
+# -- every API call: auth, rate observation, injected faults ---------------------------------
+
+
 def _authorized(request: web.Request, state: SimState) -> bool:
-    """v1-v3: `access_token` parameter; v4: a bearer JWT from POST /authenticate."""
+    """v1-v3: the `access_token` parameter; v4: a bearer JWT from POST /authenticate."""
     if request.match_info.get("version") == "v4":
         given = request.headers.get("Authorization", "").removeprefix("Bearer ")
         issued = state.jwts.get(given)
@@ -185,7 +256,7 @@ def _authorized(request: web.Request, state: SimState) -> bool:
 
 
 @web.middleware
-async def _api_faults(request: web.Request, handler: Any) -> web.StreamResponse:
+async def _api_calls(request: web.Request, handler: Any) -> web.StreamResponse:
     """Auth, rate observation and injected faults for every API call (not /_sim/)."""
     if request.path.startswith("/_sim/") or request.path == "/authenticate":
         return await handler(request)
@@ -206,10 +277,17 @@ async def _api_faults(request: web.Request, handler: Any) -> web.StreamResponse:
         )
     if roll < faults.status_429_rate + faults.status_5xx_rate:
         return _error(503, "Service temporarily unavailable")
-    return await handler(request)
+    try:
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
+        return _error(400, "Invalid method")  # how Copernica answers paths it does not serve
+
+
+# -- create --------------------------------------------------------------------------------
 
 
 async def _report_of(request: web.Request) -> str | None:
+    """`report` as URL parameter (v2/v3) or JSON body field; the body may be absent."""
     report = request.query.get("report")
     if report is None and request.can_read_body:
         try:
@@ -221,43 +299,46 @@ async def _report_of(request: web.Request) -> str | None:
     return report or None
 
 
+def _refusal(kind: str, subject_id: str) -> str | None:
+    """Copernica's message for a subject it will not take, or None."""
+    unknown = "No subprofile with supplied ID" if kind == "subprofile" else "No entity with supplied ID"
+    if kind == "email":
+        return None if _EMAIL.match(subject_id) else "Invalid email address"
+    return None if subject_id.isdigit() and int(subject_id) > 0 else unknown
+
+
 async def create(request: web.Request) -> web.Response:
     state = request.app[SIM_STATE]
     kind = request.match_info["kind"]
-    subject_id = request.match_info["subject"]
+    subject_id = request.match_info["subject"]  # aiohttp has percent-decoded it
     if request.method != "POST":
         return _error(400, "Invalid method")
-    if kind == "email":
-        if not _EMAIL.match(subject_id):
-            return _error(400, "Invalid email address")
-    elif not subject_id.isdigit() or int(subject_id) <= 0:
-        return _error(
-            400,
-            "No subprofile with supplied ID"
-            if kind == "subprofile"
-            else "No entity with supplied ID",
-        )
-    if state.faults.reject_create:
-        return _error(
-            400,
-            "No subprofile with supplied ID"
-            if kind == "subprofile"
-            else "No entity with supplied ID",
-        )
+    refusal = _refusal(kind, subject_id)
+    if refusal is None and state.faults.reject_create:
+        refusal = _refusal(kind, "0")
+    if refusal is not None:
+        return _error(400, refusal)
     sim_request = state.new_request(kind, subject_id, await _report_of(request))
     _schedule_delivery(request.app, sim_request)
     cid = sim_request.copernica_id
     form = state.config.create_id_header
     if form == "body":
         return web.json_response({"id": cid}, status=201)
-    value = cid if form == "X-Created" else f"https://api.copernica.com/v2/datarequest/{cid}"
-    return web.Response(status=201, headers={form: value})
+    if form == "X-Created":
+        return web.Response(status=201, headers={form: cid})
+    version = request.match_info["version"]
+    return web.Response(
+        status=201, headers={form: f"https://api.copernica.com/{version}/datarequest/{cid}"}
+    )
+
+
+# -- readiness: status, data, old form -----------------------------------------------------
 
 
 def _find(request: web.Request, form: str) -> SimRequest | web.Response:
     state = request.app[SIM_STATE]
     if form not in state.config.readiness_forms:
-        return _error(400, "Invalid method")
+        return _error(400, "Invalid method")  # this deployment does not know the path
     sim_request = state.requests.get(request.match_info["id"])
     if sim_request is None:
         return _error(400, "No entity with supplied ID")
@@ -271,28 +352,26 @@ async def status(request: web.Request) -> web.Response:
     found.status_gets += 1
     state, now = request.app[SIM_STATE], time.monotonic()
     if found.gone(now, state.config.expire_after):
-        return web.json_response(
-            {"status": "not available", "available": 0, "content-type": "application/json"}
-        )
-    if not found.ready(now):
-        return web.json_response(
-            {"status": "pending", "available": 0, "content-type": "application/json"}
-        )
-    size = len(state.payload_bytes(found.copernica_id)) if state.config.payload_size < 2**22 else 0
+        answer, available = "not available", 0
+    elif not found.ready(now):
+        answer, available = "pending", 0
+    else:
+        answer, available = "available", payload_size(state.payload_spec(found.copernica_id))
     return web.json_response(
-        {"status": "available", "available": size, "content-type": "application/json"}
+        {"status": answer, "available": available, "content-type": "application/json"}
     )
 
 
 async def _stream_payload(request: web.Request, found: SimRequest) -> web.StreamResponse:
     state = request.app[SIM_STATE]
-    found.data_gets += 1
+    spec = state.payload_spec(found.copernica_id)
     found.open_fetches += 1
     found.max_open_fetches = max(found.max_open_fetches, found.open_fetches)
     try:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = payload_size(spec)
         await response.prepare(request)
-        for chunk in payload_chunks(state.payload_spec(found.copernica_id)):
+        for chunk in payload_chunks(spec):
             await response.write(chunk)
         await response.write_eof()
         return response
@@ -304,62 +383,98 @@ async def data(request: web.Request) -> web.StreamResponse:
     found = _find(request, "data")
     if isinstance(found, web.Response):
         return found
+    found.data_gets += 1
     state, now = request.app[SIM_STATE], time.monotonic()
     if found.gone(now, state.config.expire_after):
         return _error(410, "Data expired")
     if not found.ready(now):
-        found.data_gets += 1
         return _error(404, NOT_AVAILABLE)
     return await _stream_payload(request, found)
+
+
+def _info(found: SimRequest) -> dict[str, Any]:
+    subject: str | int = found.subject_id
+    if found.subject_type != "email":
+        subject = int(found.subject_id)
+    return {"type": found.subject_type, "id": subject}
 
 
 async def old_form(request: web.Request) -> web.StreamResponse:
     found = _find(request, "old")
     if isinstance(found, web.Response):
         return found
+    found.data_gets += 1
+    found.old_gets += 1
     state, now = request.app[SIM_STATE], time.monotonic()
     if found.gone(now, state.config.expire_after):
         return _error(410, "Data expired")
     if not found.ready(now):
-        found.data_gets += 1
-        info = {"type": found.subject_type, "id": found.subject_id}
-        return web.json_response({"info": info, "data": NOT_AVAILABLE})
+        return web.json_response({"info": _info(found), "data": NOT_AVAILABLE})
     return await _stream_payload(request, found)
 
 
-# -- delivery to `report` -------------------------------------------------------------------
+# -- delivery to `report` ------------------------------------------------------------------
 
 
-def _schedule_delivery(app: web.Application, sim_request: SimRequest) -> None:
-    if not sim_request.report or not sim_request.report.startswith(("http://", "https://")):
+def _schedule_delivery(app: web.Application, sim_request: SimRequest, forced: bool = False) -> None:
+    """One delivery task per request: a new one (a forced redelivery) replaces a waiting one."""
+    if not sim_request.report:
         return
-    task = asyncio.create_task(_deliver_when_ready(app, sim_request))
-    app[_TASKS].add(task)
-    task.add_done_callback(app[_TASKS].discard)
+    tasks = app[_TASKS]
+    earlier = tasks.get(sim_request.copernica_id)
+    if earlier is not None and not earlier.done():
+        earlier.cancel()
+    task = asyncio.create_task(_deliver_when_ready(app, sim_request, forced))
+    tasks[sim_request.copernica_id] = task
+
+    def forget(done: asyncio.Task[None]) -> None:
+        if tasks.get(sim_request.copernica_id) is done:
+            del tasks[sim_request.copernica_id]
+
+    task.add_done_callback(forget)
 
 
-async def _deliver_when_ready(app: web.Application, sim_request: SimRequest) -> None:
+async def _deliver_when_ready(app: web.Application, sim_request: SimRequest, forced: bool) -> None:
     state = app[SIM_STATE]
-    await asyncio.sleep(max(0.0, sim_request.ready_at - time.monotonic()))
-    if state.faults.lose_callback:
+    while not sim_request.ready(now := time.monotonic()):
+        sim_request.woken.clear()
+        try:  # /_sim/requests/{id}/ready wakes us early
+            await asyncio.wait_for(sim_request.woken.wait(), sim_request.ready_at - now)
+        except TimeoutError:
+            pass
+    faults = state.faults_for(sim_request)
+    if faults.lose_callback and not forced:
         return
-    if state.faults.not_available_callback:
-        info = {"type": sim_request.subject_type, "id": sim_request.subject_id}
-        body = json.dumps({"info": info, "data": NOT_AVAILABLE}).encode()
-        await _post(app, sim_request, [body], "not_available")
-    copies = 1 + state.faults.duplicate_callback
-    await asyncio.gather(*(_deliver(app, sim_request) for _ in range(copies)))
+    report = sim_request.report
+    assert report is not None
+    if not report.startswith(("http://", "https://")):
+        # An e-mail report: Copernica mails the file; we only note what it would have sent.
+        size, sha256 = await asyncio.to_thread(state.payload_digest, sim_request.copernica_id)
+        state.deliveries.append(
+            Delivery(sim_request.copernica_id, report, None, size, sha256, time.time(), "email")
+        )
+        return
+    if faults.not_available_callback:
+        body = json.dumps({"info": _info(sim_request), "data": NOT_AVAILABLE}).encode()
+        await _post(app, sim_request, lambda: [body], len(body), "not_available")
+    spec = state.payload_spec(sim_request.copernica_id)
+    size = payload_size(spec)
 
+    async def deliver() -> None:
+        await _post(app, sim_request, lambda: payload_chunks(spec), size, "payload")
 
-async def _deliver(app: web.Application, sim_request: SimRequest) -> None:
-    spec = app[SIM_STATE].payload_spec(sim_request.copernica_id)
-    await _post(app, sim_request, payload_chunks(spec), "payload")
+    copies = 1 + faults.duplicate_callback
+    if faults.duplicate_concurrent:
+        await asyncio.gather(*(deliver() for _ in range(copies)))
+    else:
+        for _ in range(copies):
+            await deliver()
 
 
 class _Counted:
     """Chunks on their way out, hashed and counted so the delivery log says what was sent."""
 
-    def __init__(self, chunks: Any) -> None:
+    def __init__(self, chunks: Iterable[bytes]) -> None:
         self.chunks = chunks
         self.digest = hashlib.sha256()
         self.sent = 0
@@ -371,36 +486,46 @@ class _Counted:
             yield chunk
 
 
-async def _post(app: web.Application, sim_request: SimRequest, chunks: Any, kind: str) -> None:
+async def _post(
+    app: web.Application,
+    sim_request: SimRequest,
+    body: Callable[[], Iterable[bytes] | Iterator[bytes]],
+    size: int,
+    kind: str,
+) -> None:
+    """POST one body to `report`; retry a connection error or 5xx, stop at 2xx/4xx."""
     state = app[SIM_STATE]
-    assert sim_request.report is not None
+    url = sim_request.report
+    assert url is not None
+    headers = {"Content-Type": "application/json"}
+    if not state.config.delivery_chunked:
+        headers["Content-Length"] = str(size)  # aiohttp then sends the stream unchunked
     for attempt in range(1 + state.config.delivery_retries):
-        counted = _Counted(chunks if attempt == 0 else _again(sim_request, app, kind, chunks))
+        if attempt:
+            await asyncio.sleep(state.config.delivery_retry_delay)
+        counted = _Counted(body())  # a fresh generator each time: a stream cannot be replayed
         status: int | None
         try:
-            async with app[_HTTP].post(
-                sim_request.report,
-                data=counted.stream(),
-                headers={"Content-Type": "application/json"},
-            ) as answer:
+            async with app[_HTTP].post(url, data=counted.stream(), headers=headers) as answer:
                 status = answer.status
         except (aiohttp.ClientError, TimeoutError):
             status = None
         state.deliveries.append(
             Delivery(
-                sim_request.copernica_id, status, counted.sent, counted.digest.hexdigest(), kind
+                sim_request.copernica_id,
+                url,
+                status,
+                counted.sent,
+                counted.digest.hexdigest(),
+                time.time(),
+                kind,
             )
         )
         if status is not None and status < 500:
             return
-        await asyncio.sleep(state.config.delivery_retry_delay)
 
 
-def _again(sim_request: SimRequest, app: web.Application, kind: str, chunks: Any) -> Any:
-    """The same body once more (a generator cannot be replayed; a list can)."""
-    if kind == "payload":
-        return payload_chunks(app[SIM_STATE].payload_spec(sim_request.copernica_id))
-    return chunks
+# -- v4 authentication ---------------------------------------------------------------------
 
 
 async def authenticate(request: web.Request) -> web.Response:
@@ -417,7 +542,7 @@ async def authenticate(request: web.Request) -> web.Response:
     return web.Response(text=jwt)
 
 
-# -- events (REST API v1, GET events) -----------------------------------------------------------
+# -- events (REST API v1, GET events) -------------------------------------------------------
 # The seed's window rules, implemented on their own here (not through the service's planner):
 # start only -> one month from start; end only -> the month before end; both more than a
 # month apart -> one month from start, end ignored; neither -> the last month.
@@ -474,7 +599,40 @@ async def events(request: web.Request) -> web.Response:
     return web.json_response(found)
 
 
-# -- control API ------------------------------------------------------------------------------
+# -- control API (/_sim/, no auth) ---------------------------------------------------------
+
+
+def _checked(changes: Any, current: object, allowed: Iterable[str]) -> dict[str, Any]:
+    """The changes, validated against the current values' types; ValueError names the
+    first bad one."""
+    if not isinstance(changes, dict):
+        raise ValueError("expected a JSON object")
+    allowed = set(allowed)
+    unknown = set(changes) - allowed
+    if unknown:
+        raise ValueError(f"unknown fields: {sorted(unknown)}")
+    checked: dict[str, Any] = {}
+    for name, value in changes.items():
+        old = getattr(current, name)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if isinstance(old, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(old, int) and name != "expire_after":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(old, float) or name == "expire_after":
+            ok = number or (value is None and name == "expire_after")
+            value = float(value) if number else value
+        elif isinstance(old, set):
+            ok = isinstance(value, list) and set(value) <= READINESS_FORMS
+            value = set(value) if ok else value
+        else:
+            ok = isinstance(value, str)
+        if name == "create_id_header":
+            ok = value in CREATE_ID_FORMS
+        if not ok:
+            raise ValueError(f"bad value for {name}: {value!r}")
+        checked[name] = value
+    return checked
 
 
 async def sim_state(request: web.Request) -> web.Response:
@@ -482,52 +640,90 @@ async def sim_state(request: web.Request) -> web.Response:
 
 
 async def sim_faults(request: web.Request) -> web.Response:
-    faults = request.app[SIM_STATE].faults
-    changes = await request.json()
-    known = {f.name for f in dataclasses.fields(Faults)}
-    unknown = set(changes) - known
-    if unknown:
-        return web.json_response({"error": f"unknown faults: {sorted(unknown)}"}, status=400)
-    for name, value in changes.items():
-        setattr(faults, name, value)
-    return web.json_response(dataclasses.asdict(faults))
+    """A partial Faults object, merged; with `copernica_id` or `subject` (`profile/7`,
+    `email/ann@x.test`) it applies to that request or subject only."""
+    state = request.app[SIM_STATE]
+    try:
+        changes = await request.json()
+        target = changes.pop("copernica_id", None) or changes.pop("subject", None)
+        if target is None:
+            checked = _checked(changes, state.faults, (f.name for f in dataclasses.fields(Faults)))
+            for name, value in checked.items():
+                setattr(state.faults, name, value)
+            return web.json_response(dataclasses.asdict(state.faults))
+        checked = _checked(changes, state.faults, REQUEST_FAULTS)
+    except (ValueError, AttributeError) as exc:
+        return web.json_response({"error": {"message": str(exc)}}, status=400)
+    key = str(target)
+    if key.startswith("email/"):
+        key = key.casefold()
+    state.overrides.setdefault(key, {}).update(checked)
+    return web.json_response(state.overrides[key])
+
+
+async def sim_config(request: web.Request) -> web.Response:
+    """A partial SimulatorConfig (ready_after, expire_after, payload_size, ...), merged."""
+    state = request.app[SIM_STATE]
+    names = {f.name for f in dataclasses.fields(SimulatorConfig)} - {"access_token", "seed"}
+    try:
+        checked = _checked(await request.json(), state.config, names)
+    except ValueError as exc:
+        return web.json_response({"error": {"message": str(exc)}}, status=400)
+    for name, value in checked.items():
+        setattr(state.config, name, value)
+    return web.json_response(state.snapshot()["config"])
 
 
 async def sim_reset(request: web.Request) -> web.Response:
+    for task in request.app[_TASKS].values():
+        task.cancel()
     request.app[SIM_STATE].reset()
     return web.json_response({"status": "reset"})
 
 
-async def sim_ready(request: web.Request) -> web.Response:
+def _sim_request(request: web.Request) -> SimRequest:
     found = request.app[SIM_STATE].requests.get(request.match_info["id"])
     if found is None:
         raise web.HTTPNotFound()
-    found.ready_at = time.monotonic()
+    return found
+
+
+async def sim_ready(request: web.Request) -> web.Response:
+    found = _sim_request(request)
+    found.ready_at = min(found.ready_at, time.monotonic())
+    found.woken.set()
     return web.json_response({"status": "ready"})
 
 
 async def sim_deliver(request: web.Request) -> web.Response:
-    found = request.app[SIM_STATE].requests.get(request.match_info["id"])
-    if found is None:
-        raise web.HTTPNotFound()
+    """Make the request ready and deliver it now, even when `lose_callback` is on."""
+    found = _sim_request(request)
+    if not found.report:
+        return web.json_response({"error": {"message": "no report address"}}, status=409)
     found.ready_at = min(found.ready_at, time.monotonic())
-    _schedule_delivery(request.app, found)
+    _schedule_delivery(request.app, found, forced=True)
     return web.json_response({"status": "delivering"})
 
 
+# -- the application -----------------------------------------------------------------------
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    tasks: set[asyncio.Task[None]] = set()
+    """The delivery client and the delivery tasks: made here, cancelled and closed here."""
+    tasks: dict[str, asyncio.Task[None]] = {}
     app[_TASKS] = tasks
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+    # No total timeout: a payload can be hundreds of MB; a stalled receiver still times out.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
         app[_HTTP] = http
         yield
-        for task in list(tasks):
+        for task in list(tasks.values()):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
 
 
 def create_simulator_app(config: SimulatorConfig | None = None) -> web.Application:
-    app = web.Application(middlewares=[_api_faults])
+    app = web.Application(middlewares=[_api_calls])
     app[SIM_STATE] = SimState(config or SimulatorConfig())
     app.cleanup_ctx.append(_lifecycle)
     version = "/{version:v[1-4]}"
@@ -542,6 +738,7 @@ def create_simulator_app(config: SimulatorConfig | None = None) -> web.Applicati
     app.router.add_post("/authenticate", authenticate)
     app.router.add_get("/_sim/state", sim_state)
     app.router.add_post("/_sim/faults", sim_faults)
+    app.router.add_post("/_sim/config", sim_config)
     app.router.add_post("/_sim/reset", sim_reset)
     app.router.add_post("/_sim/requests/{id}/ready", sim_ready)
     app.router.add_post("/_sim/requests/{id}/deliver", sim_deliver)

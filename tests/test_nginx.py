@@ -1,0 +1,192 @@
+"""Two replicas behind nginx (deploy/nginx.conf): 300 callbacks with duplicates and concurrent
+deliveries, one replica SIGKILLed mid-run and restarted. Nothing acknowledged is lost, each
+request is archived exactly once, and no multipart upload is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from service.callbacks import callback_url
+from service.config import Secret
+from service.simulator import PayloadSpec, payload_bytes
+from tests.conftest import (
+    API_TOKEN,
+    CALLBACK_SECRET,
+    Bucket,
+    ServiceProcess,
+    Simulator,
+    free_port,
+    wait_for_port,
+)
+from tests.test_callbacks import archive_key
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUESTS = 100
+DELIVERIES = 3  # per request: two at once, one later -> 300 callbacks
+MIB = 1024 * 1024
+
+
+class Nginx:
+    """nginx as our own process, running deploy/nginx.conf with loopback upstreams."""
+
+    def __init__(self, workdir: Path, upstreams: list[int]) -> None:
+        self.port = free_port()
+        reference = (ROOT / "deploy" / "nginx.conf").read_text()
+        servers = "".join(
+            f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=2s;\n" for port in upstreams
+        )
+        site = re.sub(
+            r"(upstream receiver \{\n)(?:.*\n)*?(    keepalive)", rf"\g<1>{servers}\2", reference
+        )
+        site = site.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
+        assert all(f"127.0.0.1:{port}" in site for port in upstreams)
+        (workdir / "site.conf").write_text(site)
+        (workdir / "nginx.conf").write_text(
+            f"daemon off;\nworker_processes 1;\npid {workdir}/nginx.pid;\n"
+            f"error_log {workdir}/error.log warn;\nevents {{ worker_connections 1024; }}\n"
+            f"http {{\n  access_log off;\n  client_body_temp_path {workdir}/body;\n"
+            f"  proxy_temp_path {workdir}/proxy;\n  include {workdir}/site.conf;\n}}\n"
+        )
+        self.workdir = workdir
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        assert Path(binary).exists(), "nginx is missing: `make test` installs it (apt-get)"
+        self.proc = subprocess.Popen(
+            [binary, "-p", str(self.workdir), "-c", str(self.workdir / "nginx.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def nginx_in_front(tmp_path: Path) -> Iterator[Callable[[list[int]], Nginx]]:
+    started: list[Nginx] = []
+
+    def start(upstreams: list[int]) -> Nginx:
+        proxy = Nginx(tmp_path, upstreams)
+        proxy.start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+async def deliver(http: aiohttp.ClientSession, url: str, body: bytes, log: list[Any]) -> int:
+    """One delivery the way Copernica retries it: until a 2xx or 4xx answer."""
+    for _ in range(40):
+        try:
+            async with http.post(url, data=body) as answer:
+                status = answer.status
+        except aiohttp.ClientError:
+            status = 0
+        log.append((url, status))
+        if 200 <= status < 500:
+            return status
+        await asyncio.sleep(0.25)
+    return status
+
+
+async def test_behind_nginx_a_killed_replica_loses_nothing(
+    service_processes: Callable[..., ServiceProcess],
+    nginx_in_front: Callable[[list[int]], Nginx],
+    simulator: Simulator,
+    store: Bucket,
+) -> None:
+    simulator.state.faults.lose_callback = True  # the test plays Copernica's deliveries
+    simulator.state.config.ready_after = 3600  # so only callbacks can archive anything
+    # Ticks every 2 s, so a poller's janitor (every tenth tick, and at start) runs in time.
+    settings = {
+        "S3_PART_BYTES": str(5 * MIB),
+        "POLL_INTERVAL_SECONDS": "10",
+        "SHUTDOWN_DRAIN_SECONDS": "0",
+    }
+    first, second = service_processes(**settings), service_processes(**settings)
+    proxy = nginx_in_front([first.port, second.port])
+    secret = Secret(CALLBACK_SECRET)
+    attempts: list[Any] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+        created = []
+        for n in range(REQUESTS):
+            async with http.post(
+                f"{proxy.url}/v1/data-requests",
+                json={"profile": n + 1},
+                headers={"Authorization": f"Bearer {API_TOKEN}"},
+            ) as answer:
+                assert answer.status == 202
+                created.append(await answer.json())
+        bodies = {
+            item["id"]: payload_bytes(
+                PayloadSpec(
+                    "profile", str(n + 1), item["copernica_id"], 6 * MIB if n % 10 == 0 else 20_000
+                )
+            )  # every tenth goes up in parts
+            for n, item in enumerate(created)
+        }
+
+        async def request_story(item: dict[str, Any]) -> list[int]:
+            url = callback_url(proxy.url, secret, item["id"])
+            body = bodies[item["id"]]
+            together = await asyncio.gather(
+                deliver(http, url, body, attempts), deliver(http, url, body, attempts)
+            )
+            return [*together, await deliver(http, url, body, attempts)]
+
+        async def killer() -> None:
+            while sum(1 for _, status in attempts if status == 200) < 100:
+                await asyncio.sleep(0.02)
+            second.kill()
+            await asyncio.sleep(1.0)
+            second.start()  # same port: nginx sends to it again
+
+        gate = asyncio.Semaphore(24)
+
+        async def gated(item: dict[str, Any]) -> list[int]:
+            async with gate:
+                return await request_story(item)
+
+        outcomes, _ = await asyncio.gather(
+            asyncio.gather(*(gated(item) for item in created)), killer()
+        )
+
+    sent = len(attempts)
+    acknowledged = [url for url, status in attempts if status == 200]
+    print(
+        f"\ncallbacks: {REQUESTS * DELIVERIES} deliveries, {sent} attempts, "
+        f"{len(acknowledged)} acknowledged, {sent - len(acknowledged)} failed and retried"
+    )
+    assert all(status == [200] * DELIVERIES for status in outcomes), outcomes
+    keys = await store.keys("archive/")
+    assert sorted(keys) == sorted(archive_key(item["id"]) for item in created)
+    for item in created:  # every acknowledged callback's bytes are there, exactly
+        assert await store.read(archive_key(item["id"])) == bodies[item["id"]]
+    # A replica killed mid-upload leaves an upload that can never complete; the janitor of
+    # a poller (every tenth tick) aborts those whose key exists.
+    deadline = time.monotonic() + 30
+    while await store.uploads() and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert await store.uploads() == []
+    print(
+        f"archived {len(keys)} objects for {len(acknowledged)} acknowledged callbacks "
+        f"({len(acknowledged) - len(keys)} duplicates avoided)"
+    )
