@@ -13,7 +13,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ulid import ULID
@@ -33,6 +33,10 @@ REPLICA = f"{socket.gethostname()}-{os.getpid()}-{str(ULID())[-6:]}"
 def stamp(moment: datetime) -> str:
     """A time as a string that sorts like the time (schedule keys are listed in order)."""
     return moment.strftime(_STAMP)
+
+
+def parse_stamp(text: str) -> datetime:
+    return datetime.strptime(text, _STAMP).replace(tzinfo=UTC)
 
 
 @dataclass
@@ -199,3 +203,15 @@ class Ledger:
                 return found
             start_after = keys[-1]
         return found
+
+    async def scheduled(self) -> list[str]:
+        """Ids of every scheduled (not final) request: one LIST call per 1000 of them."""
+        prefix = f"{self._store.keys.prefix}due/"
+        ids: list[str] = []
+        start_after = ""
+        while True:
+            keys = await self._store.list_keys(prefix, start_after=start_after, limit=1000)
+            ids += [key.rsplit("/", 1)[1] for key in keys]
+            if len(keys) < 1000:
+                return ids
+            start_after = keys[-1]

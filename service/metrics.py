@@ -66,6 +66,26 @@ class Metrics:
             "Requests found due at the last tick.",
             registry=r,
         )
+        self.poll_lag = Gauge(
+            "receiver_poll_lag_seconds",
+            "How late the most overdue poll was at the last tick.",
+            registry=r,
+        )
+        self.poll_leases = Gauge(
+            "receiver_poll_leases_held",
+            "Requests this replica is working on now.",
+            registry=r,
+        )
+        self.pending = Gauge(
+            "receiver_pending_requests",
+            "Requests not yet final (from the poll schedule).",
+            registry=r,
+        )
+        self.oldest_pending = Gauge(
+            "receiver_oldest_pending_age_seconds",
+            "Age of the oldest request not yet final.",
+            registry=r,
+        )
         self.draining = Gauge(
             "receiver_draining",
             "1 while the process is shutting down.",

@@ -24,6 +24,7 @@ from datetime import timedelta
 
 import aiohttp
 import structlog
+from ulid import ULID
 
 from .archive import ArchiveStore, ArchiveUnavailable, PreconditionFailed, parse_isoformat, utcnow
 from .config import Settings
@@ -32,7 +33,15 @@ from .event_archive import Progress, S3Sink, fetch_events, request_windows
 from .events import Source
 from .filing import Filing, archive_from_head
 from .intake import Intake, Outcome
-from .ledger import FINAL_STATUSES, REPLICA, Ledger, RecordConflict, RequestRecord, stamp
+from .ledger import (
+    FINAL_STATUSES,
+    REPLICA,
+    Ledger,
+    RecordConflict,
+    RequestRecord,
+    parse_stamp,
+    stamp,
+)
 from .logs import subject_hash
 from .metrics import Metrics
 
@@ -95,6 +104,7 @@ class Poller:
                 ticks += 1
                 if ticks % JANITOR_EVERY_TICKS == 1:
                     await self._store.abort_superseded_uploads()
+                    await self._census()
             except ArchiveUnavailable as exc:
                 log.warning("poll_tick_failed", error=str(exc))
             except Exception:
@@ -109,9 +119,12 @@ class Poller:
 
     async def tick(self) -> int:
         """Visit everything due now (bounded per tick); returns how many were visited."""
-        due = await self._ledger.due(utcnow(), BATCH)
+        now = utcnow()
+        due = await self._ledger.due(now, BATCH)
         self._metrics.poll_ticks.inc()
         self._metrics.poll_due.set(len(due))
+        overdue = (now - parse_stamp(due[0][0])).total_seconds() if due else 0.0
+        self._metrics.poll_lag.set(max(0.0, overdue))
         # Replicas list the same markers: shuffled, they mostly pick different ones first.
         random.shuffle(due)
         queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -150,8 +163,20 @@ class Poller:
             etag = await self._ledger.save(record, etag)
         except PreconditionFailed:
             return  # another replica took it first
-        result = await self._work(record)
-        await self._finish(record, etag, when, result)
+        self._metrics.poll_leases.inc()
+        try:
+            result = await self._work(record)
+            await self._finish(record, etag, when, result)
+        finally:
+            self._metrics.poll_leases.dec()
+
+    async def _census(self) -> None:
+        """Pending count and oldest pending age for /metrics (a request id is a ULID: its
+        creation time is in it)."""
+        ids = await self._ledger.scheduled()
+        self._metrics.pending.set(len(set(ids)))
+        oldest = min((ULID.from_str(i).datetime for i in ids), default=None)
+        self._metrics.oldest_pending.set((utcnow() - oldest).total_seconds() if oldest else 0)
 
     async def _work(self, record: RequestRecord) -> Visit:
         if record.status == "submitting" or record.copernica_id is None:

@@ -172,3 +172,26 @@ async def test_an_idle_tick_costs_one_listing_however_many_are_pending(
     ticks = spent.pop("receiver_poll_ticks_total")
     assert visited == [0] * 5 and ticks >= 5  # the background loop may tick too
     assert spent == {"s3:list_objects_v2": ticks}
+
+
+async def test_poller_metrics_show_pending_age_lag_and_leases(
+    make_service: ServiceFactory, simulator: Simulator
+) -> None:
+    simulator.state.config.ready_after = 3600
+    service = await make_service(POLL_INTERVAL_SECONDS="0.5")
+    for n in range(3):
+        await file(service, {"profile": n + 1})
+    await asyncio.sleep(2.5)  # a few ticks, the census among them
+
+    async with service.http.get(f"{service.url}/metrics") as answer:
+        text = await answer.text()
+    values = dict(
+        line.rsplit(" ", 1)
+        for line in text.splitlines()
+        if line.startswith(("receiver_pending", "receiver_oldest", "receiver_poll_"))
+    )
+    assert float(values["receiver_pending_requests"]) == 3
+    assert 0 < float(values["receiver_oldest_pending_age_seconds"]) < 60
+    assert float(values["receiver_poll_leases_held"]) == 0  # none held between visits
+    assert "receiver_poll_lag_seconds" in values
+    assert float(values['receiver_poll_visits_total{outcome="not_ready"}']) >= 3

@@ -2,6 +2,7 @@
 
 from .app import (
     SIM_STATE,
+    Delivery,
     Faults,
     SimRequest,
     SimState,
@@ -9,10 +10,18 @@ from .app import (
     create_simulator_app,
     run_simulator,
 )
-from .payloads import PayloadSpec, make_events, payload_bytes, payload_chunks, payload_digest
+from .payloads import (
+    PayloadSpec,
+    make_events,
+    payload_bytes,
+    payload_chunks,
+    payload_digest,
+    payload_size,
+)
 
 __all__ = [
     "SIM_STATE",
+    "Delivery",
     "Faults",
     "PayloadSpec",
     "SimRequest",
@@ -23,5 +32,6 @@ __all__ = [
     "payload_bytes",
     "payload_chunks",
     "payload_digest",
+    "payload_size",
     "run_simulator",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -115,6 +116,7 @@ class SimRequest:
     open_fetches: int = 0
     max_open_fetches: int = 0
     spec: PayloadSpec | None = None
+    size: int | None = None  # of the payload, once its spec is fixed
     woken: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def ready(self, now: float) -> bool:
@@ -196,6 +198,13 @@ class SimState:
                 seed=self.config.payload_seed,
             )
         return request.spec
+
+    def payload_size(self, copernica_id: str) -> int:
+        """Exact payload length, kept: counting a GiB payload's mailings takes a while."""
+        request = self.requests[copernica_id]
+        if request.size is None:
+            request.size = payload_size(self.payload_spec(copernica_id))
+        return request.size
 
     def payload_bytes(self, copernica_id: str) -> bytes:
         return payload_bytes(self.payload_spec(copernica_id))
@@ -301,7 +310,9 @@ async def _report_of(request: web.Request) -> str | None:
 
 def _refusal(kind: str, subject_id: str) -> str | None:
     """Copernica's message for a subject it will not take, or None."""
-    unknown = "No subprofile with supplied ID" if kind == "subprofile" else "No entity with supplied ID"
+    unknown = (
+        "No subprofile with supplied ID" if kind == "subprofile" else "No entity with supplied ID"
+    )
     if kind == "email":
         return None if _EMAIL.match(subject_id) else "Invalid email address"
     return None if subject_id.isdigit() and int(subject_id) > 0 else unknown
@@ -356,7 +367,7 @@ async def status(request: web.Request) -> web.Response:
     elif not found.ready(now):
         answer, available = "pending", 0
     else:
-        answer, available = "available", payload_size(state.payload_spec(found.copernica_id))
+        answer, available = "available", state.payload_size(found.copernica_id)
     return web.json_response(
         {"status": answer, "available": available, "content-type": "application/json"}
     )
@@ -369,7 +380,7 @@ async def _stream_payload(request: web.Request, found: SimRequest) -> web.Stream
     found.max_open_fetches = max(found.max_open_fetches, found.open_fetches)
     try:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        response.content_length = payload_size(spec)
+        response.content_length = state.payload_size(found.copernica_id)
         await response.prepare(request)
         for chunk in payload_chunks(spec):
             await response.write(chunk)
@@ -438,10 +449,8 @@ async def _deliver_when_ready(app: web.Application, sim_request: SimRequest, for
     state = app[SIM_STATE]
     while not sim_request.ready(now := time.monotonic()):
         sim_request.woken.clear()
-        try:  # /_sim/requests/{id}/ready wakes us early
+        with contextlib.suppress(TimeoutError):  # /_sim/requests/{id}/ready wakes us early
             await asyncio.wait_for(sim_request.woken.wait(), sim_request.ready_at - now)
-        except TimeoutError:
-            pass
     faults = state.faults_for(sim_request)
     if faults.lose_callback and not forced:
         return
@@ -458,7 +467,7 @@ async def _deliver_when_ready(app: web.Application, sim_request: SimRequest, for
         body = json.dumps({"info": _info(sim_request), "data": NOT_AVAILABLE}).encode()
         await _post(app, sim_request, lambda: [body], len(body), "not_available")
     spec = state.payload_spec(sim_request.copernica_id)
-    size = payload_size(spec)
+    size = state.payload_size(sim_request.copernica_id)
 
     async def deliver() -> None:
         await _post(app, sim_request, lambda: payload_chunks(spec), size, "payload")
