@@ -23,6 +23,7 @@ from .intake import Intake
 from .ledger import Ledger
 from .metrics import Metrics
 from .poller import Poller
+from .signatures import KeyStore, SignatureVerifier
 
 log = structlog.get_logger(__name__)
 
@@ -90,7 +91,15 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         app[STORE], app[LEDGER], app[COPERNICA] = store, ledger, copernica
         app[HEALTH] = Health(store, metrics)
         intake = Intake(store, ledger, settings)
-        app[CALLBACKS] = CallbackView(CallbackReceiver(intake, ledger), settings, metrics, key)
+        verifier = SignatureVerifier(
+            settings.signature_mode,
+            settings.copernica_account_id,
+            KeyStore(settings.signature_public_key_file, settings.signature_dns_server),
+            settings.signature_max_skew_seconds,
+        )
+        app[CALLBACKS] = CallbackView(
+            CallbackReceiver(intake, ledger), verifier, settings, metrics, key
+        )
         filing = Filing(store, ledger, copernica, settings, metrics, key)
         app[OPERATOR] = OperatorApi(filing, ledger, store)
         # Events live in API v1 only; the same rate limit covers both clients.

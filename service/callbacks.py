@@ -27,6 +27,7 @@ from .intake import Intake, Outcome, Receipt
 from .ledger import Ledger
 from .logs import subject_hash
 from .metrics import Metrics
+from .signatures import BodyDigest, SignatureInvalid, SignatureVerifier
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +63,9 @@ class CallbackReceiver:
         self._intake = intake
         self._ledger = ledger
 
-    async def receive(self, request_id: str, stream: StreamReader) -> Receipt:
+    async def receive(
+        self, request_id: str, stream: StreamReader, signed_digest: BodyDigest | None = None
+    ) -> Receipt:
         # The record read overlaps with the arrival of the first body bytes.
         lookup = asyncio.ensure_future(self._ledger.get(request_id))
         try:
@@ -75,7 +78,7 @@ class CallbackReceiver:
         record, _etag = found
         if record.status == "archived":
             return Receipt(Outcome.DUPLICATE, record=record, body_unread=True)
-        return await self._intake.take(record, first, stream, "callback")
+        return await self._intake.take(record, first, stream, "callback", signed_digest)
 
 
 # The one place where an outcome becomes an HTTP status.
@@ -83,6 +86,7 @@ HTTP_STATUS = {
     Outcome.ARCHIVED: 200,
     Outcome.DUPLICATE: 200,
     Outcome.NOT_READY: 202,
+    Outcome.UNAUTHORIZED: 401,
     Outcome.UNKNOWN: 404,
     Outcome.TOO_LARGE: 413,
     Outcome.INVALID: 422,
@@ -94,10 +98,16 @@ class CallbackView:
     """The aiohttp side: token first, then the receiver, then one mapping to HTTP."""
 
     def __init__(
-        self, receiver: CallbackReceiver, settings: Settings, metrics: Metrics, hash_key: bytes
+        self,
+        receiver: CallbackReceiver,
+        verifier: SignatureVerifier,
+        settings: Settings,
+        metrics: Metrics,
+        hash_key: bytes,
     ) -> None:
         assert settings.callback_secret is not None
         self._receiver = receiver
+        self._verifier = verifier
         self._secret = settings.callback_secret
         self._max_bytes = settings.max_callback_bytes
         self._metrics = metrics
@@ -132,9 +142,14 @@ class CallbackView:
         receipt = self._refusal(request)
         if receipt is None:
             try:
-                receipt = await self._receiver.receive(
-                    request.match_info["request_id"], request.content
+                signed_digest = await self._verifier.check(
+                    request.method, request.path_qs, request.headers
                 )
+                receipt = await self._receiver.receive(
+                    request.match_info["request_id"], request.content, signed_digest
+                )
+            except SignatureInvalid as exc:
+                receipt = Receipt(Outcome.UNAUTHORIZED, reason=str(exc), body_unread=True)
             except ArchiveUnavailable as exc:
                 receipt = Receipt(Outcome.UNAVAILABLE, reason=str(exc))
         return self._answer(request, receipt, started)

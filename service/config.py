@@ -136,6 +136,16 @@ def _non_negative_float(name: str, value: str) -> float:
     return _float(name, value, 0.0, inclusive=True)
 
 
+def _signature_mode(name: str, value: str) -> str:
+    return _choice(name, value.lower(), ("off", "verify-if-present", "require"))
+
+
+def _readable(name: str, value: str) -> str:
+    if not Path(value).is_file():
+        raise ConfigError(f"{name} must name a readable file, got {value!r}")
+    return value
+
+
 def _setting(env: str, parse: _Parser, default: str | None = None) -> Any:
     return field(default=None, metadata={"env": env, "parse": parse, "default": default})
 
@@ -176,6 +186,13 @@ class Settings:
     shutdown_grace_seconds: float = _setting("SHUTDOWN_GRACE_SECONDS", _positive_float, "30")
     shutdown_drain_seconds: float = _setting("SHUTDOWN_DRAIN_SECONDS", _non_negative_float, "5")
     poll_lease_seconds: float = _setting("POLL_LEASE_SECONDS", _positive_float, "600")
+    signature_mode: str = _setting("SIGNATURE_MODE", _signature_mode, "verify-if-present")
+    copernica_account_id: str | None = _setting("COPERNICA_ACCOUNT_ID", _text)
+    signature_public_key_file: str | None = _setting("SIGNATURE_PUBLIC_KEY_FILE", _readable)
+    signature_dns_server: str | None = _setting("SIGNATURE_DNS_SERVER", _text)
+    signature_max_skew_seconds: float = _setting(
+        "SIGNATURE_MAX_SKEW_SECONDS", _positive_float, "60"
+    )
 
     @classmethod
     def from_env(
@@ -207,6 +224,8 @@ class Settings:
     def _check(self) -> None:
         if self.archive_sse == "aws:kms" and not self.archive_kms_key_id:
             raise ConfigError("ARCHIVE_KMS_KEY_ID is required when ARCHIVE_SSE is aws:kms")
+        if self.signature_mode == "require" and not self.copernica_account_id:
+            raise ConfigError("COPERNICA_ACCOUNT_ID is required when SIGNATURE_MODE is require")
         if self.copernica_events_url is None:
             object.__setattr__(self, "copernica_events_url", events_url_for(self.copernica_api_url))
 

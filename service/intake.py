@@ -27,6 +27,7 @@ from .archive import (
 from .config import Settings
 from .ledger import Ledger, RecordConflict, RequestRecord
 from .payload import PayloadCheck, Verdict, is_plain_not_available
+from .signatures import BodyDigest
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +40,7 @@ class Outcome(enum.Enum):
     NOT_READY = "not_ready"
     UNKNOWN = "unknown"
     TOO_LARGE = "too_large"
+    UNAUTHORIZED = "bad_signature"
     INVALID = "invalid"
     UNAVAILABLE = "s3_unavailable"
 
@@ -64,9 +66,15 @@ class Intake:
         self._max_token = settings.max_json_token_bytes
 
     async def take(
-        self, record: RequestRecord, first: bytes, stream: StreamReader, source: str
+        self,
+        record: RequestRecord,
+        first: bytes,
+        stream: StreamReader,
+        source: str,
+        signed_digest: BodyDigest | None = None,
     ) -> Receipt:
-        """Archive the body that starts with `first` and continues in `stream`."""
+        """Archive the body that starts with `first` and continues in `stream`; with a
+        `signed_digest` (from a verified signature) the body must hash to it too."""
         received_at = utcnow()
         upload = self._store.upload(
             self._store.keys.archive(record.id),
@@ -78,7 +86,9 @@ class Intake:
             },
         )
         try:
-            return await self._stream(record, first, stream, upload, received_at, source)
+            return await self._stream(
+                record, first, stream, upload, received_at, source, signed_digest
+            )
         except AlreadyArchived:
             return Receipt(Outcome.DUPLICATE, record=record, body_unread=True)
         finally:
@@ -93,8 +103,13 @@ class Intake:
         upload: StreamedUpload,
         received_at: datetime,
         source: str,
+        signed_digest: BodyDigest | None,
     ) -> Receipt:
         digest = hashlib.sha256()
+        # A signed digest in another algorithm needs its own hash; SHA-256 reuses ours.
+        other = (
+            signed_digest.new() if signed_digest and signed_digest.algorithm != "sha256" else None
+        )
         check = PayloadCheck(self._max_token)
         size = 0
         while chunk:
@@ -108,12 +123,23 @@ class Intake:
                     reason=f"body larger than {self._max_bytes} bytes",
                 )
             digest.update(chunk)
+            if other is not None:
+                other.update(chunk)
             check.feed(chunk)
             if check.failed:
                 break
             await upload.write(chunk)
             chunk = await stream.readany()
 
+        if signed_digest is not None and not check.failed:
+            actual = (other or digest).digest()
+            if actual != signed_digest.expected:
+                return Receipt(
+                    Outcome.UNAUTHORIZED,
+                    size=size,
+                    record=record,
+                    reason="body does not match the signed Digest",
+                )
         if check.failed:
             return await self._quarantine(
                 record, upload, chunk, stream, size, digest, received_at, check.error or "invalid"

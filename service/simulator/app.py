@@ -654,6 +654,8 @@ async def sim_faults(request: web.Request) -> web.Response:
     state = request.app[SIM_STATE]
     try:
         changes = await request.json()
+        if not isinstance(changes, dict):
+            raise ValueError("expected a JSON object")
         target = changes.pop("copernica_id", None) or changes.pop("subject", None)
         if target is None:
             checked = _checked(changes, state.faults, (f.name for f in dataclasses.fields(Faults)))
@@ -661,7 +663,7 @@ async def sim_faults(request: web.Request) -> web.Response:
                 setattr(state.faults, name, value)
             return web.json_response(dataclasses.asdict(state.faults))
         checked = _checked(changes, state.faults, REQUEST_FAULTS)
-    except (ValueError, AttributeError) as exc:
+    except ValueError as exc:
         return web.json_response({"error": {"message": str(exc)}}, status=400)
     key = str(target)
     if key.startswith("email/"):
