@@ -111,8 +111,12 @@ SimFactory = Callable[..., Awaitable[Sim]]
 @pytest.fixture
 def make_sim(aiohttp_server: Any, http: aiohttp.ClientSession) -> SimFactory:
     async def make(**config: Any) -> Sim:
-        config = {"access_token": TOKEN, "ready_after": 0.0, "delivery_retry_delay": 0.01} | config
-        app = create_simulator_app(SimulatorConfig(**config))
+        defaults: dict[str, Any] = {
+            "access_token": TOKEN,
+            "ready_after": 0.0,
+            "delivery_retry_delay": 0.01,
+        }
+        app = create_simulator_app(SimulatorConfig(**(defaults | config)))
         server = await aiohttp_server(app, host="127.0.0.1")
         return Sim(str(server.make_url("")).rstrip("/"), app[SIM_STATE], http)
 
@@ -581,11 +585,14 @@ async def test_a_lost_callback_is_never_posted_until_forced(
     assert receiver.bodies == [sim.state.payload_bytes(cid)]
 
 
-async def test_forced_readiness_delivers_at_once(make_sim: SimFactory, receiver: Receiver) -> None:
+@pytest.mark.parametrize("action", ["ready", "deliver"])
+async def test_forcing_readiness_or_delivery_delivers_once_at_once(
+    make_sim: SimFactory, receiver: Receiver, action: str
+) -> None:
     sim = await make_sim(ready_after=60)
     cid = await sim.create(report=receiver.url)
 
-    await sim.control("POST", f"requests/{cid}/ready")
+    assert (await sim.control("POST", f"requests/{cid}/{action}")).status == 200
 
     await eventually(lambda: len(receiver.bodies) == 1, timeout=1)
     await asyncio.sleep(0.05)

@@ -118,6 +118,7 @@ class SimRequest:
     spec: PayloadSpec | None = None
     size: int | None = None  # of the payload, once its spec is fixed
     woken: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    waiting: asyncio.Task[None] | None = field(default=None, repr=False)  # delivery not yet due
 
     def ready(self, now: float) -> bool:
         return now >= self.ready_at
@@ -245,7 +246,7 @@ class SimState:
 
 SIM_STATE = web.AppKey("sim_state", SimState)
 _HTTP = web.AppKey("sim_http", aiohttp.ClientSession)
-_TASKS = web.AppKey("sim_tasks", dict[str, asyncio.Task[None]])  # copernica id -> delivery
+_TASKS = web.AppKey("sim_tasks", set[asyncio.Task[None]])  # deliveries, waiting or under way
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
@@ -428,21 +429,16 @@ async def old_form(request: web.Request) -> web.StreamResponse:
 
 
 def _schedule_delivery(app: web.Application, sim_request: SimRequest, forced: bool = False) -> None:
-    """One delivery task per request: a new one (a forced redelivery) replaces a waiting one."""
+    """Deliver once the request is ready. A forced (re)delivery replaces a task still waiting
+    for readiness, so it is not delivered twice; one already sending is left to finish."""
     if not sim_request.report:
         return
-    tasks = app[_TASKS]
-    earlier = tasks.get(sim_request.copernica_id)
-    if earlier is not None and not earlier.done():
-        earlier.cancel()
+    if sim_request.waiting is not None:
+        sim_request.waiting.cancel()
     task = asyncio.create_task(_deliver_when_ready(app, sim_request, forced))
-    tasks[sim_request.copernica_id] = task
-
-    def forget(done: asyncio.Task[None]) -> None:
-        if tasks.get(sim_request.copernica_id) is done:
-            del tasks[sim_request.copernica_id]
-
-    task.add_done_callback(forget)
+    sim_request.waiting = task
+    app[_TASKS].add(task)
+    task.add_done_callback(app[_TASKS].discard)
 
 
 async def _deliver_when_ready(app: web.Application, sim_request: SimRequest, forced: bool) -> None:
@@ -451,6 +447,8 @@ async def _deliver_when_ready(app: web.Application, sim_request: SimRequest, for
         sim_request.woken.clear()
         with contextlib.suppress(TimeoutError):  # /_sim/requests/{id}/ready wakes us early
             await asyncio.wait_for(sim_request.woken.wait(), sim_request.ready_at - now)
+    if sim_request.waiting is asyncio.current_task():
+        sim_request.waiting = None
     faults = state.faults_for(sim_request)
     if faults.lose_callback and not forced:
         return
@@ -686,7 +684,7 @@ async def sim_config(request: web.Request) -> web.Response:
 
 
 async def sim_reset(request: web.Request) -> web.Response:
-    for task in request.app[_TASKS].values():
+    for task in request.app[_TASKS]:
         task.cancel()
     request.app[SIM_STATE].reset()
     return web.json_response({"status": "reset"})
@@ -721,16 +719,16 @@ async def sim_deliver(request: web.Request) -> web.Response:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """The delivery client and the delivery tasks: made here, cancelled and closed here."""
-    tasks: dict[str, asyncio.Task[None]] = {}
+    tasks: set[asyncio.Task[None]] = set()
     app[_TASKS] = tasks
     # No total timeout: a payload can be hundreds of MB; a stalled receiver still times out.
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         app[_HTTP] = http
         yield
-        for task in list(tasks.values()):
+        for task in list(tasks):
             task.cancel()
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def create_simulator_app(config: SimulatorConfig | None = None) -> web.Application:
