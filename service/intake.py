@@ -115,13 +115,7 @@ class Intake:
         while chunk:
             size += len(chunk)
             if size > self._max_bytes:
-                return Receipt(
-                    Outcome.TOO_LARGE,
-                    size=size,
-                    record=record,
-                    body_unread=True,
-                    reason=f"body larger than {self._max_bytes} bytes",
-                )
+                return self._too_large(size, record)
             digest.update(chunk)
             if other is not None:
                 other.update(chunk)
@@ -178,6 +172,11 @@ class Intake:
             await self._note_in_record(record.id, receipt, received_at, source)
         return receipt
 
+    def _too_large(self, size: int, record: RequestRecord) -> Receipt:
+        """Over MAX_CALLBACK_BYTES: stop reading; nothing is stored (the caller aborts)."""
+        reason = f"body larger than {self._max_bytes} bytes"
+        return Receipt(Outcome.TOO_LARGE, size=size, record=record, body_unread=True, reason=reason)
+
     async def _quarantine(
         self,
         record: RequestRecord,
@@ -206,13 +205,7 @@ class Intake:
                     break
                 size += len(chunk)
                 if size > self._max_bytes:
-                    return Receipt(
-                        Outcome.TOO_LARGE,
-                        size=size,
-                        record=record,
-                        body_unread=True,
-                        reason=f"body larger than {self._max_bytes} bytes",
-                    )
+                    return self._too_large(size, record)
                 digest.update(chunk)
                 kept.append(chunk)
                 held += len(chunk)
