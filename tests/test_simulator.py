@@ -465,11 +465,11 @@ async def test_a_disabled_readiness_form_is_an_invalid_method(
 
 
 async def test_expired_data_is_gone(make_sim: SimFactory) -> None:
-    sim = await make_sim(expire_after=0.1)
+    sim = await make_sim(expire_after=0.3)
     cid = await sim.create()
     assert (await sim.call("GET", f"datarequest/{cid}/data")).status == 200
 
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(0.35)
 
     status = await sim.call("GET", f"datarequest/{cid}/status")
     assert status.json() == {

@@ -456,7 +456,8 @@ async def _deliver_when_ready(app: web.Application, sim_request: SimRequest, for
     assert report is not None
     if not report.startswith(("http://", "https://")):
         # An e-mail report: Copernica mails the file; we only note what it would have sent.
-        size, sha256 = await asyncio.to_thread(state.payload_digest, sim_request.copernica_id)
+        spec = state.payload_spec(sim_request.copernica_id)
+        size, sha256 = await asyncio.to_thread(payload_digest, spec)
         state.deliveries.append(
             Delivery(sim_request.copernica_id, report, None, size, sha256, time.time(), "email")
         )
