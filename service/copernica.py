@@ -12,6 +12,7 @@ exceptions name the path, never the URL.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import email.utils
 import enum
@@ -55,25 +56,44 @@ class DataGone(Exception):
 
 
 class RateLimiter:
-    """A token bucket shared by every call of the process: at most `rate` calls per second."""
+    """At most `rate` calls in any one-second window, shared by every call of the process.
 
-    def __init__(self, rate: float, burst: float = 1.0) -> None:
-        self._rate = rate
-        self._capacity = max(burst, 1.0)
-        self._tokens = self._capacity
-        self._stamp = time.monotonic()
-        self._lock = asyncio.Lock()
+    A sliding window, not a token bucket (a bucket lets `rate + burst` calls into some
+    windows). A call holds its slot from when it is sent until its answer's headers arrive,
+    and the window is counted from that arrival: the server has the request by then, so
+    however network latency varies, Copernica never sees more than `rate` calls in one
+    second. Below one call per second: one call per `1 / rate` seconds.
+    """
 
-    async def acquire(self) -> None:
-        async with self._lock:
+    MARGIN = 0.02
+
+    def __init__(self, rate: float) -> None:
+        self._calls = max(1, int(rate))
+        self._window = (1.0 if rate >= 1 else 1.0 / rate) * (1 + self.MARGIN)
+        self._answered: collections.deque[float] = collections.deque()
+        self._open = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        async with self._changed:
             while True:
                 now = time.monotonic()
-                self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
-                self._stamp = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return
-                await asyncio.sleep((1 - self._tokens) / self._rate)
+                while self._answered and self._answered[0] <= now - self._window:
+                    self._answered.popleft()
+                if self._open + len(self._answered) < self._calls:
+                    self._open += 1
+                    break
+                wait = self._answered[0] + self._window - now if self._answered else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), wait)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._open -= 1
+                self._answered.append(time.monotonic())
+                self._changed.notify_all()
 
 
 @dataclass(frozen=True)
@@ -235,17 +255,17 @@ class CopernicaClient:
         refreshed = False
         attempt = 0
         while attempt < backoff.attempts:
-            await self.limiter.acquire()
             query, headers = dict(params or {}), dict[str, str]()
             await self._auth.apply(query, headers)
             retry_after: float | None = None
             try:
-                answer = await self._session.request(
-                    method,
-                    url.update_query(query),
-                    headers=headers,
-                    timeout=self._stream_timeout if stream else self._timeout,
-                )
+                async with self.limiter.slot():
+                    answer = await self._session.request(
+                        method,
+                        url.update_query(query),
+                        headers=headers,
+                        timeout=self._stream_timeout if stream else self._timeout,
+                    )
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self._metrics.copernica_calls.labels(endpoint, "error").inc()
                 last = f"{type(exc).__name__} on {endpoint}"

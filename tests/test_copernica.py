@@ -142,9 +142,23 @@ async def test_rate_limit_is_never_exceeded(
     assert elapsed >= 2.0  # 25 calls at 10/s with a burst of one
 
 
-async def test_token_bucket_paces_calls() -> None:
-    limiter = RateLimiter(50)
+async def test_limiter_allows_at_most_rate_calls_in_any_second() -> None:
+    limiter = RateLimiter(10)
+    stamps = []
+
+    async def call() -> None:
+        async with limiter.slot():
+            stamps.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(call() for _ in range(25)))
+    busiest = max(sum(1 for t in stamps if start <= t < start + 1.0) for start in stamps)
+    assert busiest == 10
+    assert 2.0 <= stamps[-1] - stamps[0] < 3.0  # and it does not pace slower than needed
+    slow = RateLimiter(0.5)  # below one per second: one call per two seconds
+    async with slow.slot():
+        pass
     started = time.monotonic()
-    for _ in range(26):
-        await limiter.acquire()
-    assert 0.45 <= time.monotonic() - started < 1.5
+    async with slow.slot():
+        pass
+    assert time.monotonic() - started >= 2.0
