@@ -23,7 +23,7 @@ from aiohttp import StreamReader, web
 
 from .archive import ArchiveUnavailable
 from .config import Secret, Settings
-from .intake import Intake, Outcome, Receipt
+from .intake import BodyStalled, Intake, Outcome, Receipt
 from .ledger import Ledger
 from .logs import subject_hash
 from .metrics import Metrics
@@ -69,8 +69,10 @@ class CallbackReceiver:
         # The record read overlaps with the arrival of the first body bytes.
         lookup = asyncio.ensure_future(self._ledger.get(request_id))
         try:
-            first = await stream.readany()
+            first = await self._intake.read(stream)
             found = await lookup
+        except BodyStalled as exc:
+            return Receipt(Outcome.TIMEOUT, reason=str(exc), body_unread=True)
         finally:
             lookup.cancel()
         if found is None:
@@ -88,7 +90,9 @@ HTTP_STATUS = {
     Outcome.NOT_READY: 202,
     Outcome.UNAUTHORIZED: 401,
     Outcome.UNKNOWN: 404,
+    Outcome.TIMEOUT: 408,
     Outcome.TOO_LARGE: 413,
+    Outcome.UNSUPPORTED: 415,
     Outcome.INVALID: 422,
     Outcome.UNAVAILABLE: 503,
 }
@@ -118,6 +122,15 @@ class CallbackView:
         request_id, token = request.match_info["request_id"], request.match_info["token"]
         if not token_valid(self._secret, request_id, token):
             return Receipt(Outcome.UNKNOWN, reason="not found", body_unread=True)
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # Stored byte for byte means as sent; and a compressed body could expand beyond
+            # every bound before a single check ran. Copernica sends plain JSON.
+            return Receipt(
+                Outcome.UNSUPPORTED,
+                reason=f"Content-Encoding {encoding!r} is not accepted; send the JSON uncompressed",
+                body_unread=True,
+            )
         if request.content_length is not None and request.content_length > self._max_bytes:
             return Receipt(
                 Outcome.TOO_LARGE,

@@ -186,6 +186,9 @@ class Settings:
     shutdown_grace_seconds: float = _setting("SHUTDOWN_GRACE_SECONDS", _positive_float, "30")
     shutdown_drain_seconds: float = _setting("SHUTDOWN_DRAIN_SECONDS", _non_negative_float, "5")
     poll_lease_seconds: float = _setting("POLL_LEASE_SECONDS", _positive_float, "600")
+    callback_read_timeout_seconds: float = _setting(
+        "CALLBACK_READ_TIMEOUT_SECONDS", _positive_float, "60"
+    )
     signature_mode: str = _setting("SIGNATURE_MODE", _signature_mode, "verify-if-present")
     copernica_account_id: str | None = _setting("COPERNICA_ACCOUNT_ID", _text)
     signature_public_key_file: str | None = _setting("SIGNATURE_PUBLIC_KEY_FILE", _readable)

@@ -363,7 +363,8 @@ class CopernicaClient:
         try:
             state = str(json.loads(body).get("status", "")).lower()
         except (ValueError, AttributeError):
-            raise CopernicaError(_status, "status answer is not a JSON object") from None
+            # A 200 with garbage (a proxy's error page, a cut answer): transient, ask again.
+            raise CopernicaUnavailable("Copernica status: answer is not a JSON object") from None
         if state == "available":
             return Readiness.READY
         if state == "pending":

@@ -7,6 +7,7 @@ the first writer wins. The outcome is a domain value; HTTP codes are decided by 
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ from .signatures import BodyDigest
 log = structlog.get_logger(__name__)
 
 
+class BodyStalled(Exception):
+    """The sender stopped sending in the middle of the body."""
+
+
 class Outcome(enum.Enum):
     """What happened to one body."""
 
@@ -40,6 +45,8 @@ class Outcome(enum.Enum):
     NOT_READY = "not_ready"
     UNKNOWN = "unknown"
     TOO_LARGE = "too_large"
+    TIMEOUT = "read_timeout"
+    UNSUPPORTED = "unsupported_encoding"
     UNAUTHORIZED = "bad_signature"
     INVALID = "invalid"
     UNAVAILABLE = "s3_unavailable"
@@ -64,6 +71,16 @@ class Intake:
         self._ledger = ledger
         self._max_bytes = settings.max_callback_bytes
         self._max_token = settings.max_json_token_bytes
+        self._read_timeout = settings.callback_read_timeout_seconds
+
+    async def read(self, stream: StreamReader) -> bytes:
+        """The next chunk, or `BodyStalled` if the sender pauses longer than the read timeout
+        (a slowloris sender must not hold a connection and an upload open for ever)."""
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                return await stream.readany()
+        except TimeoutError:
+            raise BodyStalled(f"no body bytes for {self._read_timeout:g} s") from None
 
     async def take(
         self,
@@ -91,6 +108,8 @@ class Intake:
             )
         except AlreadyArchived:
             return Receipt(Outcome.DUPLICATE, record=record, body_unread=True)
+        except BodyStalled as exc:
+            return Receipt(Outcome.TIMEOUT, record=record, body_unread=True, reason=str(exc))
         finally:
             # Whatever went wrong (S3, a dropped connection), leave no upload behind.
             await upload.abort()
@@ -123,7 +142,7 @@ class Intake:
             if check.failed:
                 break
             await upload.write(chunk)
-            chunk = await stream.readany()
+            chunk = await self.read(stream)
 
         if signed_digest is not None and not check.failed:
             actual = (other or digest).digest()
@@ -199,7 +218,7 @@ class Intake:
             held = len(kept[0]) + len(chunk)
             finished = not chunk
             while not finished and held <= cap:
-                chunk = await stream.readany()
+                chunk = await self.read(stream)
                 if not chunk:
                     finished = True
                     break

@@ -32,7 +32,7 @@ from .copernica import CopernicaClient, CopernicaError, CopernicaUnavailable, Da
 from .event_archive import Progress, S3Sink, fetch_events, request_windows
 from .events import Source
 from .filing import Filing, archive_from_head
-from .intake import Intake, Outcome
+from .intake import BodyStalled, Intake, Outcome
 from .ledger import (
     FINAL_STATUSES,
     REPLICA,
@@ -237,9 +237,9 @@ class Poller:
             if answer is None:
                 return self._later(record, "not_ready")
             try:
-                first = await answer.content.readany()
+                first = await self._intake.read(answer.content)
                 receipt = await self._intake.take(record, first, answer.content, "poll")
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (aiohttp.ClientError, TimeoutError, BodyStalled) as exc:
                 # Copernica's answer broke off mid-stream: nothing was archived; retry later.
                 raise CopernicaUnavailable(
                     f"data download broke off: {type(exc).__name__}"
