@@ -609,7 +609,8 @@ async def test_duplicate_callbacks_repeat_the_same_bytes(
     receiver.hold = 0.05
 
     cid = await sim.create(report=receiver.url)
-    await eventually(lambda: len(receiver.bodies) == 3)
+    # A delivery is recorded once its answer is back, a moment after the body arrived.
+    await eventually(lambda: len(receiver.bodies) == 3 and len(sim.state.deliveries) == 3)
 
     assert receiver.bodies == [sim.state.payload_bytes(cid)] * 3
     assert receiver.max_in_flight == overlap
@@ -642,7 +643,7 @@ async def test_not_available_callback_comes_before_the_payload(
     sim.state.faults.not_available_callback = True
 
     cid = await sim.create("subprofile/7/datarequest", report=receiver.url)
-    await eventually(lambda: len(receiver.bodies) == 2)
+    await eventually(lambda: len(receiver.bodies) == 2 and len(sim.state.deliveries) == 2)
 
     assert json.loads(receiver.bodies[0]) == {
         "info": {"type": "subprofile", "id": 7},
