@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,6 +31,41 @@ from service.simulator import SIM_STATE, SimState, SimulatorConfig, create_simul
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+# -- the whole suite's logs must never show a secret or an e-mail address ------------------
+# Every test's captured output (the service logs through structlog to stdout) and the log
+# files of service processes are scanned; a leak fails the session. The simulator plays
+# Copernica and aiohttp's access log of it is its own, so "aiohttp.access" lines are skipped
+# (the service itself runs without an access log).
+SERVICE_LOGS: list[Path] = []
+_LEAKS: list[str] = []
+_ADDRESS = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
+
+
+def _leaks_in(text: str) -> list[str]:
+    secrets = (ACCESS_TOKEN, API_TOKEN, CALLBACK_SECRET)
+    return [
+        line[:300]
+        for line in text.splitlines()
+        if "aiohttp.access" not in line
+        and (any(s in line for s in secrets) or _ADDRESS.search(line))
+    ]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for section, text in report.sections:
+        _LEAKS.extend(f"{report.nodeid} [{section}]: {line}" for line in _leaks_in(text))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for path in SERVICE_LOGS:
+        if path.exists():
+            _LEAKS.extend(f"{path.name}: {line}" for line in _leaks_in(path.read_text()))
+    if _LEAKS:
+        found = list(dict.fromkeys(_LEAKS))  # a section shows up in several phases' reports
+        print("\nSECRETS OR E-MAIL ADDRESSES IN LOGS:\n" + "\n".join(found[:50]))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 ACCESS_TOKEN = "sim-access-token-5f1c"
 API_TOKEN = "operator-token-9a7e"
@@ -201,7 +238,8 @@ async def make_service(
         }
         settings = make_settings(**env)
         app = create_app(settings)
-        server = TestServer(app, host="127.0.0.1", port=port)
+        # No access log, as in production (`serve`): request lines carry callback tokens.
+        server = TestServer(app, host="127.0.0.1", port=port, access_log=None)
         await server.start_server()
         http = aiohttp.ClientSession()
         started.append((server, http))
@@ -360,6 +398,7 @@ def service_processes(
             **overrides,
         }
         proc = ServiceProcess(env, str(tmp_path / f"service-{len(started)}.log"))
+        SERVICE_LOGS.append(Path(proc.log_path))
         started.append(proc)
         return proc.start()
 
