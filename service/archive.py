@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import botocore.exceptions
@@ -24,8 +24,6 @@ from ulid import ULID
 
 from .config import Settings
 from .metrics import Metrics
-
-T = TypeVar("T")
 
 # Errors that mean "S3 is not answering properly": retryable, never the caller's fault.
 _UNAVAILABLE = (
@@ -204,11 +202,6 @@ class ArchiveStore:
         except (ArchiveUnavailable, NotFound):
             return False
         return True
-
-    async def ensure_bucket(self) -> None:
-        """Create the bucket when missing (local development and tests only)."""
-        if not await self.reachable():
-            await self._call("create_bucket")
 
     # -- streamed uploads ----------------------------------------------------------------
 
@@ -427,17 +420,3 @@ async def s3_client(settings: Settings) -> AsyncIterator[Any]:
         "s3", endpoint_url=settings.s3_endpoint_url, config=config
     ) as client:
         yield client
-
-
-async def retry_unavailable(
-    call: Callable[[], Awaitable[T]], *, attempts: int = 3, delay: float = 0.2
-) -> T:
-    """Retry a call through short S3 outages (background work only, never the callback path)."""
-    for attempt in range(attempts):
-        try:
-            return await call()
-        except ArchiveUnavailable:
-            if attempt == attempts - 1:
-                raise
-            await asyncio.sleep(delay * (2**attempt))
-    raise AssertionError("unreachable")
