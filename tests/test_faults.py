@@ -190,3 +190,22 @@ async def test_nothing_is_written_to_local_disk(
     replica.proc.send_signal(signal.SIGTERM)
     replica.proc.wait(30)
     assert list(scratch.iterdir()) == []
+
+
+async def test_garbage_answers_from_copernica_are_transient(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    """A proxy in front of Copernica answering 200 with an HTML page: status checks and event
+    fetches treat it as a passing fault, and the request is archived once answers are sane."""
+    service = await make_service(**FAST_POLL)
+    simulator.state.faults.lose_callback = True
+    async with await service.file(
+        {"email": "g@example.com", "events": {"since": "2026-01-01", "until": "2026-01-05"}}
+    ) as answer:
+        created = await answer.json()
+    simulator.state.faults.garbage_next = 3
+
+    shown = await wait_for_status(service, created["id"], "archived", timeout=30)
+
+    assert shown["status"] == "archived" and shown["events"]["complete"]
+    assert simulator.state.faults.garbage_next == 0  # all three were served and survived

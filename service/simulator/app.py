@@ -53,6 +53,7 @@ class Faults:
     status_5xx_rate: float = 0.0  # fraction of API calls answered 503
     status_429_rate: float = 0.0  # fraction of API calls answered 429 + Retry-After
     fail_next: int = 0  # the next N API calls answer 503
+    garbage_next: int = 0  # the next N API calls answer 200 with an HTML page (a bad proxy)
     slow_seconds: float = 0.0  # delay before every API answer
     reject_create: bool = False  # create answers 400 "No entity with supplied ID"
 
@@ -280,6 +281,11 @@ async def _api_calls(request: web.Request, handler: Any) -> web.StreamResponse:
     if faults.fail_next > 0:
         faults.fail_next -= 1
         return _error(503, "Service temporarily unavailable")
+    if faults.garbage_next > 0:
+        faults.garbage_next -= 1
+        return web.Response(
+            text="<html><body>Gateway says hello</body></html>", content_type="text/html"
+        )
     roll = state.random.random()
     if roll < faults.status_429_rate:
         return _error(
