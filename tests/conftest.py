@@ -420,3 +420,14 @@ async def metric_counts(service: Service) -> dict[str, float]:
         elif name == "receiver_poll_ticks_total":
             counts[name] = float(value)
     return counts
+
+
+async def file_request(
+    http: aiohttp.ClientSession, base_url: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """File a data request through the operator API of a service (or a load balancer)."""
+    async with http.post(
+        f"{base_url}/v1/data-requests", json=body, headers={"Authorization": f"Bearer {API_TOKEN}"}
+    ) as answer:
+        assert answer.status == 202, await answer.text()
+        return dict(await answer.json())

@@ -16,13 +16,13 @@ from service.callbacks import callback_url
 from service.config import Secret
 from service.simulator import PayloadSpec, payload_bytes
 from tests.conftest import (
-    API_TOKEN,
     CALLBACK_SECRET,
     Bucket,
     ServiceFactory,
     ServiceProcess,
     Simulator,
     TcpProxy,
+    file_request,
 )
 from tests.test_api import wait_for_status
 from tests.test_callbacks import archive_key, payload, pending_request, post
@@ -77,12 +77,7 @@ async def test_replica_killed_mid_upload_leaves_no_object_and_the_poller_archive
         S3_PART_BYTES=str(5 * MIB), POLL_INTERVAL_SECONDS="2", POLL_LEASE_SECONDS="3"
     )
     async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{replica.url}/v1/data-requests",
-            json={"email": "k@example.com"},
-            headers={"Authorization": f"Bearer {API_TOKEN}"},
-        ) as answer:
-            created = await answer.json()
+        created = await file_request(http, replica.url, {"email": "k@example.com"})
         body = payload_bytes(
             PayloadSpec("email", "k@example.com", created["copernica_id"], 16 * MIB)
         )
@@ -165,12 +160,7 @@ async def test_nothing_is_written_to_local_disk(
     simulator.state.faults.lose_callback = True
     replica = service_processes(TMPDIR=str(scratch), S3_PART_BYTES=str(5 * MIB))
     async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{replica.url}/v1/data-requests",
-            json={"email": "d@example.com"},
-            headers={"Authorization": f"Bearer {API_TOKEN}"},
-        ) as answer:
-            created = await answer.json()
+        created = await file_request(http, replica.url, {"email": "d@example.com"})
         body = payload_bytes(
             PayloadSpec("email", "d@example.com", created["copernica_id"], 12 * MIB)
         )

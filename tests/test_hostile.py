@@ -18,13 +18,13 @@ import pytest
 from service.callbacks import callback_url
 from service.config import Secret
 from tests.conftest import (
-    API_TOKEN,
     CALLBACK_SECRET,
     Bucket,
     Service,
     ServiceFactory,
     ServiceProcess,
     Simulator,
+    file_request,
 )
 from tests.test_callbacks import (
     EMAIL,
@@ -255,12 +255,7 @@ async def test_a_500_mb_single_string_is_refused_in_bounded_memory(
     simulator.state.faults.lose_callback = True
     replica = service_processes()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
-        async with http.post(
-            f"{replica.url}/v1/data-requests",
-            json={"email": EMAIL},
-            headers={"Authorization": f"Bearer {API_TOKEN}"},
-        ) as answer:
-            created = await answer.json()
+        created = await file_request(http, replica.url, {"email": EMAIL})
         head = json.dumps({"info": {"type": "email", "id": EMAIL}}).encode()[:-1]
 
         async def huge() -> AsyncIterator[bytes]:

@@ -20,11 +20,11 @@ from service.callbacks import callback_url
 from service.config import Secret
 from service.simulator import PayloadSpec, payload_bytes
 from tests.conftest import (
-    API_TOKEN,
     CALLBACK_SECRET,
     Bucket,
     ServiceProcess,
     Simulator,
+    file_request,
     free_port,
     wait_for_port,
 )
@@ -128,13 +128,7 @@ async def test_behind_nginx_a_killed_replica_loses_nothing(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
         created = []
         for n in range(REQUESTS):
-            async with http.post(
-                f"{proxy.url}/v1/data-requests",
-                json={"profile": n + 1},
-                headers={"Authorization": f"Bearer {API_TOKEN}"},
-            ) as answer:
-                assert answer.status == 202
-                created.append(await answer.json())
+            created.append(await file_request(http, proxy.url, {"profile": n + 1}))
         bodies = {
             item["id"]: payload_bytes(
                 PayloadSpec(

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import API_TOKEN, Bucket, ServiceProcess, Simulator
+from tests.conftest import Bucket, ServiceProcess, Simulator, file_request
 from tests.test_callbacks import archive_key
 
 REQUESTS = 200
@@ -21,16 +21,8 @@ async def file_many(http: aiohttp.ClientSession, urls: list[str], count: int) ->
     gate = asyncio.Semaphore(16)
 
     async def one(n: int) -> dict[str, Any]:
-        async with (
-            gate,
-            http.post(
-                f"{urls[n % len(urls)]}/v1/data-requests",
-                json={"profile": n + 1},
-                headers={"Authorization": f"Bearer {API_TOKEN}"},
-            ) as answer,
-        ):
-            assert answer.status == 202, await answer.text()
-            return dict(await answer.json())
+        async with gate:
+            return await file_request(http, urls[n % len(urls)], {"profile": n + 1})
 
     return list(await asyncio.gather(*(one(n) for n in range(count))))
 

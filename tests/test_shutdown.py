@@ -11,7 +11,7 @@ import aiohttp
 from service.callbacks import callback_url
 from service.config import Secret
 from service.simulator import PayloadSpec, payload_bytes
-from tests.conftest import API_TOKEN, CALLBACK_SECRET, Bucket, ServiceProcess, Simulator, sha256
+from tests.conftest import CALLBACK_SECRET, Bucket, ServiceProcess, Simulator, file_request, sha256
 from tests.test_callbacks import archive_key
 
 MIB = 1024 * 1024
@@ -25,12 +25,7 @@ async def test_sigterm_finishes_the_callback_in_flight_and_exits_cleanly(
         SHUTDOWN_DRAIN_SECONDS="1", SHUTDOWN_GRACE_SECONDS="30", S3_PART_BYTES=str(5 * MIB)
     )
     async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{replica.url}/v1/data-requests",
-            json={"email": "sig@example.com"},
-            headers={"Authorization": f"Bearer {API_TOKEN}"},
-        ) as answer:
-            created = await answer.json()
+        created = await file_request(http, replica.url, {"email": "sig@example.com"})
         body = payload_bytes(
             PayloadSpec("email", "sig@example.com", created["copernica_id"], 12 * MIB)
         )
