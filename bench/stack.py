@@ -1,0 +1,153 @@
+"""What every benchmark starts: moto's S3 server, the simulator, the service, as processes on
+loopback, and readings of a process's CPU time and memory from /proc."""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(port: int) -> None:
+    for _ in range(300):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_kib(pid: int, field_name: str = "VmHWM") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise KeyError(field_name)
+
+
+def machine() -> str:
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
+@dataclass
+class Stack:
+    """moto + simulator + service; `start()` returns once all listen."""
+
+    service_env: dict[str, str] = field(default_factory=dict)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        os.environ.update(CREDENTIALS)
+        self.token, self.secret = secrets.token_hex(8), secrets.token_hex(16)
+        self.api = secrets.token_hex(8)
+        self.s3_port, self.sim_port, self.port = free_port(), free_port(), free_port()
+        self.endpoint = f"http://127.0.0.1:{self.s3_port}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.bucket = "bench"
+
+    def spawn(
+        self, args: list[str], env: dict[str, str] | None = None, port: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.procs.append(proc)
+        if port:
+            wait_for(port)
+        return proc
+
+    def start(self) -> Stack:
+        import botocore.session
+
+        self.spawn(
+            ["-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)], port=self.s3_port
+        )
+        botocore.session.get_session().create_client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1"
+        ).create_bucket(Bucket=self.bucket)
+        self.spawn(
+            [
+                "-m",
+                "service",
+                "simulate",
+                "--port",
+                str(self.sim_port),
+                "--access-token",
+                self.token,
+                "--ready-after",
+                "3600",
+            ],
+            port=self.sim_port,
+        )
+        self.service = self.spawn(
+            ["-m", "service", "serve"],
+            env={
+                "COPERNICA_ACCESS_TOKEN": self.token,
+                "CALLBACK_SECRET": self.secret,
+                "API_TOKEN": self.api,
+                "ARCHIVE_BUCKET": self.bucket,
+                "S3_ENDPOINT_URL": self.endpoint,
+                "COPERNICA_API_URL": f"http://127.0.0.1:{self.sim_port}/v2",
+                "HOST": "127.0.0.1",
+                "PORT": str(self.port),
+                "PUBLIC_BASE_URL": self.url,
+                "MAX_CALLBACK_BYTES": str(4 * 1024**3),
+                "LOG_LEVEL": "warning",
+                "COPERNICA_MAX_RPS": "1000",
+                **self.service_env,
+            },
+            port=self.port,
+        )
+        return self
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def append_results(title: str, lines: list[str]) -> None:
+    """Keep the last run of each benchmark in bench/RESULTS.md, with the machine it ran on."""
+    path = ROOT / "bench" / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results (last run of each)\n"
+    section = f"\n## {title}\n\n{time.strftime('%Y-%m-%d %H:%M')} on {machine()}\n\n"
+    section += "\n".join(lines) + "\n"
+    start = text.find(f"\n## {title}\n")
+    if start != -1:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + (text[end:] if end != -1 else "")
+    path.write_text(text.rstrip() + "\n" + section)
