@@ -134,37 +134,14 @@ async def _drain(app: web.Application) -> None:
     app[POLLER].stop()
 
 
-# Thin route functions: the objects behind them exist once `_clients` has run.
-async def _callback(request: web.Request) -> web.StreamResponse:
-    return await request.app[CALLBACKS].handle(request)
+def _route(key: web.AppKey[Any], method: str) -> Any:
+    """A route handler that calls `method` of the object under `key`: those objects are made
+    by `_clients` at start-up, after the routes are registered."""
 
+    async def handler(request: web.Request) -> Any:
+        return await getattr(request.app[key], method)(request)
 
-async def _callback_expect(request: web.Request) -> web.StreamResponse | None:
-    return await request.app[CALLBACKS].expect(request)
-
-
-async def _create(request: web.Request) -> web.StreamResponse:
-    return await request.app[OPERATOR].create(request)
-
-
-async def _show(request: web.Request) -> web.StreamResponse:
-    return await request.app[OPERATOR].show(request)
-
-
-async def _list(request: web.Request) -> web.StreamResponse:
-    return await request.app[OPERATOR].list(request)
-
-
-async def _healthz(request: web.Request) -> web.StreamResponse:
-    return await request.app[HEALTH].healthz(request)
-
-
-async def _readyz(request: web.Request) -> web.StreamResponse:
-    return await request.app[HEALTH].readyz(request)
-
-
-async def _metrics(request: web.Request) -> web.StreamResponse:
-    return await request.app[HEALTH].metrics(request)
+    return handler
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -180,13 +157,15 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_clients)
     app.cleanup_ctx.append(_polling)
     app.on_shutdown.append(_drain)
-    app.router.add_post(ROUTE, _callback, expect_handler=_callback_expect)
-    app.router.add_post("/v1/data-requests", _create)
-    app.router.add_get("/v1/data-requests", _list)
-    app.router.add_get("/v1/data-requests/{id}", _show)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_post(
+        ROUTE, _route(CALLBACKS, "handle"), expect_handler=_route(CALLBACKS, "expect")
+    )
+    app.router.add_post("/v1/data-requests", _route(OPERATOR, "create"))
+    app.router.add_get("/v1/data-requests", _route(OPERATOR, "list"))
+    app.router.add_get("/v1/data-requests/{id}", _route(OPERATOR, "show"))
+    app.router.add_get("/healthz", _route(HEALTH, "healthz"))
+    app.router.add_get("/readyz", _route(HEALTH, "readyz"))
+    app.router.add_get("/metrics", _route(HEALTH, "metrics"))
     return app
 
 
