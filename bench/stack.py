@@ -62,6 +62,9 @@ class Stack:
 
     service_env: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # The simulator's command (after the interpreter) and extra arguments for it.
+    simulator: list[str] = field(default_factory=lambda: ["-m", "service", "simulate"])
+    simulator_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         os.environ.update(CREDENTIALS)
@@ -87,7 +90,8 @@ class Stack:
             wait_for(port)
         return proc
 
-    def start(self) -> Stack:
+    def start(self, service: bool = True) -> Stack:
+        """Start moto and the simulator, and (unless `service=False`) the service."""
         import botocore.session
 
         self.spawn(
@@ -96,40 +100,64 @@ class Stack:
         botocore.session.get_session().create_client(
             "s3", endpoint_url=self.endpoint, region_name="us-east-1"
         ).create_bucket(Bucket=self.bucket)
-        self.spawn(
+        self.sim = self.spawn(
             [
-                "-m",
-                "service",
-                "simulate",
+                *self.simulator,
                 "--port",
                 str(self.sim_port),
                 "--access-token",
                 self.token,
                 "--ready-after",
                 "3600",
+                *self.simulator_args,
             ],
             port=self.sim_port,
         )
-        self.service = self.spawn(
-            ["-m", "service", "serve"],
-            env={
-                "COPERNICA_ACCESS_TOKEN": self.token,
-                "CALLBACK_SECRET": self.secret,
-                "API_TOKEN": self.api,
-                "ARCHIVE_BUCKET": self.bucket,
-                "S3_ENDPOINT_URL": self.endpoint,
-                "COPERNICA_API_URL": f"http://127.0.0.1:{self.sim_port}/v2",
-                "HOST": "127.0.0.1",
-                "PORT": str(self.port),
-                "PUBLIC_BASE_URL": self.url,
-                "MAX_CALLBACK_BYTES": str(4 * 1024**3),
-                "LOG_LEVEL": "warning",
-                "COPERNICA_MAX_RPS": "1000",
-                **self.service_env,
-            },
-            port=self.port,
-        )
+        if service:
+            self.start_service()
         return self
+
+    def service_environment(self, env: dict[str, str] | None = None) -> dict[str, str]:
+        """The service's settings: the stack's defaults, then `service_env`, then `env` (an
+        empty value unsets a setting, e.g. `PUBLIC_BASE_URL`)."""
+        return {
+            "COPERNICA_ACCESS_TOKEN": self.token,
+            "CALLBACK_SECRET": self.secret,
+            "API_TOKEN": self.api,
+            "ARCHIVE_BUCKET": self.bucket,
+            "S3_ENDPOINT_URL": self.endpoint,
+            "COPERNICA_API_URL": f"http://127.0.0.1:{self.sim_port}/v2",
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "PUBLIC_BASE_URL": self.url,
+            "MAX_CALLBACK_BYTES": str(4 * 1024**3),
+            "LOG_LEVEL": "warning",
+            "COPERNICA_MAX_RPS": "1000",
+            **self.service_env,
+            **(env or {}),
+        }
+
+    def start_service(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start the service (see `service_environment` for `env`); returns once it listens."""
+        self.service = self.spawn(
+            ["-m", "service", "serve"], env=self.service_environment(env), port=self.port
+        )
+        return self.service
+
+    def stop_service(self) -> None:
+        """Stop the service (SIGTERM, its graceful shutdown), e.g. to start it with other env."""
+        proc = self.service
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self.procs.remove(proc)
+
+    def restart_service(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        self.stop_service()
+        return self.start_service(env)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

@@ -86,7 +86,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     key = hash_key(settings)
     async with s3_client(settings) as s3, aiohttp.ClientSession() as http:
         store = ArchiveStore(s3, settings, metrics)
-        ledger = Ledger(store)
+        ledger = Ledger(store, key)
         copernica = CopernicaClient(http, settings, metrics)
         app[STORE], app[LEDGER], app[COPERNICA] = store, ledger, copernica
         app[HEALTH] = Health(store, metrics)
@@ -97,9 +97,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
             KeyStore(settings.signature_public_key_file, settings.signature_dns_server),
             settings.signature_max_skew_seconds,
         )
-        app[CALLBACKS] = CallbackView(
-            CallbackReceiver(intake, ledger), verifier, settings, metrics, key
-        )
+        app[CALLBACKS] = CallbackView(CallbackReceiver(intake, ledger), verifier, settings, metrics)
         filing = Filing(store, ledger, copernica, settings, metrics, key)
         app[OPERATOR] = OperatorApi(filing, ledger, store)
         # Events live in API v1 only; the same rate limit covers both clients.

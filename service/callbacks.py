@@ -3,8 +3,9 @@
 `POST /callbacks/datarequest/{request_id}/{token}` is the `report` address given to Copernica.
 The token (an HMAC of the request id) is checked before a byte of the body is read. The body
 then streams through a sha256, the incremental payload check and the S3 upload at once; the
-answer is 200 only once the archive object is durable. One read (the request record, issued
-while the first body bytes arrive) and one write (the archive object) per accepted callback.
+answer is 200 only once the archive object is durable. One write (the archive object) per
+accepted callback, and one read (the request record, issued while the first body bytes
+arrive) unless this replica filed or polled the request lately and remembers its addressee.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from .archive import ArchiveUnavailable
 from .config import Secret, Settings
 from .intake import BodyStalled, Intake, Outcome, Receipt
 from .ledger import Ledger
-from .logs import subject_hash
 from .metrics import Metrics
 from .signatures import BodyDigest, SignatureInvalid, SignatureVerifier
 
@@ -66,8 +66,8 @@ class CallbackReceiver:
     async def receive(
         self, request_id: str, stream: StreamReader, signed_digest: BodyDigest | None = None
     ) -> Receipt:
-        # The record read overlaps with the arrival of the first body bytes.
-        lookup = asyncio.ensure_future(self._ledger.get(request_id))
+        # The record read (if needed) overlaps with the arrival of the first body bytes.
+        lookup = asyncio.ensure_future(self._ledger.addressee(request_id))
         try:
             first = await self._intake.read(stream)
             found = await lookup
@@ -77,10 +77,9 @@ class CallbackReceiver:
             lookup.cancel()
         if found is None:
             return Receipt(Outcome.UNKNOWN, reason="no such request", body_unread=True)
-        record, _etag = found
-        if record.status == "archived":
-            return Receipt(Outcome.DUPLICATE, record=record, body_unread=True)
-        return await self._intake.take(record, first, stream, "callback", signed_digest)
+        if found.archived:
+            return Receipt(Outcome.DUPLICATE, request=found, body_unread=True)
+        return await self._intake.take(found, first, stream, "callback", signed_digest)
 
 
 # The one place where an outcome becomes an HTTP status.
@@ -107,7 +106,6 @@ class CallbackView:
         verifier: SignatureVerifier,
         settings: Settings,
         metrics: Metrics,
-        hash_key: bytes,
     ) -> None:
         assert settings.callback_secret is not None
         self._receiver = receiver
@@ -115,7 +113,6 @@ class CallbackView:
         self._secret = settings.callback_secret
         self._max_bytes = settings.max_callback_bytes
         self._metrics = metrics
-        self._hash_key = hash_key
 
     def _refusal(self, request: web.Request) -> Receipt | None:
         """A wrong token or a declared oversize body is refused before any body byte."""
@@ -175,7 +172,6 @@ class CallbackView:
         self._metrics.callback_seconds.observe(elapsed)
         if outcome is Outcome.ARCHIVED:
             self._metrics.archived_bytes.labels("callback").inc(receipt.size)
-        record = receipt.record
         log.log(
             logging.WARNING if status >= 500 else logging.INFO,
             "callback",
@@ -184,9 +180,7 @@ class CallbackView:
             status=status,
             bytes=receipt.size,
             sha256=receipt.sha256[:12] or None,
-            subject=subject_hash(self._hash_key, record.subject_type, record.subject_id)
-            if record
-            else None,
+            subject=receipt.request.log_subject if receipt.request else None,
             reason=receipt.reason or None,
             duration_ms=round(elapsed * 1000, 2),
         )

@@ -26,7 +26,7 @@ from .archive import (
     utcnow,
 )
 from .config import Settings
-from .ledger import Ledger, RecordConflict, RequestRecord
+from .ledger import Addressee, Ledger, RecordConflict, RequestRecord
 from .payload import PayloadCheck, Verdict, is_plain_not_available
 from .signatures import BodyDigest
 
@@ -59,12 +59,12 @@ class Receipt:
     sha256: str = ""
     reason: str = ""
     key: str = ""
-    record: RequestRecord | None = None
+    request: Addressee | None = None
     body_unread: bool = False
 
 
 class Intake:
-    """Takes one body for one request record into S3 and says what happened."""
+    """Takes one body for one request into S3 and says what happened."""
 
     def __init__(self, store: ArchiveStore, ledger: Ledger, settings: Settings) -> None:
         self._store = store
@@ -84,7 +84,7 @@ class Intake:
 
     async def take(
         self,
-        record: RequestRecord,
+        request: Addressee,
         first: bytes,
         stream: StreamReader,
         source: str,
@@ -94,29 +94,32 @@ class Intake:
         `signed_digest` (from a verified signature) the body must hash to it too."""
         received_at = utcnow()
         upload = self._store.upload(
-            self._store.keys.archive(record.id),
+            self._store.keys.archive(request.id),
             {
                 "source": source,
-                "request-id": record.id,
-                "copernica-id": record.copernica_id or "",
+                "request-id": request.id,
+                "copernica-id": request.copernica_id or "",
                 "received-at": isoformat(received_at),
             },
         )
         try:
-            return await self._stream(
-                record, first, stream, upload, received_at, source, signed_digest
+            receipt = await self._stream(
+                request, first, stream, upload, received_at, source, signed_digest
             )
         except AlreadyArchived:
-            return Receipt(Outcome.DUPLICATE, record=record, body_unread=True)
+            receipt = Receipt(Outcome.DUPLICATE, request=request, body_unread=True)
         except BodyStalled as exc:
-            return Receipt(Outcome.TIMEOUT, record=record, body_unread=True, reason=str(exc))
+            return Receipt(Outcome.TIMEOUT, request=request, body_unread=True, reason=str(exc))
         finally:
             # Whatever went wrong (S3, a dropped connection), leave no upload behind.
             await upload.abort()
+        if receipt.outcome in (Outcome.ARCHIVED, Outcome.DUPLICATE):
+            self._ledger.archived(request.id)
+        return receipt
 
     async def _stream(
         self,
-        record: RequestRecord,
+        request: Addressee,
         chunk: bytes,
         stream: StreamReader,
         upload: StreamedUpload,
@@ -129,12 +132,12 @@ class Intake:
         other = (
             signed_digest.new() if signed_digest and signed_digest.algorithm != "sha256" else None
         )
-        check = PayloadCheck(self._max_token)
+        check = PayloadCheck(self._max_token, whole_bytes=self._store.part_bytes)
         size = 0
         while chunk:
             size += len(chunk)
             if size > self._max_bytes:
-                return self._too_large(size, record)
+                return self._too_large(size, request)
             digest.update(chunk)
             if other is not None:
                 other.update(chunk)
@@ -150,23 +153,23 @@ class Intake:
                 return Receipt(
                     Outcome.UNAUTHORIZED,
                     size=size,
-                    record=record,
+                    request=request,
                     reason="body does not match the signed Digest",
                 )
         if check.failed:
             return await self._quarantine(
-                record, upload, chunk, stream, size, digest, received_at, check.error or "invalid"
+                request, upload, chunk, stream, size, digest, received_at, check.error or "invalid"
             )
         result = check.finish()
         if result.verdict is Verdict.NOT_AVAILABLE:
-            return Receipt(Outcome.NOT_READY, size=size, record=record)
+            return Receipt(Outcome.NOT_READY, size=size, request=request)
         if result.verdict is Verdict.INVALID:
             return await self._quarantine(
-                record, upload, b"", stream, size, digest, received_at, result.reason
+                request, upload, b"", stream, size, digest, received_at, result.reason
             )
-        if not record.subject.matches(result.info_type, result.info_id):
+        if not request.matches(result.info_type, result.info_id):
             return await self._quarantine(
-                record,
+                request,
                 upload,
                 b"",
                 stream,
@@ -183,22 +186,24 @@ class Intake:
             size=size,
             sha256=sha256,
             key=upload.key,
-            record=record,
+            request=request,
         )
         if created and multipart:
             # A multipart object's metadata was fixed before its sha256 was known: the record
             # carries it. Not needed for durability, so a failure here is only logged.
-            await self._note_in_record(record.id, receipt, received_at, source)
+            await self._note_in_record(request.id, receipt, received_at, source)
         return receipt
 
-    def _too_large(self, size: int, record: RequestRecord) -> Receipt:
+    def _too_large(self, size: int, request: Addressee) -> Receipt:
         """Over MAX_CALLBACK_BYTES: stop reading; nothing is stored (the caller aborts)."""
         reason = f"body larger than {self._max_bytes} bytes"
-        return Receipt(Outcome.TOO_LARGE, size=size, record=record, body_unread=True, reason=reason)
+        return Receipt(
+            Outcome.TOO_LARGE, size=size, request=request, body_unread=True, reason=reason
+        )
 
     async def _quarantine(
         self,
-        record: RequestRecord,
+        request: Addressee,
         upload: StreamedUpload,
         chunk: bytes,
         stream: StreamReader,
@@ -224,17 +229,17 @@ class Intake:
                     break
                 size += len(chunk)
                 if size > self._max_bytes:
-                    return self._too_large(size, record)
+                    return self._too_large(size, request)
                 digest.update(chunk)
                 kept.append(chunk)
                 held += len(chunk)
             head = b"".join(kept)
         if finished and is_plain_not_available(head):
-            return Receipt(Outcome.NOT_READY, size=size, record=record)
+            return Receipt(Outcome.NOT_READY, size=size, request=request)
         truncated = not finished or len(head) > cap
         metadata = {
             "reason": reason,
-            "request-id": record.id,
+            "request-id": request.id,
             "received-at": isoformat(received_at),
             "bytes-received": str(size),
             "truncated": "true" if truncated else "false",
@@ -242,13 +247,13 @@ class Intake:
         if not truncated:
             metadata["sha256"] = digest.hexdigest()
         await upload.abort()
-        key = await self._store.quarantine(record.id, received_at, head[:cap], metadata)
+        key = await self._store.quarantine(request.id, received_at, head[:cap], metadata)
         return Receipt(
             Outcome.INVALID,
             size=size,
             reason=reason,
             key=key,
-            record=record,
+            request=request,
             body_unread=not finished,
         )
 

@@ -8,9 +8,11 @@ the MD5 of the body, and identical bytes would make `If-Match` meaningless).
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import socket
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -19,6 +21,7 @@ from typing import Any
 from ulid import ULID
 
 from .archive import ArchiveStore, PreconditionFailed, isoformat, parse_isoformat, utcnow
+from .logs import subject_digest
 from .payload import Subject
 
 STATUSES = ("submitting", "pending", "archived", "failed", "expired")
@@ -89,15 +92,93 @@ class RequestRecord:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
+@dataclass(frozen=True, slots=True)
+class Addressee:
+    """What taking a body for a request needs to know of it: its ids and its subject as a
+    keyed digest (no raw address). None of it changes once Copernica has the request, so a
+    replica may keep it (`Ledger.addressee`); only `archived` may be out of date, and the
+    archive's `If-None-Match` makes that harmless."""
+
+    id: str
+    copernica_id: str | None
+    subject_type: str
+    subject_digest: str
+    key: bytes = field(repr=False, compare=False)
+    archived: bool = False
+
+    @property
+    def log_subject(self) -> str:
+        return self.subject_digest[:16]
+
+    def matches(self, info_type: Any, info_id: Any) -> bool:
+        """The body's `info` names this subject (same rules as `Subject.matches`)."""
+        if info_type != self.subject_type or isinstance(info_id, bool):
+            return False
+        if isinstance(info_id, int) and info_type != "email":
+            info_id = str(info_id)
+        if not isinstance(info_id, str):
+            return False
+        theirs = subject_digest(self.key, info_type, info_id)
+        return hmac.compare_digest(theirs, self.subject_digest)
+
+
 class RecordConflict(Exception):
     """The record kept changing under us; the caller may try again later."""
 
 
 class Ledger:
-    """Create, read and conditionally update request records."""
+    """Create, read and conditionally update request records.
 
-    def __init__(self, store: ArchiveStore) -> None:
+    It also keeps the addressees of the last `remember` records this replica read or wrote,
+    so a callback for a request this replica filed or polled costs no record read.
+    """
+
+    def __init__(self, store: ArchiveStore, hash_key: bytes, remember: int = 10_000) -> None:
         self._store = store
+        self._key = hash_key
+        self._recent: OrderedDict[str, Addressee] = OrderedDict()
+        self._remember = remember
+
+    def addressee_of(self, record: RequestRecord) -> Addressee:
+        return Addressee(
+            record.id,
+            record.copernica_id,
+            record.subject_type,
+            subject_digest(self._key, record.subject_type, record.subject_id),
+            self._key,
+            archived=record.status == "archived",
+        )
+
+    def _seen(self, record: RequestRecord) -> None:
+        # Until Copernica's id is in the record the request may still be (re)filed.
+        if record.copernica_id is None or record.status == "submitting" or self._remember <= 0:
+            return
+        self._recent[record.id] = self.addressee_of(record)
+        self._recent.move_to_end(record.id)
+        if len(self._recent) > self._remember:
+            self._recent.popitem(last=False)
+
+    def archived(self, request_id: str) -> None:
+        """This replica stored the request's archive: a repeat delivery needs no S3 call."""
+        known = self._recent.get(request_id)
+        if known is not None and not known.archived:
+            self._recent[request_id] = Addressee(
+                known.id,
+                known.copernica_id,
+                known.subject_type,
+                known.subject_digest,
+                known.key,
+                archived=True,
+            )
+
+    async def addressee(self, request_id: str) -> Addressee | None:
+        """The request's addressee: remembered, else read from its record (None: no record)."""
+        known = self._recent.get(request_id)
+        if known is not None:
+            self._recent.move_to_end(request_id)
+            return known
+        found = await self.get(request_id)
+        return self.addressee_of(found[0]) if found is not None else None
 
     async def create(self, record: RequestRecord) -> str:
         now = isoformat(utcnow())
@@ -111,15 +192,19 @@ class Ledger:
         stored = await self._store.get(self._store.keys.record(request_id))
         if stored is None:
             return None
-        return RequestRecord.from_bytes(stored.body), stored.etag
+        record = RequestRecord.from_bytes(stored.body)
+        self._seen(record)
+        return record, stored.etag
 
     async def save(self, record: RequestRecord, etag: str) -> str:
         """Write a changed record if nobody changed it since `etag`; else PreconditionFailed."""
         record.version += 1
         record.updated_at = isoformat(utcnow())
-        return await self._store.put(
+        etag = await self._store.put(
             self._store.keys.record(record.id), record.to_bytes(), if_match=etag
         )
+        self._seen(record)
+        return etag
 
     async def update(
         self,

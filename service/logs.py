@@ -65,8 +65,12 @@ def configure_logging(settings: Settings, stream: Any = None) -> None:
     )
 
 
-def subject_hash(key: bytes, subject_type: str, subject_id: str) -> str:
-    """A keyed hash of a data subject: logs and metrics may carry this, never the address."""
+def subject_digest(key: bytes, subject_type: str, subject_id: str) -> str:
+    """A keyed hash of a data subject (e-mail addresses compared case-insensitively)."""
     normal = subject_id.strip().casefold() if subject_type == "email" else subject_id.strip()
-    digest = hmac.new(key, f"{subject_type}:{normal}".encode(), hashlib.sha256).hexdigest()
-    return digest[:16]
+    return hmac.new(key, f"{subject_type}:{normal}".encode(), hashlib.sha256).hexdigest()
+
+
+def subject_hash(key: bytes, subject_type: str, subject_id: str) -> str:
+    """The short keyed hash logs and metrics may carry, never the address."""
+    return subject_digest(key, subject_type, subject_id)[:16]

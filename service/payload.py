@@ -2,10 +2,17 @@
 
 Copernica's ready payload is `{"info": {"type": ..., "id": ...}, "data": [[...], ...]}`;
 while the file is not ready the old GET form answers `"data": "Data not available (yet)"`.
-The body is parsed by ijson's C backend (yajl) as it streams, so validity is known the moment
-the last byte arrives, and memory stays bounded: strings are decoded one at a time, nesting
-is capped, and a single token (one huge string, or whitespace) is capped too, because yajl
-buffers an unfinished token whole.
+Two checkers, one verdict. A body no larger than one S3 part is held whole anyway (it goes up
+in one PutObject), so it is checked once at the end by simdjson, which validates the whole
+document (structure, numbers, escapes, UTF-8) at gigabytes per second without building Python
+objects for its contents. A larger body is parsed by ijson's C backend (yajl) as it streams, so
+validity is known the moment the last byte arrives, and memory stays bounded: strings are
+decoded one at a time, nesting is capped, and a single token (one huge string, or
+whitespace) is capped too, because yajl buffers an unfinished token whole.
+
+simdjson only ever says "valid data" or "not available (yet)"; on anything else (an error,
+a duplicate member, a big number it cannot represent) yajl reads the same bytes and gives
+the verdict and its reason, so both paths judge every body alike (tested on the same corpus).
 """
 
 from __future__ import annotations
@@ -16,10 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import ijson
+import simdjson
 
 SUBJECT_TYPES = ("email", "profile", "subprofile")
 NOT_AVAILABLE_TEXT = "Data not available (yet)"
-MAX_DEPTH = 512
+MAX_DEPTH = 1024  # simdjson's own limit, so both checkers agree
+_BOM = b"\xef\xbb\xbf"
+_NOT_UTF8 = "invalid JSON: a string is not valid UTF-8"
 _NOT_AVAILABLE_PLAIN = re.compile(rb'^\s*"?data not available \(yet\)"?\s*$', re.IGNORECASE)
 
 
@@ -130,13 +140,21 @@ class _Events:
 
 
 class PayloadCheck:
-    """Feed the body in chunks; `finish()` gives the verdict. Raises nothing to the caller."""
+    """Feed the body in chunks; `finish()` gives the verdict. Raises nothing to the caller.
 
-    def __init__(self, max_token_bytes: int) -> None:
+    Below `whole_bytes` the chunks are only kept (the caller holds the same bytes for its
+    single PUT, so this costs no copy) and checked at once in `finish`; past that the check
+    streams, and `failed` turns true as soon as the body is known to be invalid.
+    """
+
+    def __init__(self, max_token_bytes: int, whole_bytes: int = 0) -> None:
         self._events = _Events()
         self._parser = ijson.basic_parse_coro(self._events)
         self._max_token = max_token_bytes
         self._since_event = 0
+        self._held: list[bytes] | None = [] if whole_bytes > 0 else None
+        self._held_bytes = 0
+        self._whole_bytes = whole_bytes
         self.error: str | None = None
 
     @property
@@ -144,6 +162,19 @@ class PayloadCheck:
         return self.error is not None
 
     def feed(self, chunk: bytes) -> None:
+        held = self._held
+        if held is not None:
+            held.append(chunk)
+            self._held_bytes += len(chunk)
+            if self._held_bytes >= self._whole_bytes:
+                # Too large to check whole: stream from here on, starting with what is held.
+                self._held = None
+                for part in held:
+                    self._stream(part)
+            return
+        self._stream(chunk)
+
+    def _stream(self, chunk: bytes) -> None:
         if self.error is not None:
             return
         events = self._events
@@ -156,12 +187,22 @@ class PayloadCheck:
         except ijson.JSONError as exc:
             self.error = _json_error(exc)
             return
+        except UnicodeDecodeError:  # yajl passes e.g. UTF-8-encoded surrogates to Python
+            self.error = _NOT_UTF8
+            return
         # yajl keeps an unfinished token (a string, a number, whitespace) whole in memory.
         self._since_event = 0 if events.seen_event else self._since_event + len(chunk)
         if self._since_event > self._max_token:
             self.error = f"a single JSON token is larger than {self._max_token} bytes"
 
     def finish(self) -> Result:
+        held, self._held = self._held, None
+        if held is not None:
+            body = held[0] if len(held) == 1 else b"".join(held)
+            decided = _whole_verdict(body)
+            if decided is not None:
+                return decided
+            self._stream(body)  # let yajl find the reason
         if self.error is None:
             try:
                 self._parser.close()
@@ -169,6 +210,8 @@ class PayloadCheck:
                 self.error = str(exc)
             except ijson.JSONError as exc:
                 self.error = _json_error(exc)
+            except UnicodeDecodeError:
+                self.error = _NOT_UTF8
         if self.error is not None:
             return Result(Verdict.INVALID, self.error)
         events = self._events
@@ -184,6 +227,41 @@ class PayloadCheck:
         if not isinstance(info_id, str | int) or isinstance(info_id, bool):
             return Result(Verdict.INVALID, "info.id must be a string or an integer")
         return Result(Verdict.DATA, info_type=info_type, info_id=info_id)
+
+
+def _whole_verdict(body: bytes) -> Result | None:
+    """DATA or NOT_AVAILABLE for a body simdjson finds clean; None means "ask yajl"."""
+    if body.startswith(_BOM):
+        return None
+    try:
+        document = simdjson.Parser().parse(body)
+    except (ValueError, RuntimeError):  # simdjson's errors (UnicodeDecodeError included)
+        return None
+    if not isinstance(document, simdjson.Object):
+        return None
+    members = list(document.keys())
+    if members.count("info") > 1 or members.count("data") > 1:
+        return None
+    info, data = document.get("info"), document.get("data")
+    info_type = info_id = None
+    if info is not None:
+        if not isinstance(info, simdjson.Object):
+            return None
+        names = list(info.keys())
+        if names.count("type") > 1 or names.count("id") > 1:
+            return None
+        info_type, info_id = info.get("type"), info.get("id")
+    if data == NOT_AVAILABLE_TEXT:
+        return Result(Verdict.NOT_AVAILABLE)
+    if (
+        info is None
+        or not isinstance(data, simdjson.Array)
+        or info_type not in SUBJECT_TYPES
+        or not isinstance(info_id, str | int)
+        or isinstance(info_id, bool)
+    ):
+        return None
+    return Result(Verdict.DATA, info_type=info_type, info_id=info_id)
 
 
 def _json_error(exc: Exception) -> str:

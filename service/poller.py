@@ -238,7 +238,9 @@ class Poller:
                 return self._later(record, "not_ready")
             try:
                 first = await self._intake.read(answer.content)
-                receipt = await self._intake.take(record, first, answer.content, "poll")
+                receipt = await self._intake.take(
+                    self._ledger.addressee_of(record), first, answer.content, "poll"
+                )
             except (aiohttp.ClientError, TimeoutError, BodyStalled) as exc:
                 # Copernica's answer broke off mid-stream: nothing was archived; retry later.
                 raise CopernicaUnavailable(

@@ -369,9 +369,10 @@ async def test_log_lines_carry_no_address_and_no_secret(
     lines = io.StringIO()
     configure_logging(make_settings(LOG_FORMAT="json"), stream=lines)
     request_id = await pending_request(service, simulator)
+    other_id = await pending_request(service, simulator)
 
     await post(service, request_id, payload())
-    await post(service, request_id, payload(info_id="mallory@example.com"))
+    await post(service, other_id, payload(info_id="mallory@example.com"))
 
     logged = [json.loads(line) for line in lines.getvalue().splitlines()]
     callbacks = [entry for entry in logged if entry["event"] == "callback"]
@@ -389,16 +390,48 @@ async def test_log_lines_carry_no_address_and_no_secret(
     assert {"request_id", "bytes", "sha256", "duration_ms", "subject"} <= set(callbacks[0])
 
 
-async def test_an_accepted_callback_costs_one_read_and_one_write(
-    service: Service, simulator: Simulator
-) -> None:
-    request_id = await pending_request(service, simulator)
+async def s3_spent(service: Service, request_id: str, body: bytes) -> dict[str, float]:
+    """The S3 calls (and other counters) one callback moved, the poller's ticks left out."""
     before = await metric_counts(service)
-
-    assert (await post(service, request_id, payload()))[0] == 200
-
+    assert (await post(service, request_id, body))[0] == 200
     after = await metric_counts(service)
     spent = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-    spent.pop("s3:list_objects_v2", None)  # the poller's tick, if one fell in between
-    spent.pop("receiver_poll_ticks_total", None)
+    # The poller's tick and janitor, if one fell in between.
+    for key in ("s3:list_objects_v2", "s3:list_multipart_uploads", "receiver_poll_ticks_total"):
+        spent.pop(key, None)
+    return spent
+
+
+async def test_an_accepted_callback_costs_one_write_on_the_replica_that_filed_it(
+    service: Service, simulator: Simulator, store: Bucket
+) -> None:
+    request_id = await pending_request(service, simulator)
+    assert await s3_spent(service, request_id, payload()) == {"s3:put_object": 1}
+    assert await store.read(archive_key(request_id)) == payload()
+    # A repeat delivery to the same replica: answered from memory, no S3 call at all.
+    assert await s3_spent(service, request_id, payload()) == {}
+
+
+async def test_an_accepted_callback_costs_one_read_and_one_write_on_another_replica(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    filer, other = await make_service(), await make_service()
+    request_id = await pending_request(filer, simulator)
+    spent = await s3_spent(other, request_id, payload())
     assert spent == {"s3:get_object": 1, "s3:put_object": 1}
+    assert await store.read(archive_key(request_id)) == payload()
+    # The replica that filed it does not know it was archived: its write is refused by
+    # S3 (If-None-Match), and it answers 200 all the same, with one object in the bucket.
+    assert await s3_spent(filer, request_id, payload()) == {"s3:put_object": 1}
+    assert await archive_keys(store) == [archive_key(request_id)]
+
+
+async def test_a_remembered_request_is_still_checked_for_its_subject(
+    service: Service, simulator: Simulator, store: Bucket
+) -> None:
+    request_id = await pending_request(service, simulator)
+    status, answer = await post(service, request_id, payload(info_id="mallory@example.com"))
+    assert status == 422 and "subject" in answer["error"]
+    upper = payload(info_id=EMAIL.upper())
+    assert await s3_spent(service, request_id, upper) == {"s3:put_object": 1}
+    assert await store.read(archive_key(request_id)) == upper

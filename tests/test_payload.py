@@ -1,4 +1,6 @@
-"""The incremental payload check: fed in arbitrary chunks, it judges like a full parse would."""
+"""The payload check: fed in arbitrary chunks, it judges like a full parse would, and its two
+paths (a body held whole and checked by simdjson, a larger one streamed through yajl) give the
+same verdict and reason for every body here: `judge` runs both and compares."""
 
 from __future__ import annotations
 
@@ -8,16 +10,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.payload import PayloadCheck, Subject, Verdict, is_plain_not_available
+from service.payload import (
+    MAX_DEPTH,
+    PayloadCheck,
+    Result,
+    Subject,
+    Verdict,
+    is_plain_not_available,
+)
 
 MIB = 1024 * 1024
 
 
-def judge(body: bytes, chunk: int = 7, max_token: int = 4 * MIB):
-    check = PayloadCheck(max_token)
-    for i in range(0, len(body), chunk):
-        check.feed(body[i : i + chunk])
-    return check.finish()
+def judge(body: bytes, chunk: int = 7, max_token: int = 4 * MIB) -> Result:
+    results = []
+    for whole_bytes in (0, len(body) + 1):  # streamed through yajl; held whole for simdjson
+        check = PayloadCheck(max_token, whole_bytes=whole_bytes)
+        for i in range(0, len(body), chunk):
+            check.feed(body[i : i + chunk])
+        results.append(check.finish())
+    streamed, whole = results
+    assert whole == streamed, (body[:200], whole, streamed)
+    return streamed
 
 
 def good(info_id: object = "alice@example.com", kind: str = "email") -> bytes:
@@ -86,6 +100,47 @@ def test_deep_nesting_is_refused_without_recursion() -> None:
     result = judge(body, chunk=65536)
     assert result.verdict is Verdict.INVALID
     assert "nesting" in result.reason
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1])
+def test_both_checkers_cap_nesting_at_the_same_depth(depth: int) -> None:
+    body = b'{"info": {"type": "email", "id": "a"}, "data": ' + b"[" * (depth - 1)
+    body += b"]" * (depth - 1) + b"}"
+    result = judge(body, chunk=4096)
+    assert result.verdict is (Verdict.DATA if depth <= MAX_DEPTH else Verdict.INVALID)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"info": {"type": "email", "id": "a"}, "data": [12345678901234567890123456789]}',
+        b'{"info": {"type": "email", "id": "a"}, "data": [1e400, -1E-400, 0.5e+3]}',
+        b'{"info": {"type": "email", "id": "a"}, "data": ["\\ud800 lone surrogate"]}',
+        b'{"info": {"type": "profile", "id": 123456789012345678901234}, "data": []}',
+        b'{"info": {"type": "email", "id": 1.5}, "data": []}',
+        b'{"info": {"type": "email", "id": "a", "extra": {"id": 1}}, "data": [], "z": 1}',
+        b'{"data": "Data not available (yet)"}',
+        b'{"info": 5, "data": "Data not available (yet)"}',
+        b'  {"info": {"type": "email", "id": "a"}, "data": []}  \n',
+        b'{"info": {"type": "email", "id": "a"}, "data": ["\xed\xa0\x80"]}',
+        b'{"info": {"type": "email", "id": "a"}, "data": ["\xc0\xaf overlong"]}',
+        b'{"info": {"type": "email", "id": "a"}, "data": ["caf\xc3\xa9 \xf0\x9f\x98\x80"]}',
+    ],
+)
+def test_edge_cases_get_one_verdict_from_both_checkers(body: bytes) -> None:
+    judge(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.binary(max_size=3)), min_size=1, max_size=4)
+)
+def test_mutated_bodies_get_one_verdict_from_both_checkers(edits: list) -> None:
+    body = bytearray(good(info_id="a@b.c"))
+    for at, replacement in edits:
+        at %= len(body)
+        body[at : at + len(replacement)] = replacement
+    judge(bytes(body), chunk=5)
 
 
 def test_one_huge_token_is_refused_before_it_is_buffered_whole() -> None:
