@@ -9,6 +9,7 @@ here, at the module edge, so the HTTP layer maps them to 503 in one place.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -171,9 +172,16 @@ class ArchiveStore:
         if_match: str | None = None,
         metadata: dict[str, str] | None = None,
         content_type: str = "application/json",
+        sha256: str | None = None,
     ) -> str:
-        """Write an object; with a condition, `PreconditionFailed` when it does not hold."""
+        """Write an object; with a condition, `PreconditionFailed` when it does not hold.
+
+        With `sha256` (hex, of `body`) S3 checks the bytes it stored against our hash, end to
+        end, and the client need not compute a checksum of its own.
+        """
         extra: dict[str, Any] = dict(self._sse)
+        if sha256 is not None:
+            extra["ChecksumSHA256"] = base64.b64encode(bytes.fromhex(sha256)).decode()
         if if_none_match:
             extra["IfNoneMatch"] = "*"
         if if_match is not None:
@@ -369,6 +377,7 @@ class StreamedUpload:
                     self.buffered_bytes(),
                     if_none_match=True,
                     metadata={**self._metadata, **final_metadata},
+                    sha256=final_metadata["sha256"],
                 )
             except PreconditionFailed:
                 return False

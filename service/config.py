@@ -140,6 +140,10 @@ def _signature_mode(name: str, value: str) -> str:
     return _choice(name, value.lower(), ("off", "verify-if-present", "require"))
 
 
+def _event_loop(name: str, value: str) -> str:
+    return _choice(name, value.lower(), ("uvloop", "asyncio"))
+
+
 def _readable(name: str, value: str) -> str:
     if not Path(value).is_file():
         raise ConfigError(f"{name} must name a readable file, got {value!r}")
@@ -196,6 +200,7 @@ class Settings:
     signature_max_skew_seconds: float = _setting(
         "SIGNATURE_MAX_SKEW_SECONDS", _positive_float, "60"
     )
+    event_loop: str = _setting("EVENT_LOOP", _event_loop, "uvloop")
 
     @classmethod
     def from_env(
