@@ -1,11 +1,17 @@
-"""The floor for the callback benchmark: a bare aiohttp handler that reads the body and does one
-bare aiobotocore `put_object` to the same S3 endpoint. Nothing a real receiver could skip.
+"""The floors for the callback benchmark, with nothing a real receiver could skip:
 
-    python bench/floor.py PORT S3_ENDPOINT BUCKET
+- `POST /put/{key}`: a bare aiohttp handler that reads the body and does one bare aiobotocore
+  `put_object` to the same S3 endpoint (the floor of issue 7);
+- `POST /multipart/{key}`: streams the body into a bare multipart upload with the service's
+  part size and two parts in flight (no hash, no check, no conditions): what archiving a body
+  larger than one part costs at the least without holding it whole in memory.
+
+    python bench/floor.py PORT S3_ENDPOINT BUCKET [PART_BYTES]
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +20,7 @@ from aiobotocore.session import get_session
 from aiohttp import web
 
 S3 = web.AppKey("s3", object)
+PART = web.AppKey("part", int)
 
 
 async def put(request: web.Request) -> web.Response:
@@ -23,8 +30,49 @@ async def put(request: web.Request) -> web.Response:
     return web.json_response({"status": "stored", "size": len(body)})
 
 
+async def multipart(request: web.Request) -> web.Response:
+    client: Any = request.app[S3]
+    bucket, key, part_bytes = request.app["bucket"], request.match_info["key"], request.app[PART]
+    upload = await client.create_multipart_upload(Bucket=bucket, Key=key)
+    parts: list[dict[str, Any]] = []
+    gate = asyncio.Semaphore(2)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def send(number: int, body: bytes) -> None:
+        try:
+            answer = await client.upload_part(
+                Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=number, Body=body
+            )
+            parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+        finally:
+            gate.release()
+
+    async def flush(body: bytes) -> None:
+        await gate.acquire()
+        tasks.append(asyncio.create_task(send(len(tasks) + 1, body)))
+
+    chunks: list[bytes] = []
+    held = size = 0
+    async for chunk in request.content.iter_any():
+        chunks.append(chunk)
+        held += len(chunk)
+        size += len(chunk)
+        if held >= part_bytes:
+            await flush(b"".join(chunks))
+            chunks, held = [], 0
+    if chunks:
+        await flush(b"".join(chunks))
+    await asyncio.gather(*tasks)
+    parts.sort(key=lambda p: p["PartNumber"])
+    await client.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+    )
+    return web.json_response({"status": "stored", "size": size})
+
+
 def main() -> None:
     port, endpoint, bucket = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    part_bytes = int(sys.argv[4]) if len(sys.argv) > 4 else 8 * 1024 * 1024
 
     async def client(app: web.Application) -> AsyncIterator[None]:
         async with get_session().create_client("s3", endpoint_url=endpoint) as s3:
@@ -33,8 +81,10 @@ def main() -> None:
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app["bucket"] = bucket
+    app[PART] = part_bytes
     app.cleanup_ctx.append(client)
     app.router.add_post("/put/{key}", put)
+    app.router.add_post("/multipart/{key}", multipart)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
