@@ -166,7 +166,7 @@ class ArchiveStore:
     async def put(
         self,
         key: str,
-        body: bytes,
+        body: bytes | bytearray,
         *,
         if_none_match: bool = False,
         if_match: str | None = None,
@@ -288,37 +288,38 @@ class StreamedUpload:
     """
 
     _INFLIGHT = 2
+    HEAD_BYTES = 1024 * 1024
 
     def __init__(self, store: ArchiveStore, key: str, metadata: dict[str, str]) -> None:
         self._store = store
         self.key = key
         self._metadata = metadata
-        self._chunks: list[bytes] = []
-        self._buffered = 0
+        self._buffer = bytearray()  # the part being filled; handed to S3 as it is
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self._INFLIGHT)
         self._failure: BaseException | None = None
-        self._first_part: bytes | None = None
+        self._head: bytes | None = None  # the body's first bytes, once it goes up in parts
 
     @property
     def multipart(self) -> bool:
         return self._upload_id is not None
 
-    def buffered_bytes(self) -> bytes:
+    @property
+    def buffered(self) -> bytearray:
         """What is still buffered (the whole body while it is smaller than a part)."""
-        return b"".join(self._chunks)
+        return self._buffer
 
     def first_bytes(self) -> bytes:
-        """The start of the body: the first part once uploading in parts, else the buffer."""
-        return self._first_part if self._first_part is not None else self.buffered_bytes()
+        """The start of the body: its first `HEAD_BYTES` once uploading in parts (kept for
+        quarantine), else the whole buffer."""
+        return self._head if self._head is not None else bytes(self._buffer)
 
     async def write(self, chunk: bytes) -> None:
         self._raise_failure()
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered >= self._store.part_bytes:
+        self._buffer += chunk
+        if len(self._buffer) >= self._store.part_bytes:
             await self._flush_part()
 
     async def _flush_part(self) -> None:
@@ -334,11 +335,9 @@ class StreamedUpload:
                 **self._store._sse,
             )
             self._upload_id = answer["UploadId"]
-        body = b"".join(self._chunks)
-        if self._first_part is None:
-            self._first_part = body
-        self._chunks.clear()
-        self._buffered = 0
+        body, self._buffer = self._buffer, bytearray()
+        if self._head is None:
+            self._head = bytes(body[: self.HEAD_BYTES])
         number = len(self._parts) + 1
         part: dict[str, Any] = {"PartNumber": number}
         self._parts.append(part)
@@ -347,7 +346,7 @@ class StreamedUpload:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _upload_part(self, part: dict[str, Any], body: bytes) -> None:
+    async def _upload_part(self, part: dict[str, Any], body: bytearray) -> None:
         try:
             answer = await self._store._call(
                 "upload_part",
@@ -374,7 +373,7 @@ class StreamedUpload:
             try:
                 await self._store.put(
                     self.key,
-                    self.buffered_bytes(),
+                    self._buffer,
                     if_none_match=True,
                     metadata={**self._metadata, **final_metadata},
                     sha256=final_metadata["sha256"],
@@ -382,7 +381,7 @@ class StreamedUpload:
             except PreconditionFailed:
                 return False
             return True
-        if self._buffered:
+        if self._buffer:
             await self._flush_part()
         if self._tasks:
             await asyncio.gather(*self._tasks)
@@ -408,9 +407,8 @@ class StreamedUpload:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         upload_id, self._upload_id = self._upload_id, None
-        self._chunks.clear()
-        self._buffered = 0
-        self._first_part = None
+        self._buffer = bytearray()
+        self._head = None
         if upload_id is not None:
             await self._store.abort_upload(self.key, upload_id)
 

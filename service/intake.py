@@ -160,7 +160,8 @@ class Intake:
             return await self._quarantine(
                 request, upload, chunk, stream, size, digest, received_at, check.error or "invalid"
             )
-        result = check.finish()
+        # A body smaller than a part is all in the upload's buffer: checked there, no copy.
+        result = check.finish(None if upload.multipart else upload.buffered)
         if result.verdict is Verdict.NOT_AVAILABLE:
             return Receipt(Outcome.NOT_READY, size=size, request=request)
         if result.verdict is Verdict.INVALID:
@@ -215,11 +216,11 @@ class Intake:
         """Keep the rejected body (whole up to one part size, else its start) for inspection."""
         cap = self._store.part_bytes
         if upload.multipart:
-            # The first part is kept; the rest already went to the (aborted) upload.
+            # Its first MiB is kept; the rest already went to the (aborted) upload.
             head, finished = upload.first_bytes(), False
         else:
             # The buffer holds everything before the failing chunk, which was hashed already.
-            kept = [upload.buffered_bytes(), chunk]
+            kept = [bytes(upload.buffered), chunk]
             held = len(kept[0]) + len(chunk)
             finished = not chunk
             while not finished and held <= cap:

@@ -195,14 +195,16 @@ class PayloadCheck:
         if self._since_event > self._max_token:
             self.error = f"a single JSON token is larger than {self._max_token} bytes"
 
-    def finish(self) -> Result:
+    def finish(self, whole: bytes | bytearray | None = None) -> Result:
+        """The verdict. `whole` may pass the body held by the caller, saving a copy."""
         held, self._held = self._held, None
         if held is not None:
-            body = held[0] if len(held) == 1 else b"".join(held)
-            decided = _whole_verdict(body)
+            if whole is None or len(whole) != self._held_bytes:
+                whole = held[0] if len(held) == 1 else b"".join(held)
+            decided = _whole_verdict(whole)
             if decided is not None:
                 return decided
-            self._stream(body)  # let yajl find the reason
+            self._stream(bytes(whole))  # let yajl find the reason
         if self.error is None:
             try:
                 self._parser.close()
@@ -229,7 +231,7 @@ class PayloadCheck:
         return Result(Verdict.DATA, info_type=info_type, info_id=info_id)
 
 
-def _whole_verdict(body: bytes) -> Result | None:
+def _whole_verdict(body: bytes | bytearray) -> Result | None:
     """DATA or NOT_AVAILABLE for a body simdjson finds clean; None means "ask yajl"."""
     if body.startswith(_BOM):
         return None
