@@ -28,10 +28,9 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.stack import Stack, append_results, cpu_seconds, free_port
+from bench.stack import Stack, append_results, cpu_seconds, free_port, sized_body
 from service.callbacks import callback_url
 from service.config import Secret
-from service.simulator import PayloadSpec, payload_bytes
 
 SIZES = {"2 KB": (2_000, 240), "1 MB": (1_000_000, 64), "20 MB": (20_000_000, 12)}
 CONCURRENCY = (1, 16, 64)
@@ -140,7 +139,7 @@ async def run(quick: bool) -> None:
             for name, (size, count) in SIZES.items():
                 if quick:
                     count = max(4, count // 4)
-                body = payload_bytes(PayloadSpec("email", "bench@example.com", "1", size))
+                body = sized_body("bench@example.com", size)
                 for concurrency in CONCURRENCY:
                     for cold in (False, True) if (name, concurrency) in COLD else (False,):
                         row = await measure(

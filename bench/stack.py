@@ -3,6 +3,7 @@ loopback, and readings of a process's CPU time and memory from /proc."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import secrets
@@ -179,3 +180,17 @@ def append_results(title: str, lines: list[str]) -> None:
         end = text.find("\n## ", start + 1)
         text = text[:start] + (text[end:] if end != -1 else "")
     path.write_text(text.rstrip() + "\n" + section)
+
+
+def sized_body(subject: str, size: int) -> bytes:
+    """A valid callback body for `subject` of about `size` bytes (exactly, when small): the
+    simulator's payloads (whole MIME messages, at least 11 KB), or one short item padded."""
+    if size >= 20_000:
+        from service.simulator import PayloadSpec, payload_bytes
+
+        return payload_bytes(PayloadSpec("email", subject, "1", size))
+    item = {"type": "open", "time": "2026-01-01 00:00:00", "ip": "198.51.100.7", "note": ""}
+    body = {"info": {"type": "email", "id": subject}, "data": [[item]]}
+    bare = len(json.dumps(body, separators=(",", ":")))
+    item["note"] = "x" * max(0, size - bare)
+    return json.dumps(body, separators=(",", ":")).encode()
