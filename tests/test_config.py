@@ -59,6 +59,7 @@ def test_missing_required_setting_is_named(missing: str) -> None:
         ("ARCHIVE_SSE", "rot13"),
         ("LOG_FORMAT", "xml"),
         ("S3_PART_BYTES", "1024"),
+        ("EVENT_LOOP", "trio"),
     ],
 )
 def test_malformed_setting_is_named(name: str, value: str) -> None:
