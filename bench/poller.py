@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import bisect
 import re
+import statistics
 import sys
 import time
 from collections import Counter
@@ -51,6 +52,7 @@ from service.logs import configure_logging
 DEFAULT_COUNT = 1000
 DEFAULT_RPS = 20.0
 POLL_INTERVAL = "1"
+TICK_PAUSE = 0.2  # the poller's pause between ticks: POLL_INTERVAL_SECONDS / 5
 SEED_CONCURRENCY = 32
 FORMS = {"status": ["status", "data", "old"], "data": ["data"], "old": ["old"]}
 CALLS_PER_REQUEST = {"status": 2, "data": 1, "old": 1}
@@ -86,10 +88,11 @@ def total(samples: list[tuple[str, dict[str, str], float]], name: str, **match: 
 def by_label(
     samples: list[tuple[str, dict[str, str], float]], name: str, label: str
 ) -> dict[str, float]:
-    found: Counter[str] = Counter()
+    found: dict[str, float] = {}
     for sample, labels, value in samples:
         if sample == name:
-            found[labels.get(label, "")] += value
+            key = labels.get(label, "")
+            found[key] = found.get(key, 0.0) + value
     return dict(found)
 
 
@@ -284,7 +287,7 @@ async def run(count: int, rps: float, spread: float, form: str, payload: int, re
     drain = end - start
     ideal = ideal_seconds(ready, start, calls, rps)
     times: list[float] = seen["times"]
-    window = [t for t in times if start <= t <= end]
+    window = sorted(t for t in times if start <= t <= end)
     before = sum(1 for t in times if t < start)
     s3 = by_label(final, "receiver_s3_request_duration_seconds_count", "operation")
     s3_total = sum(s3.values())
@@ -296,6 +299,12 @@ async def run(count: int, rps: float, spread: float, form: str, payload: int, re
         if sample == "receiver_copernica_requests_total"
     }
     rate = len(window) / drain
+    # Calls in each whole second of the drain: where the poller left the budget unused.
+    per_second = Counter(int(t - start) for t in window)
+    bins = [per_second.get(i, 0) for i in range(int(drain))]
+    short = [i for i, n in enumerate(bins) if n < 0.9 * rps]
+    seconds = by_label(final, "receiver_s3_request_duration_seconds_sum", "operation")
+    latency = {op: seconds.get(op, 0.0) / n * 1000 for op, n in s3.items() if n}
     ok = archives == count and markers == 0 and seen["deliveries"] == 0
     row = (
         f"| {count:,} | {rps:g} | {form} | {drain:.1f} | {ideal:.1f} | {ideal / drain:.2f} | "
@@ -324,13 +333,29 @@ async def run(count: int, rps: float, spread: float, form: str, payload: int, re
         + ", ".join(f"{k} {int(v)}" for k, v in sorted(visits.items()))
         + f"; ticks {int(ticks)}",
         "- S3 calls per archived request: "
-        + ", ".join(f"{op} {n / count:.2f}" for op, n in sorted(s3.items())),
+        + ", ".join(f"{op} {n / count:.2f}" for op, n in sorted(s3.items()))
+        + "; mean latency ms: "
+        + ", ".join(f"{op} {ms:.1f}" for op, ms in sorted(latency.items())),
+        f"- Copernica calls per whole second of the drain: median {statistics.median(bins):g}, "
+        f"min {min(bins)}; {len(short)} of {len(bins)} seconds below 90% of the limit"
+        + (
+            f" (at s {', '.join(map(str, short[:12]))}{' ...' if len(short) > 12 else ''})"
+            if short
+            else ""
+        ),
+        f"- between batches the poller visits nothing: {int(ticks)} ticks x ~"
+        f"{TICK_PAUSE:g} s pause, and {seconds.get('list_objects_v2', 0):.1f} s in "
+        f"{int(s3.get('list_objects_v2', 0))} LISTs (schedule, and every 10th tick a census "
+        f"of all markers)",
         f"- CPU seconds in the drain: service {cpu['service']:.1f}, moto {cpu['moto']:.1f}, "
         f"simulator {cpu['sim']:.1f}; seeding {seed_s:.1f} s ({count / seed_s:.0f} filings/s); "
         f"whole run {took:.0f} s",
     ]
     print("\n".join(lines), flush=True)
-    title = "Poller drain" if count == DEFAULT_COUNT else f"Poller drain ({count:,} pending)"
+    parts = [f"{count:,} pending"] if count != DEFAULT_COUNT else []
+    parts += [f"{rps:g} calls/s"] if rps != DEFAULT_RPS else []
+    parts += [f"{form} form"] if form != "status" else []
+    title = "Poller drain" + (f" ({', '.join(parts)})" if parts else "")
     if record:
         append_results(title, lines)
     return 0 if ok else 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 from dataclasses import dataclass
 from datetime import timedelta
@@ -49,7 +50,7 @@ log = structlog.get_logger(__name__)
 
 MAX_SUBMIT_ATTEMPTS = 5
 MAX_BACKOFF_FACTOR = 16
-WORKERS = 4
+MIN_WORKERS, MAX_WORKERS = 4, 32
 BATCH = 200
 JANITOR_EVERY_TICKS = 10
 
@@ -86,6 +87,11 @@ class Poller:
         self._hash_key = hash_key
         self.owner = REPLICA
         self._interval = settings.poll_interval_seconds
+        # Enough visits in flight to keep Copernica's rate limit busy while each visit waits
+        # on S3 round trips (about ten per visit); the rate limiter still paces the calls.
+        self._workers = min(
+            MAX_WORKERS, max(MIN_WORKERS, math.ceil(2 * settings.copernica_max_rps))
+        )
         self._lease_seconds = settings.poll_lease_seconds
         self._expiry = timedelta(hours=settings.request_expiry_hours)
         self._stopping = asyncio.Event()
@@ -99,8 +105,9 @@ class Poller:
         """Tick until `stop()`; an S3 outage only delays the next tick."""
         ticks = 0
         while not self._stopping.is_set():
+            visited = 0
             try:
-                await self.tick()
+                visited = await self.tick()
                 ticks += 1
                 if ticks % JANITOR_EVERY_TICKS == 1:
                     await self._store.abort_superseded_uploads()
@@ -109,6 +116,8 @@ class Poller:
                 log.warning("poll_tick_failed", error=str(exc))
             except Exception:
                 log.exception("poll_tick_crashed")
+            if visited >= BATCH:
+                continue  # a full batch: more may be due already, no pause
             pause = self.tick_seconds() * random.uniform(0.8, 1.2)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), pause)
@@ -145,7 +154,7 @@ class Poller:
                     # The lease runs out and the request is visited again later.
                     log.exception("poll_visit_crashed", request_id=request_id)
 
-        await asyncio.gather(*(worker() for _ in range(min(WORKERS, len(due)) or 1)))
+        await asyncio.gather(*(worker() for _ in range(min(self._workers, len(due)) or 1)))
         return len(due)
 
     # -- one visit ---------------------------------------------------------------------------
