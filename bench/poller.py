@@ -343,10 +343,10 @@ async def run(count: int, rps: float, spread: float, form: str, payload: int, re
             if short
             else ""
         ),
-        f"- between batches the poller visits nothing: {int(ticks)} ticks x ~"
-        f"{TICK_PAUSE:g} s pause, and {seconds.get('list_objects_v2', 0):.1f} s in "
-        f"{int(s3.get('list_objects_v2', 0))} LISTs (schedule, and every 10th tick a census "
-        f"of all markers)",
+        f"- ticks: {int(ticks)} (a pause of ~{TICK_PAUSE:g} s only after a tick that was not a "
+        f"full batch); {seconds.get('list_objects_v2', 0):.1f} s in "
+        f"{int(s3.get('list_objects_v2', 0))} LISTs (the schedule, and every 10th tick, beside "
+        f"the visits, a census of all markers)",
         f"- CPU seconds in the drain: service {cpu['service']:.1f}, moto {cpu['moto']:.1f}, "
         f"simulator {cpu['sim']:.1f}; seeding {seed_s:.1f} s ({count / seed_s:.0f} filings/s); "
         f"whole run {took:.0f} s",
