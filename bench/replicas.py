@@ -31,7 +31,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,8 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.callbacks import drive, s3_calls
-from bench.stack import ROOT, Stack, append_results, cpu_seconds, free_port, sized_body, wait_for
+from bench.stack import ROOT, Stack, append_results, cpu_seconds, free_port, sized_body
+from deploy.local_nginx import Nginx
 from service.callbacks import callback_url
 from service.config import Secret
 
@@ -80,73 +80,6 @@ asyncio.run(main())
 
 def log(text: str) -> None:
     print(text, flush=True)
-
-
-def children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (nginx's workers)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-class Nginx:
-    """nginx as our own process, running deploy/nginx.conf with loopback upstreams (the same
-    rewriting as tests/test_nginx.py, which this must not import: it pulls in pytest)."""
-
-    def __init__(self, workdir: Path, upstreams: list[int]) -> None:
-        self.port = free_port()
-        reference = (ROOT / "deploy" / "nginx.conf").read_text()
-        servers = "".join(
-            f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=2s;\n" for port in upstreams
-        )
-        site = re.sub(
-            r"(upstream receiver \{\n)(?:.*\n)*?(    keepalive)", rf"\g<1>{servers}\2", reference
-        )
-        site = site.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
-        assert all(f"127.0.0.1:{port}" in site for port in upstreams)
-        assert "receiver-1" not in site and "receiver-2" not in site
-        (workdir / "site.conf").write_text(site)
-        (workdir / "nginx.conf").write_text(
-            f"daemon off;\nworker_processes 1;\npid {workdir}/nginx.pid;\n"
-            f"error_log {workdir}/error.log warn;\nevents {{ worker_connections 1024; }}\n"
-            f"http {{\n  access_log off;\n  client_body_temp_path {workdir}/body;\n"
-            f"  proxy_temp_path {workdir}/proxy;\n  include {workdir}/site.conf;\n}}\n"
-        )
-        self.workdir = workdir
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.pids: list[int] = []
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Nginx:
-        binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        if not Path(binary).exists():
-            raise SystemExit("nginx is missing: `make nginx` (apt-get install -y nginx)")
-        self.proc = subprocess.Popen(
-            [binary, "-p", str(self.workdir), "-c", str(self.workdir / "nginx.conf")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(self.port)
-        for _ in range(100):  # the master listens before it forks its worker
-            workers = children(self.proc.pid)
-            if workers:
-                break
-            time.sleep(0.02)
-        else:
-            raise RuntimeError("nginx started no worker")
-        self.pids = [self.proc.pid, *workers]
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @dataclass

@@ -5,9 +5,6 @@ request is archived exactly once, and no multipart upload is left behind."""
 from __future__ import annotations
 
 import asyncio
-import re
-import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from deploy.local_nginx import Nginx
 from service.callbacks import callback_url
 from service.config import Secret
 from service.simulator import PayloadSpec, payload_bytes
@@ -25,8 +23,6 @@ from tests.conftest import (
     ServiceProcess,
     Simulator,
     file_request,
-    free_port,
-    wait_for_port,
 )
 from tests.test_callbacks import archive_key
 
@@ -34,47 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REQUESTS = 100
 DELIVERIES = 3  # per request: two at once, one later -> 300 callbacks
 MIB = 1024 * 1024
-
-
-class Nginx:
-    """nginx as our own process, running deploy/nginx.conf with loopback upstreams."""
-
-    def __init__(self, workdir: Path, upstreams: list[int]) -> None:
-        self.port = free_port()
-        reference = (ROOT / "deploy" / "nginx.conf").read_text()
-        servers = "".join(
-            f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=2s;\n" for port in upstreams
-        )
-        site = re.sub(
-            r"(upstream receiver \{\n)(?:.*\n)*?(    keepalive)", rf"\g<1>{servers}\2", reference
-        )
-        site = site.replace("listen 80;", f"listen 127.0.0.1:{self.port};")
-        assert all(f"127.0.0.1:{port}" in site for port in upstreams)
-        (workdir / "site.conf").write_text(site)
-        (workdir / "nginx.conf").write_text(
-            f"daemon off;\nworker_processes 1;\npid {workdir}/nginx.pid;\n"
-            f"error_log {workdir}/error.log warn;\nevents {{ worker_connections 1024; }}\n"
-            f"http {{\n  access_log off;\n  client_body_temp_path {workdir}/body;\n"
-            f"  proxy_temp_path {workdir}/proxy;\n  include {workdir}/site.conf;\n}}\n"
-        )
-        self.workdir = workdir
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        assert Path(binary).exists(), "nginx is missing: `make test` installs it (apt-get)"
-        self.proc = subprocess.Popen(
-            [binary, "-p", str(self.workdir), "-c", str(self.workdir / "nginx.conf")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture
