@@ -6,6 +6,9 @@
   part size and two parts in flight (no hash, no check, no conditions): what archiving a body
   larger than one part costs at the least without holding it whole in memory.
 
+Both use the S3 client settings the service uses (`UNSIGNED`: no payload signature over
+plain http, as botocore does over https), so the comparison is of the work, not of a setting.
+
     python bench/floor.py PORT S3_ENDPOINT BUCKET [PART_BYTES]
 """
 
@@ -16,11 +19,14 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from aiohttp import web
 
 S3 = web.AppKey("s3", object)
 PART = web.AppKey("part", int)
+# As the service's client (service/archive.py): botocore's https behaviour over plain http too.
+UNSIGNED = AioConfig(s3={"payload_signing_enabled": False})
 
 
 async def put(request: web.Request) -> web.Response:
@@ -75,7 +81,7 @@ def main() -> None:
     part_bytes = int(sys.argv[4]) if len(sys.argv) > 4 else 8 * 1024 * 1024
 
     async def client(app: web.Application) -> AsyncIterator[None]:
-        async with get_session().create_client("s3", endpoint_url=endpoint) as s3:
+        async with get_session().create_client("s3", endpoint_url=endpoint, config=UNSIGNED) as s3:
             app[S3] = s3
             yield
 

@@ -18,6 +18,7 @@ from aiobotocore.session import get_session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.floor import UNSIGNED
 from bench.stack import Stack, append_results, memory_kib
 from service.callbacks import callback_url
 from service.config import Secret
@@ -27,8 +28,9 @@ PART = 8 * 1024 * 1024
 
 
 async def bare_multipart(endpoint: str, bucket: str, spec: PayloadSpec) -> float:
-    """The floor: the same bytes, the same part size, two parts in flight, no checks."""
-    async with get_session().create_client("s3", endpoint_url=endpoint) as s3:
+    """The floor: the same bytes, the same part size, two parts in flight, no checks, the
+    service's S3 client settings."""
+    async with get_session().create_client("s3", endpoint_url=endpoint, config=UNSIGNED) as s3:
         started = time.perf_counter()
         upload = await s3.create_multipart_upload(Bucket=bucket, Key="bare/giant.json")
         parts: list[dict[str, Any]] = []

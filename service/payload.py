@@ -30,6 +30,8 @@ NOT_AVAILABLE_TEXT = "Data not available (yet)"
 MAX_DEPTH = 1024  # simdjson's own limit, so both checkers agree
 _BOM = b"\xef\xbb\xbf"
 _NOT_UTF8 = "invalid JSON: a string is not valid UTF-8"
+_PARSER_BYTES = 1024 * 1024
+_PARSER = simdjson.Parser()
 _NOT_AVAILABLE_PLAIN = re.compile(rb'^\s*"?data not available \(yet\)"?\s*$', re.IGNORECASE)
 
 
@@ -235,8 +237,11 @@ def _whole_verdict(body: bytes | bytearray) -> Result | None:
     """DATA or NOT_AVAILABLE for a body simdjson finds clean; None means "ask yajl"."""
     if body.startswith(_BOM):
         return None
+    # One parser kept for bodies up to a MiB (its buffers stay mapped: no page faults per
+    # callback); a larger body gets its own, freed after. No document outlives this call.
+    parser = _PARSER if len(body) <= _PARSER_BYTES else simdjson.Parser()
     try:
-        document = simdjson.Parser().parse(body)
+        document = parser.parse(body)
     except (ValueError, RuntimeError):  # simdjson's errors (UnicodeDecodeError included)
         return None
     if not isinstance(document, simdjson.Object):
