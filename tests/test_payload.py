@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service.ledger import Ledger, RequestRecord
 from service.payload import (
     MAX_DEPTH,
     PayloadCheck,
@@ -162,6 +163,34 @@ def test_subject_matching() -> None:
     assert Subject("profile", "42").matches("profile", "42")
     assert not Subject("profile", "42").matches("profile", 43)
     assert not Subject("profile", "1").matches("profile", True)
+
+
+@pytest.mark.parametrize(
+    ("kind", "mine", "info_type", "info_id"),
+    [
+        ("email", "Alice@Example.com", "email", "alice@example.COM"),
+        ("email", "alice@example.com", "email", " alice@example.com "),
+        ("email", "alice@example.com", "email", "bob@example.com"),
+        ("email", "alice@example.com", "profile", "alice@example.com"),
+        ("email", "1", "email", 1),
+        ("profile", "42", "profile", 42),
+        ("profile", "42", "profile", "42"),
+        ("profile", "42", "profile", " 42 "),
+        ("profile", "42", "profile", 43),
+        ("profile", "1", "profile", True),
+        ("profile", "42", "profile", 42.0),
+        ("subprofile", "7", "subprofile", 7),
+        ("subprofile", "7", "profile", 7),
+    ],
+)
+def test_a_remembered_addressee_matches_like_its_record(
+    kind: str, mine: str, info_type: object, info_id: object
+) -> None:
+    record = RequestRecord(id="01ARZ3NDEKTSV4RRFFQ69G5FAV", subject_type=kind, subject_id=mine)
+    addressee = Ledger(None, b"key").addressee_of(record)  # type: ignore[arg-type]
+    if "@" in mine:
+        assert mine not in repr(addressee)  # no address in memory dumps or logs
+    assert addressee.matches(info_type, info_id) is record.subject.matches(info_type, info_id)
 
 
 json_values = st.recursive(
