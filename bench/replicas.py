@@ -465,13 +465,7 @@ def startup_once(stack: Stack) -> tuple[float, float, float]:
                 raise RuntimeError(f"service exited with {proc.returncode} while starting")
         raise RuntimeError("service not ready within 30 s")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        stack.procs.remove(proc)
+        stack.stop_process(proc)
 
 
 def startup(stack: Stack, starts: int) -> list[str]:

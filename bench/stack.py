@@ -147,7 +147,10 @@ class Stack:
 
     def stop_service(self) -> None:
         """Stop the service (SIGTERM, its graceful shutdown), e.g. to start it with other env."""
-        proc = self.service
+        self.stop_process(self.service)
+
+    def stop_process(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGTERM one of the stack's processes (SIGKILL after 30 s) and forget it."""
         proc.terminate()
         try:
             proc.wait(30)
