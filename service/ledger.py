@@ -14,7 +14,7 @@ import os
 import socket
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -111,7 +111,8 @@ class Addressee:
         return self.subject_digest[:16]
 
     def matches(self, info_type: Any, info_id: Any) -> bool:
-        """The body's `info` names this subject (same rules as `Subject.matches`)."""
+        """The body's `info` names this subject: same type; an e-mail address compared
+        case-insensitively, a profile id as a JSON number or a numeric string."""
         if info_type != self.subject_type or isinstance(info_id, bool):
             return False
         if isinstance(info_id, int) and info_type != "email":
@@ -162,14 +163,7 @@ class Ledger:
         """This replica stored the request's archive: a repeat delivery needs no S3 call."""
         known = self._recent.get(request_id)
         if known is not None and not known.archived:
-            self._recent[request_id] = Addressee(
-                known.id,
-                known.copernica_id,
-                known.subject_type,
-                known.subject_digest,
-                known.key,
-                archived=True,
-            )
+            self._recent[request_id] = replace(known, archived=True)
 
     async def addressee(self, request_id: str) -> Addressee | None:
         """The request's addressee: remembered, else read from its record (None: no record)."""
@@ -178,7 +172,10 @@ class Ledger:
             self._recent.move_to_end(request_id)
             return known
         found = await self.get(request_id)
-        return self.addressee_of(found[0]) if found is not None else None
+        if found is None:
+            return None
+        # `get` remembered it, unless Copernica's id is not in the record yet.
+        return self._recent.get(request_id) or self.addressee_of(found[0])
 
     async def create(self, record: RequestRecord) -> str:
         now = isoformat(utcnow())

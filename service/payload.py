@@ -53,16 +53,6 @@ class Subject:
     type: str
     id: str
 
-    def matches(self, info_type: Any, info_id: Any) -> bool:
-        if info_type != self.type or isinstance(info_id, bool):
-            return False
-        if self.type == "email":
-            return isinstance(info_id, str) and info_id.strip().casefold() == self.id.casefold()
-        # Profile ids are numbers; accept them as JSON numbers or numeric strings.
-        if isinstance(info_id, int):
-            return str(info_id) == self.id
-        return isinstance(info_id, str) and info_id.strip() == self.id
-
 
 @dataclass(frozen=True)
 class Result:
