@@ -352,7 +352,8 @@ async def scaling(stack: Stack, count: int, workdir: Path) -> list[str]:
                     pool = ports if way == WAYS[2] else ports[:1]
                     proxy = None
                     if way != WAYS[0]:
-                        proxy = Nginx(Path(tempfile.mkdtemp(dir=workdir)), pool).start()
+                        site_dir = Path(tempfile.mkdtemp(dir=workdir))
+                        proxy = Nginx(site_dir, pool, free_port()).start()
                     batch, unused = unused[:size], unused[size:]
                     try:
                         counted = {

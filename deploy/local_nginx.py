@@ -16,12 +16,6 @@ from pathlib import Path
 CONF = Path(__file__).resolve().parent / "nginx.conf"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _children(pid: int) -> list[int]:
     """Processes whose parent is `pid` (nginx's workers)."""
     found = []
@@ -36,10 +30,11 @@ def _children(pid: int) -> list[int]:
 
 
 class Nginx:
-    """nginx (one worker) with deploy/nginx.conf, upstreams `127.0.0.1:{port}` for `upstreams`."""
+    """nginx (one worker) with deploy/nginx.conf on 127.0.0.1:`port`, in front of
+    `127.0.0.1:{p}` for each p in `upstreams`."""
 
-    def __init__(self, workdir: Path, upstreams: list[int]) -> None:
-        self.port = _free_port()
+    def __init__(self, workdir: Path, upstreams: list[int], port: int) -> None:
+        self.port = port
         servers = "".join(
             f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=2s;\n" for port in upstreams
         )

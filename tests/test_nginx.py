@@ -23,6 +23,7 @@ from tests.conftest import (
     ServiceProcess,
     Simulator,
     file_request,
+    free_port,
 )
 from tests.test_callbacks import archive_key
 
@@ -37,7 +38,7 @@ def nginx_in_front(tmp_path: Path) -> Iterator[Callable[[list[int]], Nginx]]:
     started: list[Nginx] = []
 
     def start(upstreams: list[int]) -> Nginx:
-        proxy = Nginx(tmp_path, upstreams)
+        proxy = Nginx(tmp_path, upstreams, free_port())
         proxy.start()
         started.append(proxy)
         return proxy
