@@ -88,7 +88,7 @@ async def measure(
     ids = []
     for _ in range(n):
         async with http.post(
-            f"{stack.url}/v1/data-requests",
+            f"{stack.admin_url}/v1/data-requests",
             json={"email": "bench@example.com"},
             headers={"Authorization": f"Bearer {stack.api}"},
         ) as answer:
@@ -96,11 +96,11 @@ async def measure(
     if cold:
         stack.restart_service()  # forgets every request it filed
     urls = [callback_url(stack.url, Secret(stack.secret), i) for i in ids]
-    calls_before = await s3_calls(http, stack.url)
+    calls_before = await s3_calls(http, stack.admin_url)
     cpu_before = cpu_seconds(stack.service.pid)
     took, lat = await drive(http, urls, body, concurrency)
     service_cpu = (cpu_seconds(stack.service.pid) - cpu_before) / n
-    calls = (await s3_calls(http, stack.url) - calls_before) / n
+    calls = (await s3_calls(http, stack.admin_url) - calls_before) / n
     base = f"http://127.0.0.1:{floor_port}"
     floor_urls = [f"{base}/put/f{time.time_ns()}-{k}" for k in range(n)]
     cpu_before = cpu_seconds(floor.pid)

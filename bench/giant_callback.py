@@ -83,7 +83,7 @@ async def run(mib: int) -> None:
         timeout = aiohttp.ClientTimeout(total=3600)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             async with http.post(
-                f"{stack.url}/v1/data-requests",
+                f"{stack.admin_url}/v1/data-requests",
                 json={"email": "big@example.com"},
                 headers={"Authorization": f"Bearer {stack.api}"},
             ) as answer:

@@ -266,13 +266,13 @@ async def run(count: int, rps: float, spread: float, form: str, payload: int, re
             }
             start = time.monotonic()  # the first request becomes ready now
             readiness = asyncio.create_task(make_ready(http, sim, ids, spread * expected))
-            end = await until_archived(http, stack.url, count, start, 3 * expected + 60)
+            end = await until_archived(http, stack.admin_url, count, start, 3 * expected + 60)
             cpu = {
                 name: cpu_seconds(proc.pid) - cpu[name]
                 for name, proc in (("service", service), ("moto", moto), ("sim", simulator))
             }
             ready = await readiness
-            final = await metrics(http, stack.url)
+            final = await metrics(http, stack.admin_url)
             async with http.get(f"{sim}/_sim/bench/calls") as answer:
                 seen = await answer.json()
             archives = await asyncio.to_thread(s3_objects, stack, "copernica/archive/")

@@ -149,7 +149,7 @@ async def file_requests(http: aiohttp.ClientSession, stack: Stack, n: int) -> li
         async with (
             gate,
             http.post(
-                f"{stack.url}/v1/data-requests",
+                f"{stack.admin_url}/v1/data-requests",
                 json={"email": SUBJECT},
                 headers={"Authorization": f"Bearer {stack.api}"},
             ) as answer,
@@ -327,16 +327,17 @@ async def scaling(stack: Stack, count: int, workdir: Path) -> list[str]:
         )
     # The filer stops: the measured replicas remember no addressee (a cold callback).
     stack.stop_service()
-    ports = [free_port(), free_port()]
+    ports, admin_ports = [free_port(), free_port()], [free_port(), free_port()]
     replicas = [
         stack.spawn(
             ["-m", "service", "serve"],
-            env=stack.service_environment({"PORT": str(port)}),
+            env=stack.service_environment({"PORT": str(port), "ADMIN_PORT": str(admin)}),
             port=port,
         )
-        for port in ports
+        for port, admin in zip(ports, admin_ports, strict=True)
     ]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
+    admin_urls = [f"http://127.0.0.1:{port}" for port in admin_ports]
     moto = stack.procs[0]
     rows: list[Row] = []
     unused = list(ids)
@@ -362,7 +363,9 @@ async def scaling(stack: Stack, count: int, workdir: Path) -> list[str]:
                             "moto": [moto.pid],
                         }
                         target = proxy.url if proxy else urls[0]
-                        await measure(http, by_way[way], stack.secret, target, urls, counted, batch)
+                        await measure(
+                            http, by_way[way], stack.secret, target, admin_urls, counted, batch
+                        )
                     finally:
                         if proxy is not None:
                             proxy.stop()
@@ -444,7 +447,7 @@ def startup_once(stack: Stack) -> tuple[float, float, float]:
     """Spawn the service: seconds to its port accepting and to the first 200 from /readyz, and
     the CPU seconds it had spent by then."""
     port = free_port()
-    env = stack.service_environment({"PORT": str(port)})
+    env = stack.service_environment({"PORT": str(port), "ADMIN_PORT": str(free_port())})
     started = time.perf_counter()
     proc = stack.spawn(["-m", "service", "serve"], env=env)
     listening = None

@@ -72,8 +72,10 @@ class Stack:
         self.token, self.secret = secrets.token_hex(8), secrets.token_hex(16)
         self.api = secrets.token_hex(8)
         self.s3_port, self.sim_port, self.port = free_port(), free_port(), free_port()
+        self.admin_port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.s3_port}"
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://127.0.0.1:{self.port}"  # public: callbacks, health
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"  # operator API, metrics
         self.bucket = "bench"
 
     def spawn(
@@ -130,6 +132,7 @@ class Stack:
             "COPERNICA_API_URL": f"http://127.0.0.1:{self.sim_port}/v2",
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
+            "ADMIN_PORT": str(self.admin_port),
             "PUBLIC_BASE_URL": self.url,
             "MAX_CALLBACK_BYTES": str(4 * 1024**3),
             "LOG_LEVEL": "warning",

@@ -2,7 +2,11 @@
 
 Starts a local S3 (moto's server mode, in memory), creates the bucket, starts the Copernica
 simulator and the service with a generated development config, prints how to use it, and
-stops everything on Ctrl-C. Ports can be moved with S3_PORT, SIM_PORT and PORT.
+stops everything on Ctrl-C. Ports can be moved with S3_PORT, SIM_PORT, PORT and ADMIN_PORT.
+
+Callbacks are signed end to end: a throwaway RSA key pair is made in .local/ at every start;
+the simulator signs its callbacks with the private half as Copernica does, and the service
+runs with SIGNATURE_MODE=require and the public half, so an unsigned callback is refused.
 """
 
 from __future__ import annotations
@@ -17,12 +21,17 @@ import time
 from pathlib import Path
 
 import botocore.session
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 ROOT = Path(__file__).resolve().parent.parent
 S3_PORT = int(os.environ.get("S3_PORT", "9100"))
 SIM_PORT = int(os.environ.get("SIM_PORT", "9000"))
 PORT = int(os.environ.get("PORT", "8080"))
+ADMIN_PORT = int(os.environ.get("ADMIN_PORT", "9090"))
 BUCKET = "copernica-archive"
+LOCAL = ROOT / ".local"
+ACCOUNT_ID = "10001"  # the made-up Copernica account the simulator signs for
 
 
 def wait_for(port: int, name: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -38,8 +47,33 @@ def wait_for(port: int, name: str, proc: subprocess.Popen[bytes], timeout: float
     sys.exit(f"{name} did not start listening on port {port}")
 
 
+def signing_keys() -> tuple[Path, Path]:
+    """A new RSA key pair in .local/ (private key readable by its owner only): Copernica's
+    keys live in DNS, a local stack has none, so the service is given the public key file."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private, public = LOCAL / "copernica-sign-key.pem", LOCAL / "copernica-sign-key.pub.pem"
+    private.unlink(missing_ok=True)
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return private, public
+
+
 def main() -> None:
     access_token = secrets.token_urlsafe(16)
+    LOCAL.mkdir(exist_ok=True)
+    sign_key, verify_key = signing_keys()
     env = {
         **os.environ,
         "AWS_ACCESS_KEY_ID": "local",
@@ -54,8 +88,13 @@ def main() -> None:
         "S3_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
         "HOST": "127.0.0.1",
         "PORT": str(PORT),
+        "ADMIN_PORT": str(ADMIN_PORT),
         "POLL_INTERVAL_SECONDS": "10",
-        "RECEIVER_URL": f"http://127.0.0.1:{PORT}",
+        "REPORT_CONTROLLER_NAME": "Example Shop B.V.",
+        "RECEIVER_URL": f"http://127.0.0.1:{ADMIN_PORT}",
+        "SIGNATURE_MODE": "require",
+        "COPERNICA_ACCOUNT_ID": ACCOUNT_ID,
+        "SIGNATURE_PUBLIC_KEY_FILE": str(verify_key),
     }
     python = sys.executable
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -102,6 +141,10 @@ def main() -> None:
                 access_token,
                 "--ready-after",
                 "3",
+                "--sign-key",
+                str(sign_key),
+                "--account-id",
+                ACCOUNT_ID,
             ],
             env=env,
         )
@@ -111,9 +154,9 @@ def main() -> None:
         service = subprocess.Popen([python, "-m", "service", "serve"], env=env)
         procs.append(("service", service))
         wait_for(PORT, "service", service)
+        wait_for(ADMIN_PORT, "service (admin)", service)
 
-        dev_env = ROOT / ".local" / "dev.env"
-        dev_env.parent.mkdir(exist_ok=True)
+        dev_env = LOCAL / "dev.env"
         dev_env.write_text(
             "".join(
                 f"{k}={env[k]}\n"
@@ -123,15 +166,22 @@ def main() -> None:
         print(
             f"""
 Local stack is up:
-  service    http://127.0.0.1:{PORT}   (callbacks, /v1 API, /healthz, /readyz, /metrics)
+  service    http://127.0.0.1:{PORT}   (public: callbacks, /healthz, /readyz)
+  admin      http://127.0.0.1:{ADMIN_PORT}   (operators: /v1 API, /metrics, /healthz, /readyz)
   simulator  http://127.0.0.1:{SIM_PORT}   (fake Copernica; state at /_sim/state)
   local S3   http://127.0.0.1:{S3_PORT}   (bucket {BUCKET}, in memory)
+
+Callbacks are signed as Copernica signs them: the simulator with a throwaway key
+(.local/{sign_key.name}, X-Copernica-Id {ACCOUNT_ID}); the service runs with
+SIGNATURE_MODE=require, COPERNICA_ACCOUNT_ID={ACCOUNT_ID} and
+SIGNATURE_PUBLIC_KEY_FILE=.local/{verify_key.name}, so unsigned callbacks get 401.
 
 In another terminal, file a data request and watch it get archived (about 3 s):
   set -a; . .local/dev.env; set +a
   .venv/bin/python -m service request alice@example.com
   .venv/bin/python -m service status <id printed above>
   .venv/bin/python -m service list
+  .venv/bin/python -m service download <id>   (the access package, about 10 s later)
 
 The archive lands in s3://{BUCKET}/copernica/archive/YYYY/MM/DD/<id>.json; look with
   AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local aws --endpoint-url \\

@@ -1,4 +1,5 @@
-"""Command line: `serve` (default), `request`, `status`, `list`, `events`, `simulate`."""
+"""Command line: `serve` (default), `request`, `status`, `list`, `extend`, `download`,
+`events`, `simulate`."""
 
 from __future__ import annotations
 
@@ -31,16 +32,39 @@ def _parser() -> argparse.ArgumentParser:
     subject.add_argument("--profile", type=int, help="Copernica profile id")
     subject.add_argument("--subprofile", type=int, help="Copernica subprofile id")
     request.add_argument("--idempotency-key", help="retrying with the same key files once")
+    request.add_argument(
+        "--received-on", help="day the subject's request was received, YYYY-MM-DD (default today)"
+    )
+    request.add_argument("--events-since", help="also archive events from this day, YYYY-MM-DD")
+    request.add_argument(
+        "--events-until", help="day after the last day of events, YYYY-MM-DD (default tomorrow)"
+    )
 
     status = commands.add_parser("status", help="show one request")
     status.add_argument("id")
 
     listing = commands.add_parser("list", help="list requests")
     listing.add_argument(
-        "--status", choices=("submitting", "pending", "archived", "failed", "expired")
+        "--status",
+        choices=("submitting", "pending", "archived", "failed", "expired", "purged"),
+    )
+    listing.add_argument(
+        "--overdue", action="store_true", help="only requests past due_by and not answered"
+    )
+    listing.add_argument(
+        "--due-before", metavar="DATE", help="only requests not answered, due before DATE"
     )
     listing.add_argument("--limit", type=int, default=100)
     listing.add_argument("--cursor", default="")
+
+    extend = commands.add_parser("extend", help="extend a request's deadline (GDPR art. 12(3))")
+    extend.add_argument("id")
+    extend.add_argument("--months", type=int, required=True, choices=(1, 2))
+    extend.add_argument("--reason", required=True, help="why the extension is necessary")
+
+    download = commands.add_parser("download", help="download a request's access package")
+    download.add_argument("id")
+    download.add_argument("--out", help="file to write (default access-package-ID.zip)")
 
     events = commands.add_parser(
         "events",
@@ -68,6 +92,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument(
         "--payload-size", type=int, default=20_000, help="approximate payload bytes"
+    )
+    simulate.add_argument(
+        "--sign-key",
+        metavar="PEM",
+        help="RSA private key file: sign callbacks as Copernica does (needs --account-id)",
+    )
+    simulate.add_argument(
+        "--account-id", help="the account id sent as X-Copernica-Id in signed callbacks"
+    )
+    simulate.add_argument(
+        "--key-id",
+        default="one._domainkey.copernica.com",
+        help="keyId of the signature (default: %(default)s)",
     )
     return parser
 
@@ -128,6 +165,15 @@ def _client(args: argparse.Namespace) -> int:
             body = {"profile": args.profile}
         else:
             body = {"subprofile": args.subprofile}
+        if args.received_on:
+            body["received_on"] = args.received_on
+        if args.events_since:
+            body["events"] = {"since": args.events_since}
+            if args.events_until:
+                body["events"]["until"] = args.events_until
+        elif args.events_until:
+            print("error: --events-until needs --events-since", file=sys.stderr)
+            return 2
         headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
         status, answer = asyncio.run(_call_api("POST", "/v1/data-requests", body, headers))
         if status == 202:
@@ -141,15 +187,24 @@ def _client(args: argparse.Namespace) -> int:
         if status == 200:
             print(json.dumps(answer, indent=2))
             return 0
+    elif args.command == "extend":
+        body = {"months": args.months, "reason": args.reason}
+        status, answer = asyncio.run(_call_api("POST", f"/v1/data-requests/{args.id}/extend", body))
+        if status == 200:
+            print(f"{answer['id']} due by {answer['due_by']} ({answer['days_left']} days left)")
+            return 0
     else:
         query = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
+        query += "&overdue=true" if args.overdue else ""
+        query += f"&due_before={args.due_before}" if args.due_before else ""
         query += f"&cursor={args.cursor}" if args.cursor else ""
         status, answer = asyncio.run(_call_api("GET", f"/v1/data-requests{query}"))
         if status == 200:
             for item in answer["items"]:
+                late = "  OVERDUE" if item.get("overdue") else ""
                 print(
                     f"{item['id']}  {item['status']:<10}  {item['subject_type']:<10}  "
-                    f"{item['created_at']}"
+                    f"{item['created_at']}  due {item.get('due_by')}{late}"
                 )
             if answer.get("next_cursor"):
                 print(f"next: --cursor {answer['next_cursor']}", file=sys.stderr)
@@ -224,10 +279,18 @@ def main(argv: list[str] | None = None) -> int:
                 args.access_token,
                 ready_after=args.ready_after,
                 payload_size=args.payload_size,
+                sign_key_file=args.sign_key,
+                account_id=args.account_id,
+                key_id=args.key_id,
             )
             return 0
         if args.command == "events":
             return _events(args)
+        if args.command == "download":
+            from .download import download
+
+            settings = Settings.from_env(require=CLIENT_REQUIRES)
+            return asyncio.run(download(settings, args.id, args.out))
         return _client(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

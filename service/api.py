@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
+from datetime import date, timedelta
 from typing import Any
 
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .archive import ArchiveStore, ArchiveUnavailable
+from .archive import ArchiveStore, ArchiveUnavailable, NotFound, isoformat, utcnow
 from .callbacks import ULID_PATTERN
-from .config import Secret
+from .config import Secret, Settings
+from .deadlines import DeadlineInputError, ExtensionRefused, parse_extension
 from .filing import (
     Filing,
     IdempotencyConflict,
@@ -23,10 +27,14 @@ from .filing import (
     describe,
     parse_new_request,
 )
-from .ledger import STATUSES, Ledger, RecordConflict, RequestRecord
+from .ledger import STATUSES, Ledger, RecordConflict, RequestClosed, RequestRecord
 from .metrics import Metrics
+from .package import CONTENT_TYPE, package_filename
+
+log = structlog.get_logger(__name__)
 
 MAX_PAGE = 1000
+DEADLINE_CURSOR = re.compile(r"^\d{4}-\d{2}-\d{2}/[0-9A-HJKMNP-TV-Z]{26}$")
 
 
 def bearer_middleware(token: Secret) -> Any:
@@ -53,10 +61,19 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class OperatorApi:
-    def __init__(self, filing: Filing, ledger: Ledger, store: ArchiveStore) -> None:
+    def __init__(
+        self,
+        filing: Filing,
+        ledger: Ledger,
+        store: ArchiveStore,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
         self._filing = filing
         self._ledger = ledger
         self._store = store
+        self._link_seconds = settings.package_link_seconds
+        self._metrics = metrics
 
     async def create(self, request: web.Request) -> web.Response:
         try:
@@ -122,27 +139,163 @@ class OperatorApi:
         return updated
 
     async def list(self, request: web.Request) -> web.Response:
-        status = request.query.get("status")
+        """A page of requests: by id (creation), or with `overdue=true` / `due_before=DAY`
+        the requests not yet answered by due date (from the deadline index)."""
+        query = request.query
+        status = query.get("status")
         if status is not None and status not in STATUSES:
             return _error(400, f"status must be one of {', '.join(STATUSES)}")
         try:
-            limit = int(request.query.get("limit", "100"))
+            limit = int(query.get("limit", "100"))
         except ValueError:
             return _error(400, "limit must be an integer")
         if not 1 <= limit <= MAX_PAGE:
             return _error(400, f"limit must be between 1 and {MAX_PAGE}")
-        cursor = request.query.get("cursor", "")
-        if cursor and not ULID_PATTERN.match(cursor):
+        overdue = query.get("overdue")
+        if overdue not in (None, "true", "false"):
+            return _error(400, "overdue must be true or false")
+        due_before: date | None = None
+        if "due_before" in query:
+            try:
+                due_before = date.fromisoformat(query["due_before"])
+            except ValueError:
+                return _error(400, "due_before must be a day as YYYY-MM-DD")
+        today = utcnow().date()
+        cursor = query.get("cursor", "")
+        by_deadline = overdue == "true" or due_before is not None
+        if cursor and not (DEADLINE_CURSOR if by_deadline else ULID_PATTERN).match(cursor):
             return _error(400, "cursor is not valid")
         try:
-            records, next_cursor = await self._ledger.page(
-                status=status, limit=limit, cursor=cursor
-            )
+            if by_deadline:
+                horizon = min(d for d in (due_before, today if overdue else None) if d)
+                records, next_cursor = await self._ledger.open_by_deadline(
+                    horizon, limit=limit, cursor=cursor
+                )
+                records = [r for r in records if status is None or r.status == status]
+            else:
+                keep = None
+                if overdue == "false":
+                    keep = lambda r: not r.deadline.overdue(today)  # noqa: E731
+                records, next_cursor = await self._ledger.page(
+                    status=status, limit=limit, cursor=cursor, keep=keep
+                )
         except ArchiveUnavailable:
             return _unavailable()
         return web.json_response(
-            {"items": [describe(r) for r in records], "next_cursor": next_cursor}
+            {"items": [describe(r, today) for r in records], "next_cursor": next_cursor}
         )
+
+    async def extend(self, request: web.Request) -> web.Response:
+        """`{"months": 1|2, "reason": "..."}`: the deadline moves, two months at most in all."""
+        request_id = request.match_info["id"]
+        if not ULID_PATTERN.match(request_id):
+            return _error(404, "no such request")
+        try:
+            body = await request.json(loads=json.loads)
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "body must be JSON")
+        try:
+            months, reason = parse_extension(body)
+            record = await self._ledger.extend(request_id, months, reason)
+        except DeadlineInputError as exc:
+            return _error(400, str(exc))
+        except (ExtensionRefused, RequestClosed) as exc:
+            return _error(409, str(exc))
+        except (ArchiveUnavailable, RecordConflict):
+            return _unavailable()
+        if record is None:
+            return _error(404, "no such request")
+        log.info("deadline_extended", request_id=request_id, months=months)
+        return web.json_response(describe(record))
+
+    async def package(self, request: web.Request) -> web.StreamResponse:
+        """The access package as a download (`ETag` = its sha256); the first complete one
+        answers the request."""
+        try:
+            record = await self._packaged(request.match_info["id"])
+        except _Refused as refused:
+            return refused.response
+        except ArchiveUnavailable:
+            return _unavailable()
+        assert record.package is not None
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": CONTENT_TYPE,
+                "ETag": f'"{record.package["sha256"]}"',
+                "Content-Disposition": f'attachment; filename="{package_filename(record.id)}"',
+            }
+        )
+        try:
+            async with self._store.open(record.package["key"]) as reading:
+                response.content_length = reading.size
+                await response.prepare(request)
+                async for chunk in reading.chunks():
+                    await response.write(chunk)
+        except NotFound:
+            return _error(409, "the package is recorded but not in storage (being purged?)")
+        except ArchiveUnavailable:
+            if response.prepared:
+                raise  # mid-stream: the download is cut short and fails its sha256 check
+            return _unavailable()
+        await response.write_eof()
+        await self._answered(record.id, "download")
+        return response
+
+    async def package_link(self, request: web.Request) -> web.Response:
+        """A presigned GET of the package, valid PACKAGE_LINK_SECONDS."""
+        try:
+            record = await self._packaged(request.match_info["id"])
+            assert record.package is not None
+            url = await self._store.presigned_get(
+                record.package["key"], self._link_seconds, package_filename(record.id)
+            )
+            await self._answered(record.id, "link")
+        except _Refused as refused:
+            return refused.response
+        except ArchiveUnavailable:
+            return _unavailable()
+        expires = utcnow() + timedelta(seconds=self._link_seconds)
+        return web.json_response(
+            {"url": url, "expires_at": isoformat(expires), "sha256": record.package["sha256"]}
+        )
+
+    async def _packaged(self, request_id: str) -> RequestRecord:
+        if not ULID_PATTERN.match(request_id):
+            raise _Refused(_error(404, "no such request"))
+        found = await self._ledger.get(request_id)
+        if found is None:
+            raise _Refused(_error(404, "no such request"))
+        record = found[0]
+        if record.status == "purged":
+            raise _Refused(_error(410, f"deleted at {record.purged_at} (RETENTION_DAYS)"))
+        if record.package is None:
+            raise _Refused(_error(409, f"the package is not built yet (status {record.status})"))
+        return record
+
+    async def _answered(self, request_id: str, way: str) -> None:
+        """The first hand-out answers the access request: `answered_at`, and the request
+        leaves the deadline index."""
+        self._metrics.packages_handed_out.labels(way).inc()
+        now = isoformat(utcnow())
+        first: list[bool] = []
+
+        def change(record: RequestRecord) -> bool:
+            first[:] = [record.mark_answered(now)]
+            return first[0]
+
+        try:
+            record = await self._ledger.update(request_id, change)
+            if record is not None and first and first[0]:
+                await self._ledger.close_deadline(request_id, record.deadline.due_by)
+                log.info("request_answered", request_id=request_id, way=way)
+        except (ArchiveUnavailable, RecordConflict) as exc:
+            # The subject has the package; the next hand-out records it.
+            log.warning("answered_not_recorded", request_id=request_id, error=str(exc))
+
+
+class _Refused(Exception):
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
 
 
 def _unavailable() -> web.Response:

@@ -22,7 +22,9 @@ from .filing import Filing
 from .intake import Intake
 from .ledger import Ledger
 from .metrics import Metrics
+from .package import PackageBuilder
 from .poller import Poller
+from .retention import Retention
 from .signatures import KeyStore, SignatureVerifier
 
 log = structlog.get_logger(__name__)
@@ -99,7 +101,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         )
         app[CALLBACKS] = CallbackView(CallbackReceiver(intake, ledger), verifier, settings, metrics)
         filing = Filing(store, ledger, copernica, settings, metrics, key)
-        app[OPERATOR] = OperatorApi(filing, ledger, store)
+        app[OPERATOR] = OperatorApi(filing, ledger, store, settings, metrics)
         # Events live in API v1 only; the same rate limit covers both clients.
         events = CopernicaClient(
             http,
@@ -108,8 +110,20 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
             limiter=copernica.limiter,
             base_url=settings.copernica_events_url,
         )
+        packages = PackageBuilder(store, settings.report_controller_name)
+        retention = Retention(store, ledger, settings.retention_days, metrics, key)
         app[POLLER] = Poller(
-            store, ledger, copernica, events, intake, filing, settings, metrics, key
+            store,
+            ledger,
+            copernica,
+            events,
+            intake,
+            filing,
+            packages,
+            retention,
+            settings,
+            metrics,
+            key,
         )
         yield
         await store.close()
@@ -132,17 +146,19 @@ async def _drain(app: web.Application) -> None:
     app[POLLER].stop()
 
 
-def _route(key: web.AppKey[Any], method: str) -> Any:
-    """A route handler that calls `method` of the object under `key`: those objects are made
-    by `_clients` at start-up, after the routes are registered."""
+def _route(app: web.Application, key: web.AppKey[Any], method: str) -> Any:
+    """A route handler that calls `method` of the object under `app[key]`: those objects are
+    made by `_clients` at start-up, after the routes are registered."""
 
     async def handler(request: web.Request) -> Any:
-        return await getattr(request.app[key], method)(request)
+        return await getattr(app[key], method)(request)
 
     return handler
 
 
 def create_app(settings: Settings) -> web.Application:
+    """The operator application (ADMIN_PORT): `/v1/*`, `/metrics`, health. It owns the
+    clients and the poller; `create_public_app` serves callbacks from the same objects."""
     assert settings.api_token is not None, "API_TOKEN is required"
     in_flight = InFlight()
     app = web.Application(
@@ -155,55 +171,98 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_clients)
     app.cleanup_ctx.append(_polling)
     app.on_shutdown.append(_drain)
-    app.router.add_post(
-        ROUTE, _route(CALLBACKS, "handle"), expect_handler=_route(CALLBACKS, "expect")
-    )
-    app.router.add_post("/v1/data-requests", _route(OPERATOR, "create"))
-    app.router.add_get("/v1/data-requests", _route(OPERATOR, "list"))
-    app.router.add_get("/v1/data-requests/{id}", _route(OPERATOR, "show"))
-    app.router.add_get("/healthz", _route(HEALTH, "healthz"))
-    app.router.add_get("/readyz", _route(HEALTH, "readyz"))
-    app.router.add_get("/metrics", _route(HEALTH, "metrics"))
+    setup_admin_routes(app)
     return app
+
+
+def create_public_app(admin: web.Application) -> web.Application:
+    """The public application (PORT, behind the load balancer): callbacks and health only;
+    anything else is 404, so the operator surface never faces the internet."""
+    public = web.Application(
+        client_max_size=OPERATOR_MAX_BODY, middlewares=[admin[IN_FLIGHT].middleware]
+    )
+    setup_public_routes(public, admin)
+    return public
+
+
+def setup_admin_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/data-requests", _route(app, OPERATOR, "create"))
+    app.router.add_get("/v1/data-requests", _route(app, OPERATOR, "list"))
+    app.router.add_get("/v1/data-requests/{id}", _route(app, OPERATOR, "show"))
+    app.router.add_post("/v1/data-requests/{id}/extend", _route(app, OPERATOR, "extend"))
+    app.router.add_get("/v1/data-requests/{id}/package", _route(app, OPERATOR, "package"))
+    app.router.add_post(
+        "/v1/data-requests/{id}/package/link", _route(app, OPERATOR, "package_link")
+    )
+    app.router.add_get("/healthz", _route(app, HEALTH, "healthz"))
+    app.router.add_get("/readyz", _route(app, HEALTH, "readyz"))
+    app.router.add_get("/metrics", _route(app, HEALTH, "metrics"))
+
+
+def setup_public_routes(public: web.Application, admin: web.Application) -> None:
+    public.router.add_post(
+        ROUTE, _route(admin, CALLBACKS, "handle"), expect_handler=_route(admin, CALLBACKS, "expect")
+    )
+    public.router.add_get("/healthz", _route(admin, HEALTH, "healthz"))
+    public.router.add_get("/readyz", _route(admin, HEALTH, "readyz"))
 
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then shut down without losing an in-flight callback.
 
+    Two listeners: PORT (public: callbacks, health) and ADMIN_PORT (operator API, metrics,
+    health). On a signal:
     1. `/readyz` answers 503 at once and the poller takes no new item (its current visit
        finishes and releases its lease); requests are still served, so a load balancer that
        has not yet noticed loses nothing;
-    2. after `SHUTDOWN_DRAIN_SECONDS` the listener closes;
+    2. after `SHUTDOWN_DRAIN_SECONDS` the listeners close;
     3. in-flight requests get up to `SHUTDOWN_GRACE_SECONDS` to finish (an upload completes
        or is aborted), then clients close and the process exits 0.
     """
-    app = create_app(settings)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=settings.shutdown_grace_seconds,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-    await site.start()
-    log.info("serving", host=settings.host, port=settings.port)
+    admin = create_app(settings)
+    public = create_public_app(admin)
+    runners = [
+        web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=settings.shutdown_grace_seconds,
+        )
+        for app in (admin, public)
+    ]
+    for runner in runners:
+        await runner.setup()
+    sites = [
+        web.TCPSite(runners[1], settings.host, settings.port, reuse_address=True),
+        web.TCPSite(runners[0], settings.admin_host, settings.admin_port, reuse_address=True),
+    ]
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     try:
+        for site in sites:
+            await site.start()
+        log.info(
+            "serving",
+            host=settings.host,
+            port=settings.port,
+            admin_host=settings.admin_host,
+            admin_port=settings.admin_port,
+        )
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info(
             "draining",
             drain_s=settings.shutdown_drain_seconds,
             grace_s=settings.shutdown_grace_seconds,
         )
-        await _drain(app)
+        await _drain(admin)
         await asyncio.sleep(settings.shutdown_drain_seconds)
-        await site.stop()  # no new connections; open ones keep streaming their bodies
-        if not await app[IN_FLIGHT].wait_idle(settings.shutdown_grace_seconds):
-            log.warning("grace_period_over", in_flight=app[IN_FLIGHT].count)
+        for site in sites:
+            await site.stop()  # no new connections; open ones keep streaming their bodies
+        if not await admin[IN_FLIGHT].wait_idle(settings.shutdown_grace_seconds):
+            log.warning("grace_period_over", in_flight=admin[IN_FLIGHT].count)
     finally:
-        await runner.cleanup()
+        for runner in reversed(runners):
+            await runner.cleanup()
         log.info("stopped")

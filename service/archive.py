@@ -66,7 +66,10 @@ class Keys:
         return f"{self.prefix}archive/{created:%Y/%m/%d}/{request_id}.json"
 
     def quarantine(self, request_id: str, received_at: datetime) -> str:
-        return f"{self.prefix}quarantine/{request_id}/{received_at:%Y%m%dT%H%M%S.%fZ}.bin"
+        return f"{self.quarantine_folder(request_id)}{received_at:%Y%m%dT%H%M%S.%fZ}.bin"
+
+    def quarantine_folder(self, request_id: str) -> str:
+        return f"{self.prefix}quarantine/{request_id}/"
 
     def events(self, request_id: str, window_start: str) -> str:
         return f"{self.prefix}events/{request_id}/{window_start}.jsonl"
@@ -74,11 +77,38 @@ class Keys:
     def idempotency(self, key_hash: str) -> str:
         return f"{self.prefix}idempotency/{key_hash}.json"
 
+    def package(self, request_id: str) -> str:
+        return f"{self.prefix}packages/{request_id}.zip"
+
 
 @dataclass(frozen=True)
 class StoredObject:
     body: bytes
     etag: str
+
+
+@dataclass(frozen=True)
+class Listed:
+    key: str
+    size: int
+    modified: datetime
+
+
+class Reading:
+    """An object being read: its size and metadata, and its bytes as chunks."""
+
+    def __init__(self, size: int, metadata: dict[str, str], body: Any, chunk_bytes: int) -> None:
+        self.size = size
+        self.metadata = metadata
+        self._body = body
+        self._chunk_bytes = chunk_bytes
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._body.iter_chunks(self._chunk_bytes):
+                yield chunk
+        except _UNAVAILABLE as exc:
+            raise ArchiveUnavailable(f"S3 get_object read: {type(exc).__name__}") from None
 
 
 def utcnow() -> datetime:
@@ -196,6 +226,43 @@ class ArchiveStore:
     async def delete(self, key: str) -> None:
         await self._call("delete_object", Key=key)
 
+    @contextlib.asynccontextmanager
+    async def open(self, key: str, chunk_bytes: int = 1024 * 1024) -> AsyncIterator[Reading]:
+        """Read an object as a stream of chunks (NotFound if it does not exist)."""
+        answer = await self._call("get_object", Key=key)
+        async with answer["Body"] as body:
+            yield Reading(
+                int(answer["ContentLength"]), answer.get("Metadata", {}), body, chunk_bytes
+            )
+
+    async def objects(self, prefix: str, *, start_after: str = "") -> AsyncIterator[Listed]:
+        """Every object under `prefix` in key order, with its size and time (one LIST per
+        thousand)."""
+        while True:
+            answer = await self._call(
+                "list_objects_v2", Prefix=prefix, StartAfter=start_after, MaxKeys=1000
+            )
+            contents = answer.get("Contents", [])
+            for item in contents:
+                yield Listed(item["Key"], int(item["Size"]), item["LastModified"])
+            if not answer.get("IsTruncated") or not contents:
+                return
+            start_after = contents[-1]["Key"]
+
+    async def presigned_get(self, key: str, seconds: int, filename: str) -> str:
+        """A URL anyone holding it can GET the object with, for `seconds` (no S3 call)."""
+        return str(
+            await self._client.generate_presigned_url(
+                "get_object",
+                Params={
+                    "Bucket": self.bucket,
+                    "Key": key,
+                    "ResponseContentDisposition": f'attachment; filename="{filename}"',
+                },
+                ExpiresIn=seconds,
+            )
+        )
+
     async def list_keys(
         self, prefix: str, *, start_after: str = "", limit: int = 1000
     ) -> list[str]:
@@ -262,8 +329,10 @@ class ArchiveStore:
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
 
-    def upload(self, key: str, metadata: dict[str, str]) -> StreamedUpload:
-        return StreamedUpload(self, key, metadata)
+    def upload(
+        self, key: str, metadata: dict[str, str], content_type: str = "application/json"
+    ) -> StreamedUpload:
+        return StreamedUpload(self, key, metadata, content_type)
 
     async def quarantine(
         self, request_id: str, received_at: datetime, body: bytes, metadata: dict[str, str]
@@ -290,10 +359,17 @@ class StreamedUpload:
     _INFLIGHT = 2
     HEAD_BYTES = 1024 * 1024
 
-    def __init__(self, store: ArchiveStore, key: str, metadata: dict[str, str]) -> None:
+    def __init__(
+        self,
+        store: ArchiveStore,
+        key: str,
+        metadata: dict[str, str],
+        content_type: str = "application/json",
+    ) -> None:
         self._store = store
         self.key = key
         self._metadata = metadata
+        self._content_type = content_type
         self._buffer = bytearray()  # the part being filled; handed to S3 as it is
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
@@ -330,7 +406,7 @@ class StreamedUpload:
             answer = await self._store._call(
                 "create_multipart_upload",
                 Key=self.key,
-                ContentType="application/json",
+                ContentType=self._content_type,
                 Metadata={k: _ascii(v) for k, v in self._metadata.items()},
                 **self._store._sse,
             )
@@ -377,6 +453,7 @@ class StreamedUpload:
                     if_none_match=True,
                     metadata={**self._metadata, **final_metadata},
                     sha256=final_metadata["sha256"],
+                    content_type=self._content_type,
                 )
             except PreconditionFailed:
                 return False
@@ -418,6 +495,9 @@ async def s3_client(settings: Settings) -> AsyncIterator[Any]:
     """The process's one S3 client, with timeouts short enough to answer 503 in time."""
     config = AioConfig(
         max_pool_connections=64,
+        # Signature version 4 for everything, presigned package links included (botocore
+        # would presign with the legacy version 2 for a custom endpoint).
+        signature_version="s3v4",
         # What botocore does over https by default, also over plain http (a local MinIO):
         # no second SHA-256 of every byte for the signature. Integrity stays end to end:
         # each request carries a checksum S3 verifies (ours for single PUTs, CRC32 for parts).

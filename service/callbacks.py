@@ -27,7 +27,7 @@ from .config import Secret, Settings
 from .intake import BodyStalled, Intake, Outcome, Receipt
 from .ledger import Ledger
 from .metrics import Metrics
-from .signatures import BodyDigest, SignatureInvalid, SignatureVerifier
+from .signatures import BodyDigest, SignatureInvalid, SignatureVerifier, Signed
 
 log = structlog.get_logger(__name__)
 
@@ -151,17 +151,24 @@ class CallbackView:
         started = time.perf_counter()
         receipt = self._refusal(request)
         if receipt is None:
+            signed: Signed | None = None
             try:
-                signed_digest = await self._verifier.check(
+                signed = await self._verifier.check(
                     request.method, request.path_qs, request.headers
                 )
                 receipt = await self._receiver.receive(
-                    request.match_info["request_id"], request.content, signed_digest
+                    request.match_info["request_id"],
+                    request.content,
+                    signed.digest if signed else None,
                 )
             except SignatureInvalid as exc:
                 receipt = Receipt(Outcome.UNAUTHORIZED, reason=str(exc), body_unread=True)
             except ArchiveUnavailable as exc:
                 receipt = Receipt(Outcome.UNAVAILABLE, reason=str(exc))
+            if signed is not None and HTTP_STATUS[receipt.outcome] == 200:
+                # Only now is the nonce spent: Copernica retries a delivery that got 503 with
+                # the same signed headers, and that retry must be archived, not refused.
+                self._verifier.spend(signed)
         return self._answer(request, receipt, started)
 
     def _answer(self, request: web.Request, receipt: Receipt, started: float) -> web.Response:

@@ -17,6 +17,8 @@ T = TypeVar("T")
 MIB = 1024 * 1024
 # S3 rejects parts below 5 MiB (except the last one); see CompleteMultipartUpload.
 S3_MIN_PART_BYTES = 5 * MIB
+# A presigned S3 URL (signature version 4) is valid for at most seven days.
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 
 
 class ConfigError(ValueError):
@@ -136,6 +138,13 @@ def _non_negative_float(name: str, value: str) -> float:
     return _float(name, value, 0.0, inclusive=True)
 
 
+def _link_seconds(name: str, value: str) -> int:
+    seconds = _int(name, value, 1)
+    if seconds > MAX_PRESIGN_SECONDS:
+        raise ConfigError(f"{name} must be at most {MAX_PRESIGN_SECONDS} (S3's limit), got {value}")
+    return seconds
+
+
 def _signature_mode(name: str, value: str) -> str:
     return _choice(name, value.lower(), ("off", "verify-if-present", "require"))
 
@@ -174,12 +183,17 @@ class Settings:
     archive_kms_key_id: str | None = _setting("ARCHIVE_KMS_KEY_ID", _text)
     host: str = _setting("HOST", _text, "0.0.0.0")  # noqa: S104 - a server listens on all
     port: int = _setting("PORT", _non_negative_int, "8080")
+    admin_port: int = _setting("ADMIN_PORT", _non_negative_int, "9090")
+    admin_host: str | None = _setting("ADMIN_HOST", _text)  # unset: HOST
     max_callback_bytes: int = _setting("MAX_CALLBACK_BYTES", _positive_int, str(1024 * MIB))
     poll_interval_seconds: float = _setting("POLL_INTERVAL_SECONDS", _positive_float, "300")
     request_expiry_hours: float = _setting("REQUEST_EXPIRY_HOURS", _positive_float, "168")
     copernica_max_rps: float = _setting("COPERNICA_MAX_RPS", _positive_float, "5")
     events_lookback_days: int = _setting("EVENTS_LOOKBACK_DAYS", _non_negative_int, "0")
-    receiver_url: str = _setting("RECEIVER_URL", _url, "http://127.0.0.1:8080")
+    receiver_url: str = _setting("RECEIVER_URL", _url, "http://127.0.0.1:9090")
+    package_link_seconds: int = _setting("PACKAGE_LINK_SECONDS", _link_seconds, "86400")
+    retention_days: float = _setting("RETENTION_DAYS", _non_negative_float, "0")
+    report_controller_name: str | None = _setting("REPORT_CONTROLLER_NAME", _text)
     log_format: str = _setting("LOG_FORMAT", _log_format, "auto")
     log_level: str = _setting("LOG_LEVEL", _log_level, "info")
     # Beyond SPEC's table (documented in the README):
@@ -234,6 +248,13 @@ class Settings:
             raise ConfigError("ARCHIVE_KMS_KEY_ID is required when ARCHIVE_SSE is aws:kms")
         if self.signature_mode == "require" and not self.copernica_account_id:
             raise ConfigError("COPERNICA_ACCOUNT_ID is required when SIGNATURE_MODE is require")
+        if self.admin_port and self.admin_port == self.port:
+            raise ConfigError(
+                f"ADMIN_PORT must differ from PORT ({self.port}): the operator API must not "
+                "be served on the public port"
+            )
+        if self.admin_host is None:
+            object.__setattr__(self, "admin_host", self.host)
         if self.copernica_events_url is None:
             object.__setattr__(self, "copernica_events_url", events_url_for(self.copernica_api_url))
 

@@ -13,7 +13,7 @@ import hmac
 import json
 import re
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 
 import structlog
@@ -23,8 +23,9 @@ from .archive import ArchiveStore, NotFound, PreconditionFailed, isoformat, utcn
 from .callbacks import callback_url
 from .config import Settings
 from .copernica import Backoff, CopernicaClient, CopernicaError, CopernicaUnavailable
+from .deadlines import DeadlineInputError, parse_received_on
 from .event_archive import lookback, request_windows
-from .events import EventsInputError, parse_day, plan
+from .events import EventsInputError, add_months, parse_day, plan
 from .ledger import REPLICA, Ledger, RequestRecord, stamp
 from .logs import subject_hash
 from .metrics import Metrics
@@ -52,11 +53,16 @@ class IdempotencyInProgress(Exception):
     """A request with this Idempotency-Key is being filed right now; retry shortly."""
 
 
+# An events range is fetched in month windows, one Copernica call each: ten years is 120.
+MAX_EVENTS_YEARS = 10
+
+
 @dataclass(frozen=True)
 class NewRequest:
     subject: Subject
     fingerprint: str
     events: dict[str, str] | None = None  # {"since", "until"} asked for with the request
+    received_on: date | None = None  # None: today
 
 
 def parse_new_request(body: Any) -> NewRequest:
@@ -66,10 +72,15 @@ def parse_new_request(body: Any) -> NewRequest:
     kinds = [k for k in ("email", "profile", "subprofile") if k in body]
     if len(kinds) != 1:
         raise InvalidRequest("give exactly one of 'email', 'profile', 'subprofile'")
-    unknown = set(body) - {"email", "profile", "subprofile", "events"}
+    unknown = set(body) - {"email", "profile", "subprofile", "events", "received_on"}
     if unknown:
         raise InvalidRequest(f"unknown member(s): {', '.join(sorted(unknown))}")
     events = _events_range(body["events"]) if "events" in body else None
+    today = utcnow().date()
+    try:
+        received_on = parse_received_on(body.get("received_on", today.isoformat()), today)
+    except DeadlineInputError as exc:
+        raise InvalidRequest(str(exc)) from None
     kind = kinds[0]
     value = body[kind]
     if kind == "email":
@@ -84,8 +95,10 @@ def parse_new_request(body: Any) -> NewRequest:
             raise InvalidRequest(f"'{kind}' must be a positive integer id")
         subject_id = str(int(value))
     identity = f"{kind}:{subject_id.casefold()}:{json.dumps(events, sort_keys=True)}"
+    if "received_on" in body:
+        identity += f":{received_on}"
     fingerprint = hashlib.sha256(identity.encode()).hexdigest()
-    return NewRequest(Subject(kind, subject_id), fingerprint, events)
+    return NewRequest(Subject(kind, subject_id), fingerprint, events, received_on)
 
 
 def _events_range(value: Any) -> dict[str, str]:
@@ -100,6 +113,11 @@ def _events_range(value: Any) -> dict[str, str]:
             if value.get("until")
             else utcnow().date() + timedelta(days=1)
         )
+        if until > add_months(since, 12 * MAX_EVENTS_YEARS):
+            raise EventsInputError(
+                f"events range {since} to {until} is longer than {MAX_EVENTS_YEARS} years; "
+                "ask for a shorter range"
+            )
         plan(since, until)
     except EventsInputError as exc:
         raise InvalidRequest(str(exc)) from None
@@ -154,11 +172,13 @@ class Filing:
             idempotency_key=_key_hash(self._hash_key, idempotency_key) if idempotency_key else None,
             next_poll_at=stamp(utcnow() + timedelta(seconds=self._settings.poll_interval_seconds)),
             events=self._events_of(new),
+            received_on=(new.received_on or utcnow().date()).isoformat(),
         )
-        # The poll marker goes first: a crash after it leaves a marker without a record (the
-        # poller drops it), never a record the poller does not know about.
+        # The markers go first: a crash after them leaves a marker without a record (dropped
+        # when met), never a record the poller or the deadline index does not know about.
         assert record.next_poll_at is not None
         await self._ledger.schedule(record.id, record.next_poll_at)
+        await self._ledger.open_deadline(record.id, record.deadline.due_by)
         # While we file, the poller keeps off (our lease); if we crash, the lease runs out and
         # the poller finds a `submitting` record to file again.
         record.take_lease(FILING_OWNER, self._filing_budget)
@@ -241,8 +261,10 @@ def _key_hash(hash_key: bytes, idempotency_key: str) -> str:
     ).hexdigest()
 
 
-def describe(record: RequestRecord) -> dict[str, Any]:
+def describe(record: RequestRecord, today: date | None = None) -> dict[str, Any]:
     """The operator's view of a request (no raw subject: it stays in the record)."""
+    today = today or utcnow().date()
+    deadline = record.deadline
     return {
         "id": record.id,
         "status": record.status,
@@ -254,6 +276,14 @@ def describe(record: RequestRecord) -> dict[str, Any]:
         "last_error": record.last_error,
         "archive": record.archive,
         "events": record.events,
+        "received_on": deadline.received_on.isoformat(),
+        "due_by": deadline.due_by.isoformat(),
+        "days_left": deadline.days_left(today),
+        "overdue": deadline.overdue(today),
+        "extension": record.extension,
+        "package": record.package,
+        "answered_at": record.answered_at,
+        "purged_at": record.purged_at,
     }
 
 

@@ -15,17 +15,18 @@ import socket
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from ulid import ULID
 
 from .archive import ArchiveStore, PreconditionFailed, isoformat, parse_isoformat, utcnow
+from .deadlines import Deadline
 from .logs import subject_digest
 from .payload import Subject
 
-STATUSES = ("submitting", "pending", "archived", "failed", "expired")
-FINAL_STATUSES = ("archived", "failed", "expired")
+STATUSES = ("submitting", "pending", "archived", "failed", "expired", "purged")
+FINAL_STATUSES = ("archived", "failed", "expired", "purged")
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
 
 
@@ -62,6 +63,13 @@ class RequestRecord:
     lease: dict[str, Any] | None = None  # {"owner", "until"} while one replica works on it
     version: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Answering the access request. Records written before these existed have none of them:
+    # such a request was received the day it was filed (`received_day`).
+    received_on: str | None = None  # YYYY-MM-DD, the day the company received the request
+    extension: dict[str, Any] | None = None  # {"months": n, "history": [{months, reason, at}]}
+    package: dict[str, Any] | None = None  # {key, sha256, size, built_at}
+    answered_at: str | None = None  # first download or link of the package
+    purged_at: str | None = None
 
     @property
     def subject(self) -> Subject:
@@ -71,6 +79,54 @@ class RequestRecord:
     def events_complete(self) -> bool:
         """No events were asked for, or all their windows are stored."""
         return self.events is None or bool(self.events.get("complete"))
+
+    @property
+    def received_day(self) -> date:
+        if self.received_on:
+            return date.fromisoformat(self.received_on)
+        return parse_isoformat(self.created_at).date()
+
+    @property
+    def deadline(self) -> Deadline:
+        months = int(self.extension["months"]) if self.extension else 0
+        return Deadline(self.received_day, months, answered=self.answered_at is not None)
+
+    @property
+    def needs_package(self) -> bool:
+        """Data (and events) are archived but the access package is not built yet."""
+        return self.status == "archived" and self.package is None
+
+    @property
+    def finished(self) -> bool:
+        """Nothing left for the poller: final, and packaged if archived."""
+        return self.status in FINAL_STATUSES and not self.needs_package
+
+    def extend(self, months: int, reason: str, at: str) -> None:
+        """Extend the deadline by `months` (ExtensionRefused beyond two months in all)."""
+        total = self.deadline.extend(months)
+        history = list(self.extension["history"]) if self.extension else []
+        history.append({"months": months, "reason": reason, "at": at})
+        self.extension = {"months": total, "history": history}
+
+    def mark_packaged(self, package: dict[str, Any]) -> None:
+        self.package = package
+        self.last_error = None
+
+    def mark_answered(self, at: str) -> bool:
+        """The package was handed out (download or link); True the first time only."""
+        if self.answered_at is not None:
+            return False
+        self.answered_at = at
+        return True
+
+    def mark_purged(self, subject_digest: str, at: str) -> None:
+        """Everything stored for the request is deleted: keep the facts, not the subject."""
+        self.status = "purged"
+        self.subject_id = f"hmac-sha256:{subject_digest}"
+        self.purged_at = at
+        self.lease = None
+        self.next_poll_at = None
+        self.last_error = None
 
     def take_lease(self, owner: str, seconds: float) -> None:
         self.lease = {"owner": owner, "until": isoformat(utcnow() + timedelta(seconds=seconds))}
@@ -125,6 +181,10 @@ class Addressee:
 
 class RecordConflict(Exception):
     """The record kept changing under us; the caller may try again later."""
+
+
+class RequestClosed(Exception):
+    """The request can no longer change this way (answered, or purged); says why."""
 
 
 class Ledger:
@@ -226,7 +286,12 @@ class Ledger:
         raise RecordConflict(request_id)
 
     async def page(
-        self, *, status: str | None, limit: int, cursor: str
+        self,
+        *,
+        status: str | None,
+        limit: int,
+        cursor: str,
+        keep: Callable[[RequestRecord], bool] | None = None,
     ) -> tuple[list[RequestRecord], str | None]:
         """Records in id (= creation time) order after `cursor`, optionally of one status."""
         prefix = self._store.keys.record("")[: -len(".json")]
@@ -242,11 +307,145 @@ class Ledger:
                 if stored is None:
                     continue
                 record = RequestRecord.from_bytes(stored.body)
-                if status is None or record.status == status:
+                if (status is None or record.status == status) and (keep is None or keep(record)):
                     found.append(record)
                     if len(found) == limit:
                         break
         return found, found[-1].id if found else None
+
+    # -- the deadline index ----------------------------------------------------------------
+    # One empty marker per request not yet answered: `deadlines/{due_by}/{id}`. Listed in
+    # key order they are the open requests by due date, so "overdue" and "due before" cost
+    # LISTs plus one read per request shown, never a scan of every record. The record is
+    # the truth: a marker is put before the record changes (filing, extension) and deleted
+    # after (answered, purged), so a crash leaves at worst a stale marker, never a request
+    # missing from the index. Due dates only move later, so a marker before its record's
+    # `due_by` is stale for sure; one after it may belong to an extension in progress.
+
+    def _deadline_marker(self, request_id: str, due: date) -> str:
+        return f"{self._store.keys.prefix}deadlines/{due.isoformat()}/{request_id}"
+
+    async def open_deadline(self, request_id: str, due: date) -> None:
+        await self._store.put(
+            self._deadline_marker(request_id, due), b"", content_type="application/octet-stream"
+        )
+
+    async def close_deadline(self, request_id: str, due: date) -> None:
+        await self._store.delete(self._deadline_marker(request_id, due))
+
+    async def open_by_deadline(
+        self, before: date, *, limit: int, cursor: str = ""
+    ) -> tuple[list[RequestRecord], str | None]:
+        """Requests not yet answered with `due_by` < `before`, by due date then id; the
+        cursor is the last one's `{due_by}/{id}`. Stale markers met on the way are dropped."""
+        prefix = f"{self._store.keys.prefix}deadlines/"
+        horizon = before.isoformat()
+        found: list[RequestRecord] = []
+        start_after = prefix + cursor if cursor else ""
+        last = ""
+        while len(found) < limit:
+            keys = await self._store.list_keys(prefix, start_after=start_after, limit=200)
+            for key in keys:
+                start_after = key
+                due_text, _, request_id = key[len(prefix) :].partition("/")
+                if due_text >= horizon:
+                    return found, None
+                record = await self._open_record(request_id, date.fromisoformat(due_text))
+                if record is not None:
+                    found.append(record)
+                    last = f"{due_text}/{request_id}"
+                    if len(found) == limit:
+                        return found, last
+            if len(keys) < 200:
+                return found, None
+        return found, last or None
+
+    async def _open_record(self, request_id: str, due: date) -> RequestRecord | None:
+        """The record a deadline marker stands for, if the marker is its current one."""
+        found = await self.get(request_id)
+        if found is None:
+            if utcnow() - ULID.from_str(request_id).datetime > timedelta(hours=1):
+                await self.close_deadline(request_id, due)  # a filing that never got written
+            return None
+        record = found[0]
+        if record.answered_at is not None or record.status == "purged":
+            await self.close_deadline(request_id, due)
+            return None
+        current = record.deadline.due_by
+        if due < current:
+            await self.close_deadline(request_id, due)  # left behind by an extension
+        return record if due == current else None
+
+    async def extend(self, request_id: str, months: int, reason: str) -> RequestRecord | None:
+        """Extend a request's deadline (None: no such request). ExtensionRefused beyond two
+        months in all; RequestClosed once it is answered or purged."""
+        for _ in range(5):
+            found = await self.get(request_id)
+            if found is None:
+                return None
+            record, etag = found
+            if record.status == "purged":
+                raise RequestClosed(f"the request was purged at {record.purged_at}")
+            if record.answered_at is not None:
+                raise RequestClosed(f"the request was answered at {record.answered_at}")
+            old_due = record.deadline.due_by
+            record.extend(months, reason, isoformat(utcnow()))
+            await self.open_deadline(request_id, record.deadline.due_by)
+            try:
+                await self.save(record, etag)
+            except PreconditionFailed:
+                continue
+            await self.close_deadline(request_id, old_due)
+            return record
+        raise RecordConflict(request_id)
+
+    async def backfill(self, cursor: str, limit: int = 200) -> str | None:
+        """Records written before deadlines and packages existed get `received_on` (their
+        creation day), a deadline marker, and, if archived, a visit of the poller to build
+        their package. One page per call; None when all are done, which a marker object
+        remembers, so later processes skip it with one HEAD. Only records without a deadline
+        marker are read: every record filed since has one until it is answered."""
+        done = f"{self._store.keys.prefix}migrations/received-on.done"
+        if not cursor and await self._store.head(done) is not None:
+            return None
+        prefix = self._store.keys.record("")[: -len(".json")]
+        start_after = prefix + cursor + ".json" if cursor else ""
+        keys = await self._store.list_keys(prefix, start_after=start_after, limit=limit)
+        indexed = {
+            item.key.rsplit("/", 1)[1]
+            async for item in self._store.objects(f"{self._store.keys.prefix}deadlines/")
+        }
+        for key in keys:
+            request_id = key[len(prefix) : -len(".json")]
+            if request_id not in indexed:
+                await self._backfill_one(key, request_id)
+        if len(keys) < limit:
+            await self._store.put(done, b"", content_type="application/octet-stream")
+            return None
+        return keys[-1][len(prefix) : -len(".json")]
+
+    async def _backfill_one(self, key: str, request_id: str) -> None:
+        stored = await self._store.get(key)
+        if stored is None:
+            return
+        record = RequestRecord.from_bytes(stored.body)
+        if record.received_on is not None:
+            return
+        if record.answered_at is None and record.status != "purged":
+            await self.open_deadline(request_id, record.deadline.due_by)
+        visit = stamp(utcnow()) if record.needs_package and not record.next_poll_at else None
+        if visit is not None:
+            await self.schedule(request_id, visit)  # marker first, as in filing
+
+        def settle(current: RequestRecord) -> bool:
+            if current.received_on is not None:
+                return False
+            current.received_on = current.received_day.isoformat()
+            if visit is not None and current.needs_package and not current.next_poll_at:
+                current.next_poll_at = visit
+            return True
+
+        await self.update(request_id, settle)
 
     # -- the poll schedule -----------------------------------------------------------------
     # One empty marker object per scheduled poll: `due/{stamp}/{id}`. S3 lists keys in order,

@@ -86,6 +86,28 @@ class Metrics:
             "Age of the oldest request not yet final.",
             registry=r,
         )
+        self.overdue = Gauge(
+            "receiver_requests_overdue",
+            "Requests past their due_by whose package was not handed out (at the last census).",
+            registry=r,
+        )
+        self.packages_built = Counter(
+            "receiver_packages_built_total",
+            "Access packages built (or adopted after a crash), by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.packages_handed_out = Counter(
+            "receiver_packages_handed_out_total",
+            "Access packages handed out, by way (download or link).",
+            ["way"],
+            registry=r,
+        )
+        self.purged = Counter(
+            "receiver_purged_total",
+            "Requests whose stored data was deleted after RETENTION_DAYS.",
+            registry=r,
+        )
         self.draining = Gauge(
             "receiver_draining",
             "1 while the process is shutting down.",

@@ -35,7 +35,6 @@ from .events import Source
 from .filing import Filing, archive_from_head
 from .intake import BodyStalled, Intake, Outcome
 from .ledger import (
-    FINAL_STATUSES,
     REPLICA,
     Ledger,
     RecordConflict,
@@ -45,6 +44,8 @@ from .ledger import (
 )
 from .logs import subject_hash
 from .metrics import Metrics
+from .package import PackageBuilder, PackageError
+from .retention import Retention
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +54,7 @@ MAX_BACKOFF_FACTOR = 16
 MIN_WORKERS, MAX_WORKERS = 4, 32
 BATCH = 200
 JANITOR_EVERY_TICKS = 10
+OVERDUE_CENSUS = 10_000  # the gauge counts at most this many (each is one record read)
 
 
 @dataclass
@@ -72,11 +74,16 @@ class Poller:
         events: CopernicaClient,
         intake: Intake,
         filing: Filing,
+        packages: PackageBuilder,
+        retention: Retention,
         settings: Settings,
         metrics: Metrics,
         hash_key: bytes,
     ) -> None:
         self._store = store
+        self._packages = packages
+        self._retention = retention
+        self._backfill: str | None = ""  # backfill cursor (Ledger.backfill); None once done
         self._ledger = ledger
         self._copernica = copernica
         self._events = events
@@ -116,7 +123,7 @@ class Poller:
                 log.exception("poll_tick_crashed")
             # Janitor and census list whole prefixes: beside the ticks, not between them.
             if ticks % JANITOR_EVERY_TICKS == 1 and (housekeeping is None or housekeeping.done()):
-                housekeeping = asyncio.create_task(self._housekeeping())
+                housekeeping = asyncio.create_task(self._housekeeping(ticks))
             if visited >= BATCH:
                 continue  # a full batch: more may be due already, no pause
             pause = self.tick_seconds() * random.uniform(0.8, 1.2)
@@ -125,11 +132,15 @@ class Poller:
         if housekeeping is not None:
             await housekeeping
 
-    async def _housekeeping(self) -> None:
+    async def _housekeeping(self, ticks: int) -> None:
         try:
             await self._store.abort_superseded_uploads()
             await self._census()
-        except ArchiveUnavailable as exc:
+            # Not in the first round: a new process first gets on with what is due.
+            if self._backfill is not None and ticks > JANITOR_EVERY_TICKS:
+                self._backfill = await self._ledger.backfill(self._backfill)
+            await self._retention.sweep(utcnow())
+        except (ArchiveUnavailable, RecordConflict) as exc:
             log.warning("poll_housekeeping_failed", error=str(exc))
         except Exception:
             log.exception("poll_housekeeping_crashed")
@@ -173,7 +184,7 @@ class Poller:
 
     async def visit(self, request_id: str, when: str) -> None:
         found = await self._ledger.get(request_id)
-        if found is None or found[0].status in FINAL_STATUSES or found[0].next_poll_at != when:
+        if found is None or found[0].finished or found[0].next_poll_at != when:
             await self._ledger.unschedule(request_id, when)
             return
         record, etag = found
@@ -198,8 +209,12 @@ class Poller:
         self._metrics.pending.set(len(set(ids)))
         oldest = min((ULID.from_str(i).datetime for i in ids), default=None)
         self._metrics.oldest_pending.set((utcnow() - oldest).total_seconds() if oldest else 0)
+        overdue, _ = await self._ledger.open_by_deadline(utcnow().date(), limit=OVERDUE_CENSUS)
+        self._metrics.overdue.set(len(overdue))
 
     async def _work(self, record: RequestRecord) -> Visit:
+        if record.needs_package:
+            return await self._package(record, "packaged")
         if record.status == "submitting" or record.copernica_id is None:
             return await self._resubmit(record)
         key = self._store.keys.archive(record.id)
@@ -215,7 +230,7 @@ class Poller:
             if head is not None:
                 record.status, record.last_error = "archived", None
                 record.archive = record.archive or archive_from_head(head, self._store.bucket, key)
-                return Visit("archived", None)
+                return await self._package(record, "archived")
             return await self._fetch(record)
         except DataGone as exc:
             record.status, record.last_error = "failed", f"Copernica: data gone ({exc})"
@@ -278,12 +293,30 @@ class Poller:
                 )
                 if receipt.sha256:
                     record.archive["sha256"] = receipt.sha256
-            return Visit(receipt.outcome.value, None)
+            return await self._package(record, receipt.outcome.value)
         if receipt.outcome is Outcome.NOT_READY:
             return self._later(record, "not_ready")
         # Invalid or too large: quarantined; try again later, the error is on the record.
         record.last_error = f"fetched data rejected: {receipt.reason}"
         return self._later(record, receipt.outcome.value, failed=True)
+
+    async def _package(self, record: RequestRecord, outcome: str) -> Visit:
+        """Build the access package of an archived request (or adopt the one a crashed
+        replica left); if that fails, the request stays scheduled until it is built."""
+        try:
+            package = await self._packages.ensure(record)
+        except ArchiveUnavailable as exc:
+            record.last_error = f"package not built yet: {exc}"
+            self._metrics.packages_built.labels("deferred").inc()
+            return self._later(record, f"{outcome}_package_deferred", failed=True)
+        except PackageError as exc:
+            record.last_error = str(exc)
+            self._metrics.packages_built.labels("failed").inc()
+            log.error("package_failed", request_id=record.id, error=str(exc))
+            return self._later(record, f"{outcome}_package_failed", failed=True)
+        record.mark_packaged(package)
+        self._metrics.packages_built.labels("built").inc()
+        return Visit(outcome, None)
 
     async def _resubmit(self, record: RequestRecord) -> Visit:
         """A `submitting` record: the filing never got Copernica's answer (crash or outage)."""

@@ -2,7 +2,9 @@
 own verifier library (copernica/webhook-security) does.
 
 Rules relied on (SPEC, "Upstream API facts"): a `Signature` header
-`keyId="...",algorithm="rsa-sha256",headers="...",signature="<base64>"`; the signature must
+`keyId="...",algorithm="rsa-sha256",headers="...",signature="<base64>"` (or `rsa-sha512`:
+Copernica's Signer hands the algorithm to `openssl_sign`, its Verifier verifies with the hash
+after the dash, so both are PKCS#1 v1.5 with that hash); the signature must
 cover host, date, digest, x-nonce and x-copernica-id; the signing string is the lower-cased
 header names with trimmed values, `name: value`, joined by "\\n" (`(request-target)` is
 `post /path`); `Date` at most 60 s off; `X-Copernica-Id` equal to our account id; keyId ends
@@ -10,7 +12,8 @@ in `.copernica.com` and names a DNS TXT record in DKIM form `v=DKIM1; k=rsa; p=<
 a `Digest` header (`SHA-256=<base64>`, also sha-512/sha/md5; name case-insensitive) matching
 the body. Whether data-request callbacks are signed is not documented: the per-request HMAC
 in the URL stays the primary check, and a signature is verified when present (`require`
-makes it mandatory).
+makes it mandatory). A nonce is spent only by a callback answered 200: Copernica retries a
+delivery that got 503 with the same signed headers, and that retry must be archived.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 REQUIRED_HEADERS = {"host", "date", "digest", "x-nonce", "x-copernica-id"}
+# `algorithm` -> the hash of its PKCS#1 v1.5 signature: the two Copernica's Signer makes.
+ALGORITHMS: dict[str, type[hashes.HashAlgorithm]] = {
+    "rsa-sha256": hashes.SHA256,
+    "rsa-sha512": hashes.SHA512,
+}
 DIGESTS = {"sha-256": "sha256", "sha-512": "sha512", "sha": "sha1", "md5": "md5"}
 _PARAM = re.compile(r'(\w+)="([^"]*)"')
 
@@ -52,6 +60,15 @@ class BodyDigest:
 
     def new(self) -> Any:
         return hashlib.new(self.algorithm)
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A request whose signature verified: what its body must hash to, and the nonce it
+    spends once it is answered 200 (`SignatureVerifier.spend`)."""
+
+    digest: BodyDigest
+    nonce: str
 
 
 class KeyStore:
@@ -105,28 +122,40 @@ def parse_dkim(text: str) -> rsa.RSAPublicKey:
 
 
 class NonceCache:
-    """Nonces seen within the allowed clock skew, per replica: a replay is refused."""
+    """Nonces spent within the allowed clock skew, per replica: a replay is refused.
+
+    Looking a nonce up and spending it are two steps: a request is checked when it arrives
+    but spends its nonce only once it is answered 200, so Copernica's retry of a delivery
+    that got 503 (same signed headers, same nonce) is taken. Two deliveries with one nonce
+    under way at once may both pass the look-up; the archive's conditional write makes the
+    second a duplicate, so the data is still stored once.
+    """
 
     def __init__(self, ttl: float, size: int = 100_000) -> None:
         self._ttl = ttl
         self._size = size
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._seen: OrderedDict[str, float] = OrderedDict()  # oldest spend first
 
-    def first_time(self, nonce: str) -> bool:
-        now = time.monotonic()
+    def _forget_expired(self, now: float) -> None:
         while self._seen and next(iter(self._seen.values())) < now - self._ttl:
             self._seen.popitem(last=False)
-        if nonce in self._seen:
-            return False
+
+    def spent(self, nonce: str) -> bool:
+        self._forget_expired(time.monotonic())
+        return nonce in self._seen
+
+    def spend(self, nonce: str) -> None:
+        now = time.monotonic()
+        self._forget_expired(now)
         self._seen[nonce] = now
+        self._seen.move_to_end(nonce)  # spent again (two at once): remembered from now
         if len(self._seen) > self._size:
             self._seen.popitem(last=False)
-        return True
 
 
 class SignatureVerifier:
-    """Checks the headers of one request; returns the digest its body must have, or None
-    when there is no signature to check (and none is required)."""
+    """Checks the headers of one request; returns what its body must hash to and the nonce
+    it will spend, or None when there is no signature to check (and none is required)."""
 
     def __init__(self, mode: str, account_id: str | None, keys: KeyStore, max_skew: float) -> None:
         self.mode = mode
@@ -135,9 +164,7 @@ class SignatureVerifier:
         self._skew = max_skew
         self._nonces = NonceCache(2 * max_skew)
 
-    async def check(
-        self, method: str, path_qs: str, headers: Mapping[str, str]
-    ) -> BodyDigest | None:
+    async def check(self, method: str, path_qs: str, headers: Mapping[str, str]) -> Signed | None:
         header = headers.get("Signature")
         if self.mode == "off" or (header is None and self.mode != "require"):
             return None
@@ -146,8 +173,9 @@ class SignatureVerifier:
         if header is None:
             raise SignatureInvalid("signature required")
         params = dict(_PARAM.findall(header))
-        if params.get("algorithm", "").lower() not in ("rsa-sha256", "hs2019"):
-            raise SignatureInvalid("algorithm must be rsa-sha256")
+        algorithm = ALGORITHMS.get(params.get("algorithm", "").lower())
+        if algorithm is None:
+            raise SignatureInvalid(f"algorithm must be one of {', '.join(ALGORITHMS)}")
         key_id = params.get("keyId", "")
         if not key_id.endswith(".copernica.com"):
             raise SignatureInvalid("keyId must end in .copernica.com")
@@ -170,11 +198,16 @@ class SignatureVerifier:
             signature = base64.b64decode(params.get("signature", ""), validate=True)
         except (ValueError, binascii.Error):
             raise SignatureInvalid("signature is not base64") from None
-        if not await self._verified(key_id, signature, text):
+        if not await self._verified(key_id, signature, text, algorithm()):
             raise SignatureInvalid("signature does not verify")
-        if not self._nonces.first_time(lower.get("x-nonce", "")):
+        nonce = lower.get("x-nonce", "")
+        if self._nonces.spent(nonce):
             raise SignatureInvalid("nonce seen before (replay)")
-        return digest
+        return Signed(digest, nonce)
+
+    def spend(self, signed: Signed) -> None:
+        """The request was answered 200: its nonce may not be used again."""
+        self._nonces.spend(signed.nonce)
 
     def _check_date(self, value: str) -> None:
         try:
@@ -184,11 +217,13 @@ class SignatureVerifier:
         if abs(time.time() - moment) > self._skew:
             raise SignatureInvalid(f"Date is more than {self._skew:.0f} s off")
 
-    async def _verified(self, key_id: str, signature: bytes, text: bytes) -> bool:
+    async def _verified(
+        self, key_id: str, signature: bytes, text: bytes, algorithm: hashes.HashAlgorithm
+    ) -> bool:
         for fresh in (False, True):  # a failure may mean a rotated key: fetch it once more
             key = await self._keys.key(key_id, fresh=fresh)
             try:
-                key.verify(signature, text, padding.PKCS1v15(), hashes.SHA256())
+                key.verify(signature, text, padding.PKCS1v15(), algorithm)
                 return True
             except InvalidSignature:
                 continue

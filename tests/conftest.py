@@ -22,7 +22,7 @@ from aiobotocore.session import get_session
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from service.app import create_app
+from service.app import create_app, create_public_app
 from service.callbacks import callback_url
 from service.config import Settings
 from service.simulator import SIM_STATE, SimState, SimulatorConfig, create_simulator_app
@@ -184,12 +184,14 @@ def make_settings(**overrides: str) -> Settings:
 
 @dataclass
 class Service:
-    """The running service, reached over HTTP like Copernica and an operator would."""
+    """The running service, reached over HTTP like Copernica (`url`, the public listener)
+    and an operator (`admin_url`, the operator listener) would."""
 
     url: str
     settings: Settings
     app: web.Application
     http: aiohttp.ClientSession
+    admin_url: str = ""
 
     def callback_url(self, request_id: str) -> str:
         assert self.settings.callback_secret is not None
@@ -201,7 +203,7 @@ class Service:
 
     async def file(self, body: dict[str, Any], **kwargs: Any) -> aiohttp.ClientResponse:
         return await self.http.post(
-            f"{self.url}/v1/data-requests",
+            f"{self.admin_url}/v1/data-requests",
             json=body,
             headers={**self.auth, **kwargs.pop("headers", {})},
             **kwargs,
@@ -209,7 +211,7 @@ class Service:
 
     async def show(self, request_id: str) -> dict[str, Any]:
         async with self.http.get(
-            f"{self.url}/v1/data-requests/{request_id}", headers=self.auth
+            f"{self.admin_url}/v1/data-requests/{request_id}", headers=self.auth
         ) as answer:
             assert answer.status == 200, await answer.text()
             return dict(await answer.json())
@@ -223,10 +225,10 @@ async def make_service(
     s3_endpoint: str, bucket: str, simulator: Simulator
 ) -> AsyncIterator[ServiceFactory]:
     """Start the service (same factory as production) on a loopback port; settings adjustable."""
-    started: list[tuple[TestServer, aiohttp.ClientSession]] = []
+    started: list[tuple[list[TestServer], aiohttp.ClientSession]] = []
 
     async def start(**overrides: str) -> Service:
-        port = free_port()
+        port, admin_port = free_port(), free_port()
         base = f"http://127.0.0.1:{port}"
         env = {
             "ARCHIVE_BUCKET": bucket,
@@ -234,21 +236,25 @@ async def make_service(
             "COPERNICA_API_URL": simulator.url + "/v2",
             "PUBLIC_BASE_URL": base,
             "S3_TIMEOUT_SECONDS": "5",
+            "ADMIN_PORT": str(admin_port),
             **overrides,
         }
         settings = make_settings(**env)
         app = create_app(settings)
         # No access log, as in production (`serve`): request lines carry callback tokens.
-        server = TestServer(app, host="127.0.0.1", port=port, access_log=None)
-        await server.start_server()
+        admin = TestServer(app, host="127.0.0.1", port=admin_port, access_log=None)
+        await admin.start_server()
+        public = TestServer(create_public_app(app), host="127.0.0.1", port=port, access_log=None)
+        await public.start_server()
         http = aiohttp.ClientSession()
-        started.append((server, http))
-        return Service(base, settings, app, http)
+        started.append(([public, admin], http))
+        return Service(base, settings, app, http, f"http://127.0.0.1:{admin_port}")
 
     yield start
-    for server, http in started:
+    for servers, http in started:
         await http.close()
-        await server.close()
+        for server in servers:
+            await server.close()
 
 
 @pytest.fixture
@@ -345,13 +351,15 @@ class ServiceProcess:
     """The service as its own OS process (`python -m service serve`), for kill tests."""
 
     def __init__(self, env: dict[str, str], log_path: str) -> None:
-        self.port = free_port()
+        self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.env = {
             **os.environ,
             **env,
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
+            "ADMIN_PORT": str(self.admin_port),
             "LOG_FORMAT": "json",
         }
         self.log_path = log_path
@@ -366,6 +374,7 @@ class ServiceProcess:
                 stderr=subprocess.STDOUT,
             )
         wait_for_port(self.port)
+        wait_for_port(self.admin_port)
         return self
 
     def kill(self) -> None:
@@ -409,7 +418,7 @@ def service_processes(
 
 async def metric_counts(service: Service) -> dict[str, float]:
     """S3 calls by operation ("s3:<op>") and poller ticks, from the service's /metrics."""
-    async with service.http.get(f"{service.url}/metrics") as answer:
+    async with service.http.get(f"{service.admin_url}/metrics") as answer:
         text = await answer.text()
     counts: dict[str, float] = {}
     for line in text.splitlines():

@@ -91,7 +91,7 @@ async def test_operator_api_needs_the_bearer_token(
 ) -> None:
     headers = {"Authorization": auth} if auth else {}
     async with service.http.request(
-        method, service.url + path, json={"email": "a@b.cd"}, headers=headers
+        method, service.admin_url + path, json={"email": "a@b.cd"}, headers=headers
     ) as answer:
         assert answer.status == 401
         assert answer.headers["WWW-Authenticate"].startswith("Bearer")
@@ -126,7 +126,7 @@ async def test_malformed_request_is_400_and_nothing_is_filed(
 
 async def test_body_that_is_not_json_is_400(service: Service, store: Bucket) -> None:
     async with service.http.post(
-        f"{service.url}/v1/data-requests", data=b"{nope", headers=service.auth
+        f"{service.admin_url}/v1/data-requests", data=b"{nope", headers=service.auth
     ) as answer:
         assert answer.status == 400
     assert await store.keys() == []
@@ -152,7 +152,7 @@ async def test_copernica_refusal_marks_the_request_failed(
     service: Service, simulator: Simulator
 ) -> None:
     async with service.http.post(
-        f"{service.url}/v1/data-requests", json={"profile": 99}, headers=service.auth
+        f"{service.admin_url}/v1/data-requests", json={"profile": 99}, headers=service.auth
     ) as answer:
         created = await answer.json()
     assert created["status"] in ("pending", "failed")
@@ -181,7 +181,7 @@ async def test_copernica_down_leaves_the_request_submitting_with_its_error(
 async def test_show_unknown_or_malformed_id_is_404(service: Service) -> None:
     for request_id in (str(ULID()), "../../etc/passwd", "x" * 300):
         async with service.http.get(
-            f"{service.url}/v1/data-requests/{request_id}", headers=service.auth
+            f"{service.admin_url}/v1/data-requests/{request_id}", headers=service.auth
         ) as answer:
             assert answer.status == 404
 
@@ -197,7 +197,7 @@ async def test_list_pages_and_filters(service: Service, simulator: Simulator) ->
     while True:
         query = "?limit=2&status=pending" + (f"&cursor={cursor}" if cursor else "")
         async with service.http.get(
-            f"{service.url}/v1/data-requests{query}", headers=service.auth
+            f"{service.admin_url}/v1/data-requests{query}", headers=service.auth
         ) as answer:
             page = await answer.json()
         seen += [item["id"] for item in page["items"]]
@@ -208,7 +208,7 @@ async def test_list_pages_and_filters(service: Service, simulator: Simulator) ->
 
     for bad in ("?status=lost", "?limit=0", "?limit=x", "?cursor=zzz"):
         async with service.http.get(
-            f"{service.url}/v1/data-requests{bad}", headers=service.auth
+            f"{service.admin_url}/v1/data-requests{bad}", headers=service.auth
         ) as answer:
             assert answer.status == 400
 
@@ -223,7 +223,7 @@ async def test_health_ready_and_metrics(service: Service, simulator: Simulator) 
         request_id = (await answer.json())["id"]
     async with service.http.post(service.callback_url(request_id), data=b"{") as answer:
         assert answer.status == 422
-    async with service.http.get(f"{service.url}/metrics") as answer:
+    async with service.http.get(f"{service.admin_url}/metrics") as answer:
         text = await answer.text()
     assert 'receiver_callbacks_total{code="422",outcome="invalid"} 1.0' in text
     assert "receiver_s3_request_duration_seconds_bucket" in text
@@ -255,3 +255,35 @@ async def test_concurrent_retries_with_one_idempotency_key_file_once(
     assert {status for status, _ in answers} <= {202, 409}
     assert len({body["id"] for status, body in answers if status == 202}) == 1
     assert len(simulator.state.requests) == 1
+
+
+async def test_the_operator_surface_is_only_on_the_admin_listener(
+    service: Service, simulator: Simulator
+) -> None:
+    """Behind the load balancer is the public port: callbacks and health, nothing else."""
+    simulator.state.faults.lose_callback = True
+    async with await service.file({"profile": 3}) as answer:
+        request_id = (await answer.json())["id"]
+    for method, path in [
+        ("GET", "/v1/data-requests"),
+        ("POST", "/v1/data-requests"),
+        ("GET", f"/v1/data-requests/{request_id}"),
+        ("GET", f"/v1/data-requests/{request_id}/package"),
+        ("GET", "/metrics"),
+        ("GET", "/ui/"),
+    ]:
+        async with service.http.request(
+            method, service.url + path, headers=service.auth, json={"profile": 1}
+        ) as answer:
+            assert answer.status == 404, (method, path)
+    async with service.http.get(f"{service.admin_url}/metrics") as answer:
+        assert answer.status == 200
+    for base in (service.url, service.admin_url):
+        for path in ("/healthz", "/readyz"):
+            async with service.http.get(base + path) as answer:
+                assert answer.status == 200, (base, path)
+    # Callbacks are public only.
+    callback = service.callback_url(request_id).replace(service.url, service.admin_url)
+    async with service.http.post(callback, data=b"{}") as answer:
+        assert answer.status in (401, 404)
+    assert simulator.state.requests  # the request was filed through the admin listener

@@ -32,9 +32,34 @@ def test_defaults_match_the_spec() -> None:
     assert s.request_expiry_hours == 168
     assert s.copernica_max_rps == 5
     assert s.events_lookback_days == 0
-    assert s.receiver_url == "http://127.0.0.1:8080"
+    assert s.receiver_url == "http://127.0.0.1:9090"
+    assert (s.admin_host, s.admin_port) == ("0.0.0.0", 9090)
     assert (s.log_format, s.log_level) == ("auto", "info")
     assert s.public_base_url is None
+    assert s.package_link_seconds == 86400
+    assert s.retention_days == 0
+    assert s.report_controller_name is None
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"ADMIN_PORT": "8080"}, "ADMIN_PORT must differ from PORT"),
+        ({"PACKAGE_LINK_SECONDS": "604801"}, "PACKAGE_LINK_SECONDS must be at most 604800"),
+        ({"PACKAGE_LINK_SECONDS": "0"}, "PACKAGE_LINK_SECONDS must be >= 1"),
+        ({"RETENTION_DAYS": "-1"}, "RETENTION_DAYS must be >= 0"),
+        ({"RETENTION_DAYS": "a week"}, "RETENTION_DAYS must be a number"),
+    ],
+)
+def test_answering_settings_are_checked(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load(**env)
+
+
+def test_retention_days_takes_fractions_and_admin_host_its_own_value() -> None:
+    s = load(RETENTION_DAYS="0.5", HOST="0.0.0.0", ADMIN_HOST="127.0.0.1")
+    assert s.retention_days == 0.5
+    assert (s.host, s.admin_host) == ("0.0.0.0", "127.0.0.1")
 
 
 def test_events_url_follows_the_api_version() -> None:

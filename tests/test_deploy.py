@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from service.app import create_app
+from service.app import create_app, create_public_app
 from service.config import Settings
 from tests.conftest import make_settings
 
@@ -24,16 +24,20 @@ KNOWN = {f.metadata["env"] for f in dataclasses.fields(Settings)} | {
 
 
 def manifests() -> dict[str, dict[str, Any]]:
-    found = {}
+    """The first document of each kind (the public Service, say), and `Service/<name>` for
+    every Service."""
+    found: dict[str, dict[str, Any]] = {}
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             assert {"apiVersion", "kind", "metadata"} <= set(doc), path
-            found[doc["kind"]] = doc
+            found.setdefault(doc["kind"], doc)
+            if doc["kind"] == "Service":
+                found[f"Service/{doc['metadata']['name']}"] = doc
     return found
 
 
 def test_all_kinds_are_there() -> None:
-    assert set(manifests()) == {
+    assert {k for k in manifests() if "/" not in k} == {
         "Deployment",
         "Service",
         "HorizontalPodAutoscaler",
@@ -46,22 +50,33 @@ def test_all_kinds_are_there() -> None:
 
 def test_probes_point_at_existing_routes_and_ports_agree() -> None:
     docs = manifests()
-    routes = {
-        r.resource.canonical
-        for r in create_app(make_settings(ARCHIVE_BUCKET="b")).router.routes()
-        if r.method == "GET" and r.resource is not None
-    }
+    admin = create_app(make_settings(ARCHIVE_BUCKET="b"))
+    public = create_public_app(admin)
+    admin_routes, public_routes = (
+        {r.resource.canonical for r in app.router.routes() if r.resource is not None}
+        for app in (admin, public)
+    )
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     [container] = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         get = container[probe]["httpGet"]
-        assert get["path"] in routes, probe
-        assert get["port"] in ports
+        assert get["path"] in admin_routes, probe
+        assert get["port"] == "admin"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert int(docs["ConfigMap"]["data"]["PORT"]) == ports["http"]
-    assert docs["Service"]["spec"]["ports"][0]["targetPort"] in ports
+    assert int(docs["ConfigMap"]["data"]["ADMIN_PORT"]) == ports["admin"]
+    annotations = docs["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == ports["admin"]
+    assert annotations["prometheus.io/path"] in admin_routes
+    # The public Service reaches the public port only; the admin one is cluster-internal.
+    assert docs["Service/copernica-receiver"]["spec"]["ports"][0]["targetPort"] == "http"
+    admin_service = docs["Service/copernica-receiver-admin"]["spec"]
+    assert admin_service["type"] == "ClusterIP"
+    assert admin_service["ports"][0]["targetPort"] == "admin"
+    assert not any(r.startswith(("/v1", "/metrics", "/ui")) for r in public_routes)
+    assert "/metrics" in admin_routes and "/v1/data-requests" in admin_routes
     assert (
         docs["Service"]["spec"]["selector"]
         == docs["Deployment"]["spec"]["selector"]["matchLabels"]
@@ -103,9 +118,13 @@ def test_compose_runs_two_replicas_behind_nginx_with_minio() -> None:
         env = services[name]["environment"]
         assert set(env) <= KNOWN
         assert env["S3_ENDPOINT_URL"].startswith("http://minio:")
+        assert env["ADMIN_PORT"] != env["PORT"]
+        # Operators reach the admin port on the host's loopback only.
+        assert all(port.startswith("127.0.0.1:") for port in services[name]["ports"])
     nginx = (DEPLOY / "nginx.conf").read_text()
     for name in ("receiver-1", "receiver-2"):
         assert re.search(rf"server {name}:{services[name]['environment']['PORT']}\b", nginx)
+        assert services[name]["environment"]["ADMIN_PORT"] not in nginx
     assert "proxy_request_buffering off" in nginx
 
 

@@ -58,7 +58,7 @@ async def test_s3_down_after_an_acknowledged_callback_loses_nothing(
     s3_proxy.down()
 
     async with service.http.get(
-        f"{service.url}/v1/data-requests/{request_id}", headers=service.auth
+        f"{service.admin_url}/v1/data-requests/{request_id}", headers=service.auth
     ) as answer:
         assert answer.status == 503 and "Retry-After" in answer.headers
     async with service.http.get(f"{service.url}/readyz") as answer:
@@ -77,7 +77,7 @@ async def test_replica_killed_mid_upload_leaves_no_object_and_the_poller_archive
         S3_PART_BYTES=str(5 * MIB), POLL_INTERVAL_SECONDS="2", POLL_LEASE_SECONDS="3"
     )
     async with aiohttp.ClientSession() as http:
-        created = await file_request(http, replica.url, {"email": "k@example.com"})
+        created = await file_request(http, replica.admin_url, {"email": "k@example.com"})
         body = payload_bytes(
             PayloadSpec("email", "k@example.com", created["copernica_id"], 16 * MIB)
         )
@@ -160,7 +160,7 @@ async def test_nothing_is_written_to_local_disk(
     simulator.state.faults.lose_callback = True
     replica = service_processes(TMPDIR=str(scratch), S3_PART_BYTES=str(5 * MIB))
     async with aiohttp.ClientSession() as http:
-        created = await file_request(http, replica.url, {"email": "d@example.com"})
+        created = await file_request(http, replica.admin_url, {"email": "d@example.com"})
         body = payload_bytes(
             PayloadSpec("email", "d@example.com", created["copernica_id"], 12 * MIB)
         )

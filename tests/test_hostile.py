@@ -257,7 +257,7 @@ async def test_a_500_mb_single_string_is_refused_in_bounded_memory(
     simulator.state.faults.lose_callback = True
     replica = service_processes()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
-        created = await file_request(http, replica.url, {"email": EMAIL})
+        created = await file_request(http, replica.admin_url, {"email": EMAIL})
         head = json.dumps({"info": {"type": "email", "id": EMAIL}}).encode()[:-1]
 
         async def huge() -> AsyncIterator[bytes]:

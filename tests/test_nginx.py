@@ -82,9 +82,15 @@ async def test_behind_nginx_a_killed_replica_loses_nothing(
     secret = Secret(CALLBACK_SECRET)
     attempts: list[Any] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+        # The operator API is not behind the load balancer: only callbacks and health are.
+        async with http.get(f"{proxy.url}/v1/data-requests") as answer:
+            assert answer.status == 404
+        async with http.get(f"{proxy.url}/readyz") as answer:
+            assert answer.status == 200
         created = []
         for n in range(REQUESTS):
-            created.append(await file_request(http, proxy.url, {"profile": n + 1}))
+            replica = (first, second)[n % 2]
+            created.append(await file_request(http, replica.admin_url, {"profile": n + 1}))
         bodies = {
             item["id"]: payload_bytes(
                 PayloadSpec(

@@ -185,7 +185,7 @@ async def test_poller_metrics_show_pending_age_lag_and_leases(
     service.app[POLLER].stop()  # visits in progress finish and release their leases
     await asyncio.sleep(1.0)
 
-    async with service.http.get(f"{service.url}/metrics") as answer:
+    async with service.http.get(f"{service.admin_url}/metrics") as answer:
         text = await answer.text()
     values = dict(
         line.rsplit(" ", 1)

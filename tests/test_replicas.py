@@ -34,7 +34,7 @@ async def test_two_replicas_archive_every_lost_callback_once_despite_a_kill(
     settings = {"POLL_INTERVAL_SECONDS": "1", "POLL_LEASE_SECONDS": "3", "COPERNICA_MAX_RPS": "40"}
     first, second = service_processes(**settings), service_processes(**settings)
     async with aiohttp.ClientSession() as http:
-        created = await file_many(http, [first.url, second.url], REQUESTS)
+        created = await file_many(http, [first.admin_url, second.admin_url], REQUESTS)
         by_copernica_id = {item["copernica_id"]: item["id"] for item in created}
 
         # Kill one replica once the polling is well under way.

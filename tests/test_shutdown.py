@@ -25,7 +25,7 @@ async def test_sigterm_finishes_the_callback_in_flight_and_exits_cleanly(
         SHUTDOWN_DRAIN_SECONDS="1", SHUTDOWN_GRACE_SECONDS="30", S3_PART_BYTES=str(5 * MIB)
     )
     async with aiohttp.ClientSession() as http:
-        created = await file_request(http, replica.url, {"email": "sig@example.com"})
+        created = await file_request(http, replica.admin_url, {"email": "sig@example.com"})
         body = payload_bytes(
             PayloadSpec("email", "sig@example.com", created["copernica_id"], 12 * MIB)
         )

@@ -7,6 +7,8 @@ bytes and their sha256.
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import hashlib
 import json
 import socket
@@ -185,6 +187,42 @@ def test_payload_is_copernicas_shape_with_realistic_content() -> None:
         {"time", "ip", "useragent"} <= item.keys() for item in found if item["type"] == "open"
     )
     assert all(item["url"].startswith("https://") for item in found if item["type"] == "click")
+
+
+def test_payload_messages_are_mime_as_newsletters_send_it() -> None:
+    """RFC 2047 subjects and senders (Q and B), multipart/alternative, HTML-only and text-only
+    messages in 8bit, quoted-printable and base64: what a report has to read and decode."""
+    spec = PayloadSpec("email", "ann@example.com", "1000", 400_000)
+    groups = json.loads(payload_bytes(spec))["data"]
+    messages = [
+        email.message_from_string(group[0], policy=email.policy.default) for group in groups
+    ]
+
+    subjects = {str(message["subject"]) for message in messages}
+    assert any("=?utf-8?q?" in group[0] for group in groups)
+    assert any("=?utf-8?b?" in group[0] for group in groups)
+    assert "Grüße aus dem Café: unsere Herbstauswahl #1" in subjects
+    assert "Your order is on its way 🎉 #3" in subjects
+    assert all(f"#{n}" in str(m["subject"]) for n, m in enumerate(messages))  # the counter
+    assert {str(m["from"]) for m in messages} >= {"Café Zoë <news@shop.test>"}
+
+    kinds = {
+        (
+            m.get_content_type(),
+            m.get_body(("plain",)) is not None,
+            m.get_body(("html",)) is not None,
+        )
+        for m in messages
+    }
+    assert ("text/html", False, True) in kinds  # HTML only
+    assert ("text/plain", True, False) in kinds  # text only
+    assert any(kind[1] and kind[2] for kind in kinds)  # both, as alternatives
+    encodings = {part.get("content-transfer-encoding") for m in messages for part in m.walk()}
+    assert {"8bit", "quoted-printable", "base64"} <= encodings
+    for message in messages:  # every body decodes to text that names the shop
+        body = message.get_body(("plain", "html"))
+        assert body is not None and "shop.test" in body.get_content()
+    assert b"~N~" not in payload_bytes(spec)
 
 
 @pytest.mark.parametrize(("kind", "ident"), [("profile", 42), ("subprofile", 7)])

@@ -1,7 +1,9 @@
 """The Copernica simulator: a faithful fake of the data-request API, for tests and demos."""
 
 from .app import (
+    COPERNICA_KEY_ID,
     SIM_STATE,
+    CopernicaSigner,
     Delivery,
     Faults,
     SimRequest,
@@ -20,7 +22,9 @@ from .payloads import (
 )
 
 __all__ = [
+    "COPERNICA_KEY_ID",
     "SIM_STATE",
+    "CopernicaSigner",
     "Delivery",
     "Faults",
     "PayloadSpec",

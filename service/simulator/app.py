@@ -5,7 +5,8 @@ an empty body and the id in `X-Created` (or Location / X-Location / a JSON body,
 clients against each); readiness through `datarequest/{id}/status`, `datarequest/{id}/data`
 (404 until ready) and the old `datarequest/{id}` ("Data not available (yet)"); errors as
 `{"error": {"message": ...}}`, including `400 "Invalid method"` for paths it does not serve;
-and delivery of the result by POST to the `report` web address. v1 events and the v4 bearer
+and delivery of the result by POST to the `report` web address, signed as Copernica signs its
+webhook calls when given a key (`sign_key`, `account_id`). v1 events and the v4 bearer
 authentication are served too. A control API under `/_sim/` (no auth) lets tests and
 operators switch faults and read what happened: calls, deliveries, the observed call rate.
 """
@@ -17,6 +18,7 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import email.utils
 import hashlib
 import json
 import random
@@ -26,10 +28,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from yarl import URL
 
 from ..events import add_months
 from .payloads import PayloadSpec, payload_bytes, payload_chunks, payload_digest, payload_size
@@ -38,6 +44,10 @@ NOT_AVAILABLE = "Data not available (yet)"
 _EMAIL = re.compile(r"^[^@\s/]+@[^@\s/]+\.[^@\s/]+$")
 READINESS_FORMS = frozenset({"status", "data", "old"})
 CREATE_ID_FORMS = ("X-Created", "Location", "X-Location", "body")
+COPERNICA_KEY_ID = "one._domainkey.copernica.com"
+# What Copernica's signature covers, in this order (copernica/webhook-security's verifier
+# insists on host, date, digest, x-nonce and x-copernica-id).
+SIGNED_HEADERS = ("(request-target)", "host", "date", "digest", "x-nonce", "x-copernica-id")
 
 
 @dataclass
@@ -88,6 +98,9 @@ class SimulatorConfig:
     jwt_lifetime: float = 24 * 3600.0
     events_shape: str = "nested"  # or "flat": {"type": ..., **data}
     seed: int = 7  # for the injected 429/5xx answers
+    sign_key: str | None = None  # PEM of an RSA private key: callbacks are signed with it
+    account_id: str | None = None  # sent as X-Copernica-Id; needed with sign_key
+    key_id: str = COPERNICA_KEY_ID  # the signature's keyId (Copernica: a DNS TXT name)
 
 
 @dataclass
@@ -118,6 +131,7 @@ class SimRequest:
     max_open_fetches: int = 0
     spec: PayloadSpec | None = None
     size: int | None = None  # of the payload, once its spec is fixed
+    sha256: bytes | None = None  # of the payload, once a signed delivery needed it
     woken: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     waiting: asyncio.Task[None] | None = field(default=None, repr=False)  # delivery not yet due
 
@@ -134,11 +148,58 @@ class SimRequest:
         return f"{self.subject_type}/{subject}"
 
 
+class CopernicaSigner:
+    """Signs a webhook call the way Copernica does (its http-signatures-php Signer):
+    draft-cavage HTTP Signatures v10, `rsa-sha256` (PKCS#1 v1.5), the signing string being
+    the lower-cased names of SIGNED_HEADERS with their trimmed values, `name: value` joined by
+    "\\n", `(request-target)` as `post /path?query`. Written here, not taken from the
+    service's verifier, so that a bug shared by both sides cannot pass unnoticed."""
+
+    def __init__(self, pem: str) -> None:
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError("sign_key is not an RSA private key")
+        self._key = key
+
+    def headers(self, url: str, sha256: bytes, key_id: str, account_id: str) -> dict[str, str]:
+        """The signed headers of one delivery of a body hashing to `sha256`: a new Date and
+        nonce each time; a retry of the same delivery must send these again, not new ones."""
+        target = URL(url)
+        values = {
+            "(request-target)": f"post {target.raw_path_qs}",
+            # The Host header as sent (set explicitly with the others, so they cannot differ).
+            "host": target.raw_authority.rpartition("@")[2],
+            "date": email.utils.formatdate(usegmt=True),  # RFC 7231 IMF-fixdate
+            "digest": "SHA-256=" + base64.b64encode(sha256).decode(),
+            "x-nonce": secrets.token_hex(16),
+            "x-copernica-id": account_id,
+        }
+        text = "\n".join(f"{name}: {values[name].strip()}" for name in SIGNED_HEADERS)
+        signature = self._key.sign(text.encode(), padding.PKCS1v15(), hashes.SHA256())
+        sent = {
+            "Host": values["host"],
+            "Date": values["date"],
+            "Digest": values["digest"],
+            "X-Nonce": values["x-nonce"],
+            "X-Copernica-Id": account_id,
+        }
+        sent["Signature"] = (
+            f'keyId="{key_id}",algorithm="rsa-sha256",headers="{" ".join(SIGNED_HEADERS)}",'
+            f'signature="{base64.b64encode(signature).decode()}"'
+        )
+        return sent
+
+
 class SimState:
     """Everything the simulator knows, readable by tests in process or over /_sim/state."""
 
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
+        self.signer: CopernicaSigner | None = None
+        if config.sign_key:
+            if not config.account_id:
+                raise ValueError("a sign key needs an account id (sent as X-Copernica-Id)")
+            self.signer = CopernicaSigner(config.sign_key)
         self.reset()
 
     def reset(self) -> None:
@@ -218,6 +279,7 @@ class SimState:
         now = time.monotonic()
         config = dataclasses.asdict(self.config)
         del config["access_token"]
+        config["sign_key"] = "***" if self.config.sign_key else None
         config["readiness_forms"] = sorted(self.config.readiness_forms)
         return {
             "config": config,
@@ -470,12 +532,14 @@ async def _deliver_when_ready(app: web.Application, sim_request: SimRequest, for
         return
     if faults.not_available_callback:
         body = json.dumps({"info": _info(sim_request), "data": NOT_AVAILABLE}).encode()
-        await _post(app, sim_request, lambda: [body], len(body), "not_available")
+        digest = hashlib.sha256(body).digest()
+        await _post(app, sim_request, lambda: [body], len(body), "not_available", digest)
     spec = state.payload_spec(sim_request.copernica_id)
     size = state.payload_size(sim_request.copernica_id)
+    payload_sha256 = await _payload_sha256(sim_request, spec) if state.signer else None
 
     async def deliver() -> None:
-        await _post(app, sim_request, lambda: payload_chunks(spec), size, "payload")
+        await _post(app, sim_request, lambda: payload_chunks(spec), size, "payload", payload_sha256)
 
     copies = 1 + faults.duplicate_callback
     if faults.duplicate_concurrent:
@@ -483,6 +547,16 @@ async def _deliver_when_ready(app: web.Application, sim_request: SimRequest, for
     else:
         for _ in range(copies):
             await deliver()
+
+
+async def _payload_sha256(sim_request: SimRequest, spec: PayloadSpec) -> bytes:
+    """The payload's sha256, for the Digest header a signed delivery sends before its first
+    body byte: a first streaming pass over the (deterministic) payload, in a thread, never
+    the whole payload in memory; kept for repeated deliveries."""
+    if sim_request.sha256 is None:
+        _size, hexdigest = await asyncio.to_thread(payload_digest, spec)
+        sim_request.sha256 = bytes.fromhex(hexdigest)
+    return sim_request.sha256
 
 
 class _Counted:
@@ -506,14 +580,22 @@ async def _post(
     body: Callable[[], Iterable[bytes] | Iterator[bytes]],
     size: int,
     kind: str,
+    sha256: bytes | None = None,
 ) -> None:
-    """POST one body to `report`; retry a connection error or 5xx, stop at 2xx/4xx."""
+    """POST one body to `report`; retry a connection error or 5xx, stop at 2xx/4xx. With a
+    sign key the delivery is signed once (`sha256` is the body's) and every retry sends the
+    same signed headers, nonce included, as Copernica's retries do."""
     state = app[SIM_STATE]
     url = sim_request.report
     assert url is not None
     headers = {"Content-Type": "application/json"}
     if not state.config.delivery_chunked:
         headers["Content-Length"] = str(size)  # aiohttp then sends the stream unchunked
+    if state.signer is not None:
+        assert sha256 is not None and state.config.account_id is not None
+        headers.update(
+            state.signer.headers(url, sha256, state.config.key_id, state.config.account_id)
+        )
     for attempt in range(1 + state.config.delivery_retries):
         if attempt:
             await asyncio.sleep(state.config.delivery_retry_delay)
@@ -680,7 +762,11 @@ async def sim_faults(request: web.Request) -> web.Response:
 async def sim_config(request: web.Request) -> web.Response:
     """A partial SimulatorConfig (ready_after, expire_after, payload_size, ...), merged."""
     state = request.app[SIM_STATE]
-    names = {f.name for f in dataclasses.fields(SimulatorConfig)} - {"access_token", "seed"}
+    names = {f.name for f in dataclasses.fields(SimulatorConfig)} - {
+        "access_token",
+        "seed",
+        "sign_key",
+    }
     try:
         checked = _checked(await request.json(), state.config, names)
     except ValueError as exc:
@@ -761,8 +847,25 @@ def create_simulator_app(config: SimulatorConfig | None = None) -> web.Applicati
     return app
 
 
-def run_simulator(host: str, port: int, access_token: str, **config: Any) -> None:
-    """`python -m service simulate`: serve the fake until interrupted."""
-    settings = SimulatorConfig(access_token=access_token, **config)
-    print(f"Copernica simulator on http://{host}:{port}/v2 (state: /_sim/state)", flush=True)
-    web.run_app(create_simulator_app(settings), host=host, port=port, print=None)
+def run_simulator(
+    host: str, port: int, access_token: str, sign_key_file: str | None = None, **config: Any
+) -> None:
+    """`python -m service simulate`: serve the fake until interrupted. With `sign_key_file`
+    (a PEM RSA private key) its callbacks are signed as Copernica signs them."""
+    try:
+        if sign_key_file is not None:
+            config["sign_key"] = Path(sign_key_file).read_text()
+        app = create_simulator_app(SimulatorConfig(access_token=access_token, **config))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"simulate: cannot sign callbacks: {exc}") from None
+    settings = app[SIM_STATE].config
+    signing = (
+        f", callbacks signed (keyId {settings.key_id}, X-Copernica-Id {settings.account_id})"
+        if settings.sign_key
+        else ""
+    )
+    print(
+        f"Copernica simulator on http://{host}:{port}/v2 (state: /_sim/state){signing}",
+        flush=True,
+    )
+    web.run_app(app, host=host, port=port, print=None)

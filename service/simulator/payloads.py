@@ -2,8 +2,11 @@
 
 The shape is Copernica's ready payload: `{"info": {"type", "id"}, "data": [[...], ...]}`,
 where each inner array holds what was found about one mailing: the complete MIME message
-sent, its opens and clicks, sometimes a survey answer. The same spec always gives the same
-bytes, so a test can compute what an archive must hold without storing it.
+sent, its opens and clicks, sometimes a survey answer. The messages are as newsletters send
+them, so a report has something true to render: RFC 2047 subjects and senders (Q and B),
+text and HTML alternatives, HTML alone or text alone, in 8bit, quoted-printable or base64,
+now and then a PDF. The same spec always gives the same bytes, so a test can compute what an
+archive must hold without storing it.
 
 Size is the point: a payload can be hundreds of MB (SPEC), so nothing here holds more than a
 few mailings. A payload draws a small pool of distinct mailings at random and then repeats
@@ -17,10 +20,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import quopri
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
+from email.utils import format_datetime
+from html import escape
 from typing import Any
 
 CHUNK = 64 * 1024  # every chunk is exactly this long, except the last
@@ -85,53 +91,172 @@ _AGENTS = (
 )
 
 
+# Subjects and sender names as newsletters have them: plain ASCII, or UTF-8 in RFC 2047
+# encoded-words, Q ("=?utf-8?q?Gr=C3=BC=C3=9Fe?=") or B (base64) encoded, emoji included.
+_SUBJECTS = (
+    ("Weekly offers", None),
+    ("Grüße aus dem Café: unsere Herbstauswahl", "q"),
+    ("Summer sale ☀️ up to 50% off", "b"),
+    ("Your order is on its way 🎉", "b"),
+    ("Nieuwe collectie: één keer per jaar", "q"),
+    ("Last chance: free shipping today", None),
+    ("Naïve question: coffee or tea? ☕", "b"),
+    ("Crème brûlée recipes inside", "q"),
+)
+_SENDERS = (("Shop Newsletter", None), ("Café Zoë", "q"), ("Shop · Members", "b"))
+_FIRST_MAILING = date(2026, 1, 6)  # pool entry k is sent 11 k days later: half a year of mail
+
+
+def _encoded_word(text: str, how: str) -> str:
+    data = text.encode()
+    if how == "b":
+        return f"=?utf-8?b?{base64.b64encode(data).decode()}?="
+    safe = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!*+-/"
+    q = "".join(
+        chr(byte) if byte in safe else "_" if byte == 32 else f"={byte:02X}" for byte in data
+    )
+    return f"=?utf-8?q?{q}?="
+
+
+def _header_text(text: str, how: str | None) -> str:
+    """`text` as a header value: as is, or RFC 2047 encoded-words of at most 60 characters
+    folded onto continuation lines (a decoder joins adjacent words, dropping the fold)."""
+    if how is None:
+        return text
+    words, piece = [], ""
+    for char in text:
+        if piece and len(_encoded_word(piece + char, how)) > 60:
+            words.append(_encoded_word(piece, how))
+            piece = ""
+        piece += char
+    words.append(_encoded_word(piece, how))
+    return "\r\n ".join(words)
+
+
+def _quoted_printable(text: str) -> str:
+    """Quoted-printable, line by line, so that a counter (plain ASCII) is never split by a
+    soft line break nor encoded: it is substituted in the JSON text after encoding."""
+    lines = []
+    for line in text.split("\n"):
+        pieces = [
+            quopri.encodestring(piece.encode(), quotetabs=False).decode()
+            for piece in line.split(_COUNTER)
+        ]
+        lines.append(_COUNTER.join(pieces).replace("\n", "\r\n"))
+    return "\r\n".join(lines)
+
+
+def _base64_body(text: str) -> str:
+    blob = base64.encodebytes(text.encode()).decode()
+    return blob.replace("\n", "\r\n").rstrip()
+
+
+def _part(content_type: str, encoding: str, text: str) -> list[str]:
+    """One leaf entity: its headers, a blank line, its body in `encoding`."""
+    if encoding == "quoted-printable":
+        body = _quoted_printable(text)
+    elif encoding == "base64":
+        body = _base64_body(text.replace(_COUNTER, "0"))  # no counter inside base64
+    else:
+        body = text.replace("\n", "\r\n")
+    return [f"Content-Type: {content_type}", f"Content-Transfer-Encoding: {encoding}", "", body]
+
+
+def _multipart(subtype: str, boundary: str, parts: list[list[str]]) -> list[str]:
+    lines = [f'Content-Type: multipart/{subtype}; boundary="{boundary}"', ""]
+    lines.append("This is a multi-part message in MIME format.")
+    for part in parts:
+        lines += [f"--{boundary}", *part]
+    lines.append(f"--{boundary}--")
+    return lines
+
+
+def _paragraph(rng: random.Random) -> str:
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(20, 70))]
+    words[0] = words[0][:1].upper() + words[0][1:]
+    return " ".join(words) + "."
+
+
 def _mime(rng: random.Random, k: int, to: str) -> str:
-    """A complete sent message: headers, text and HTML alternatives, now and then a PDF."""
+    """A complete sent message, as newsletters are: multipart/alternative (text and HTML),
+    HTML only, or text only, in 8bit, quoted-printable or base64, now and then with a PDF."""
     n = _COUNTER
     boundary = f"=_b{rng.getrandbits(48):012x}"
-    text = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(40, 160)))
-    lines = [
-        f"Return-Path: <bounce-{n}@mail.shop.test>",
-        f"Message-ID: <{rng.getrandbits(64):016x}.{n}@mail.shop.test>",
-        f"Date: Mon, {1 + k % 28:02d} Jun 2026 10:{k * 3 % 60:02d}:00 +0000",
-        "From: Shop Newsletter <news@shop.test>",
-        f"To: <{to}>",
-        f"Subject: Weekly offers #{n}",
-        "MIME-Version: 1.0",
-        f'Content-Type: multipart/mixed; boundary="{boundary}"',
-        "",
-        f"--{boundary}",
-        f'Content-Type: multipart/alternative; boundary="{boundary}a"',
-        "",
-        f"--{boundary}a",
-        "Content-Type: text/plain; charset=utf-8",
-        "Content-Transfer-Encoding: 8bit",
-        "",
-        text,
-        f"--{boundary}a",
-        "Content-Type: text/html; charset=utf-8",
-        "Content-Transfer-Encoding: 8bit",
-        "",
-        f'<html><body><p>{text}</p><a href="https://shop.test/o/{n}">Shop</a></body></html>',
-        f"--{boundary}a--",
-    ]
+    subject, subject_encoding = _SUBJECTS[k % len(_SUBJECTS)]
+    sender, sender_encoding = _SENDERS[k % len(_SENDERS)]
+    paragraphs = [_paragraph(rng) for _ in range(rng.randint(1, 3))]
+    sent = datetime.combine(
+        _FIRST_MAILING + timedelta(days=11 * k), datetime.min.time(), timezone(timedelta(hours=1))
+    ).replace(hour=10, minute=k * 3 % 60)
+    text = "\n\n".join(
+        [
+            "Hello,",
+            *paragraphs,
+            f"See all offers: https://shop.test/o/{n}",
+            "You receive this e-mail because you subscribed at shop.test.\n"
+            "Unsubscribe: https://shop.test/unsubscribe",
+        ]
+    )
+    html = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html><head><meta charset="utf-8">',
+            f"<title>{escape(subject)}</title>",
+            "<style>body{font-family:Arial,sans-serif;color:#222}h1{color:#0a5}</style>",
+            "</head><body>",
+            f"<h1>{escape(subject)}</h1>",
+            *(f"<p>{escape(paragraph)}</p>" for paragraph in paragraphs),
+            f'<p><a href="https://shop.test/o/{n}">See all offers</a></p>',
+            '<p style="font-size:11px;color:#888">You receive this e-mail because you '
+            'subscribed at shop.test. <a href="https://shop.test/unsubscribe">Unsubscribe</a>',
+            "</p></body></html>",
+        ]
+    )
+    plain_type, html_type = "text/plain; charset=utf-8", "text/html; charset=utf-8"
+    variant = k % 4
+    if variant == 0:
+        entity = _multipart(
+            "alternative",
+            f"{boundary}a",
+            [_part(plain_type, "8bit", text), _part(html_type, "quoted-printable", html)],
+        )
+    elif variant == 1:
+        entity = _multipart(
+            "alternative",
+            f"{boundary}a",
+            [_part(plain_type, "quoted-printable", text), _part(html_type, "8bit", html)],
+        )
+    elif variant == 2:  # HTML only, as many newsletters are
+        entity = _part(html_type, "base64" if k % 8 == 2 else "quoted-printable", html)
+    else:
+        entity = _part(plain_type, "quoted-printable", text)
     if k % 5 == 0:
         blob = base64.encodebytes(rng.randbytes(rng.randint(2000, 12000))).decode()
-        lines += [
-            f"--{boundary}",
+        pdf = [
             'Content-Type: application/pdf; name="offer.pdf"',
             "Content-Transfer-Encoding: base64",
             'Content-Disposition: attachment; filename="offer.pdf"',
             "",
             blob.replace("\n", "\r\n").rstrip(),
         ]
-    lines.append(f"--{boundary}--")
+        entity = _multipart("mixed", boundary, [entity, pdf])
+    lines = [
+        f"Return-Path: <bounce-{n}@mail.shop.test>",
+        f"Message-ID: <{rng.getrandbits(64):016x}.{n}@mail.shop.test>",
+        f"Date: {format_datetime(sent)}",
+        f"From: {_header_text(sender, sender_encoding)} <news@shop.test>",
+        f"To: <{to}>",
+        f"Subject: {_header_text(subject, subject_encoding)} #{n}",
+        "MIME-Version: 1.0",
+        f"List-Unsubscribe: <https://shop.test/unsubscribe?m={n}>",
+        *entity,
+    ]
     return "\r\n".join(lines)
 
 
 def _mailing(rng: random.Random, k: int, to: str) -> list[bytes]:
     """Pool entry k: one mailing's JSON array, split where its counter goes."""
-    day = f"2026-06-{1 + k % 28:02d}"
+    day = (_FIRST_MAILING + timedelta(days=11 * k)).isoformat()
     items: list[Any] = [_mime(rng, k, to)]
     for j in range(rng.randint(0, 3)):
         items.append(

@@ -1,0 +1,297 @@
+"""The access package: built once off the callback path, exact, handed out by download or
+link, adopted (not rebuilt) after a crash between its upload and the record update."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import sys
+import zipfile
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ulid import ULID
+
+from service.archive import ArchiveStore, s3_client, utcnow
+from service.ledger import RequestRecord, stamp
+from service.metrics import Metrics
+from service.package import PackageBuilder, PackageError
+from service.simulator.payloads import make_events
+from tests.conftest import API_TOKEN, Bucket, Service, ServiceFactory, Simulator, sha256
+from tests.support import eventually, metric, record_of, wait_until_packaged
+
+FAST = {"POLL_INTERVAL_SECONDS": "0.2", "POLL_LEASE_SECONDS": "5"}
+
+
+async def file(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    async with await service.file(body) as answer:
+        assert answer.status == 202, await answer.text()
+        return dict(await answer.json())
+
+
+def unzip(body: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        assert archive.testzip() is None  # every member's CRC is right
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+async def test_an_archived_request_gets_an_exact_package(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    simulator.state.events = make_events(
+        date(2026, 5, 10), date(2026, 7, 2), per_day=1, email="gil@example.com"
+    )
+    service = await make_service(**FAST, REPORT_CONTROLLER_NAME="Shop & Co <B.V.>")
+    created = await file(
+        service,
+        {"email": "gil@example.com", "events": {"since": "2026-05-10", "until": "2026-07-02"}},
+    )
+
+    shown = await wait_until_packaged(service, created["id"])
+
+    package = shown["package"]
+    assert package["key"] == f"copernica/packages/{created['id']}.zip"
+    stored = await store.read(package["key"])
+    assert package["sha256"] == sha256(stored) and package["size"] == len(stored)
+    head = await store.head(package["key"])
+    assert head["ContentType"] == "application/zip"
+    files = unzip(stored)
+    assert sorted(files) == ["data.json", "events.jsonl", "manifest.json", "report.html"]
+    payload = simulator.state.payload_bytes(created["copernica_id"])
+    assert files["data.json"] == payload == await store.read(shown["archive"]["key"])
+    windows = await store.keys(f"events/{created['id']}/")
+    assert files["events.jsonl"] == b"".join([await store.read(k) for k in windows])
+    assert len(files["events.jsonl"].splitlines()) == 53
+    manifest = json.loads(files["manifest.json"])
+    assert manifest["request_id"] == created["id"]
+    assert manifest["subject_type"] == "email"
+    assert manifest["received_on"] == created["received_on"]
+    assert manifest["due_by"] == created["due_by"]
+    assert {f["name"]: (f["size"], f["sha256"]) for f in manifest["files"]} == {
+        name: (len(body), sha256(body)) for name, body in files.items() if name != "manifest.json"
+    }
+    report = files["report.html"].decode()
+    assert "Shop &amp; Co &lt;B.V.&gt;" in report
+    assert "<script" not in report.lower()
+    assert await store.uploads() == []
+    assert await metric(service, "receiver_packages_built_total") >= 1
+
+
+async def test_no_package_before_the_data_is_archived(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    simulator.state.faults.lose_callback = True
+    simulator.state.config.ready_after = 3600
+    service = await make_service(**FAST)
+    created = await file(service, {"profile": 5})
+
+    async with service.http.get(
+        f"{service.admin_url}/v1/data-requests/{created['id']}/package", headers=service.auth
+    ) as answer:
+        assert answer.status == 409
+        assert "not built yet" in (await answer.json())["error"]
+    async with service.http.post(
+        f"{service.admin_url}/v1/data-requests/{created['id']}/package/link", headers=service.auth
+    ) as answer:
+        assert answer.status == 409
+    assert await store.keys("packages/") == []
+    assert (await service.show(created["id"]))["answered_at"] is None
+
+
+async def test_unknown_request_has_no_package(service: Service) -> None:
+    for request_id in (str(ULID()), "nope"):
+        async with service.http.get(
+            f"{service.admin_url}/v1/data-requests/{request_id}/package", headers=service.auth
+        ) as answer:
+            assert answer.status == 404
+    async with service.http.get(f"{service.admin_url}/v1/data-requests/{ULID()}/package") as answer:
+        assert answer.status == 401
+
+
+async def test_download_streams_the_package_and_answers_the_request(
+    make_service: ServiceFactory, store: Bucket
+) -> None:
+    service = await make_service(**FAST)
+    created = await file(service, {"email": "hal@example.com"})
+    package = (await wait_until_packaged(service, created["id"]))["package"]
+
+    async with service.http.get(
+        f"{service.admin_url}/v1/data-requests/{created['id']}/package", headers=service.auth
+    ) as answer:
+        assert answer.status == 200
+        body = await answer.read()
+        assert answer.headers["Content-Type"] == "application/zip"
+        assert answer.headers["ETag"] == f'"{package["sha256"]}"'
+        assert answer.headers["Content-Length"] == str(package["size"])
+        assert answer.headers["Content-Disposition"] == (
+            f'attachment; filename="access-package-{created["id"]}.zip"'
+        )
+    assert body == await store.read(package["key"])
+
+    first = await eventually(
+        lambda: service.show(created["id"]), lambda s: s["answered_at"] is not None
+    )
+    assert first["overdue"] is False
+    async with service.http.get(
+        f"{service.admin_url}/v1/data-requests/{created['id']}/package", headers=service.auth
+    ) as answer:
+        assert answer.status == 200
+    assert (await service.show(created["id"]))["answered_at"] == first["answered_at"]
+    # An answered request leaves the deadline index: nothing to extend either.
+    assert await store.keys("deadlines/") == []
+    async with service.http.post(
+        f"{service.admin_url}/v1/data-requests/{created['id']}/extend",
+        json={"months": 1, "reason": "late"},
+        headers=service.auth,
+    ) as answer:
+        assert answer.status == 409
+
+
+async def test_a_link_is_a_presigned_get_of_the_package(
+    make_service: ServiceFactory, store: Bucket
+) -> None:
+    service = await make_service(**FAST, PACKAGE_LINK_SECONDS="600")
+    created = await file(service, {"subprofile": 44})
+    package = (await wait_until_packaged(service, created["id"]))["package"]
+
+    async with service.http.post(
+        f"{service.admin_url}/v1/data-requests/{created['id']}/package/link", headers=service.auth
+    ) as answer:
+        assert answer.status == 200
+        link = await answer.json()
+    async with service.http.get(link["url"]) as fetched:  # no token: the URL is the key
+        assert fetched.status == 200
+        assert sha256(await fetched.read()) == package["sha256"]
+    expires = link["expires_at"]
+    assert 590 <= (_parse(expires) - utcnow()).total_seconds() <= 600
+    assert "X-Amz-Expires=600" in link["url"]
+    assert (await service.show(created["id"]))["answered_at"] is not None
+
+
+def _parse(text: str) -> Any:
+    from service.archive import parse_isoformat
+
+    return parse_isoformat(text)
+
+
+async def test_a_package_left_by_a_crashed_replica_is_adopted_not_rebuilt(
+    make_service: ServiceFactory, store: Bucket
+) -> None:
+    """A replica uploaded the package and died before writing the record: the next visit
+    finds the package, reads back its sha256 and records it; no second package is built."""
+    service = await make_service(**FAST)
+    created = await file(service, {"email": "ivy@example.com"})
+    package = (await wait_until_packaged(service, created["id"]))["package"]
+    etag = (await store.head(package["key"]))["ETag"]
+
+    # The state the crash leaves: the record as before its update, its poll marker still there.
+    record = await record_of(store, created["id"])
+    when = stamp(utcnow())
+    record.update(package=None, next_poll_at=when, lease=None, version=record["version"] + 1)
+    await store.client.put_object(
+        Bucket=store.name,
+        Key=f"copernica/requests/{created['id']}.json",
+        Body=json.dumps(record).encode(),
+    )
+    await store.client.put_object(
+        Bucket=store.name, Key=f"copernica/due/{when}/{created['id']}", Body=b""
+    )
+
+    adopted = await wait_until_packaged(service, created["id"])
+
+    assert adopted["package"]["sha256"] == package["sha256"]
+    assert adopted["package"]["size"] == package["size"]
+    assert (await store.head(package["key"]))["ETag"] == etag
+    assert await store.keys("packages/") == [package["key"]]
+    assert await store.keys("due/") == []
+
+
+async def builder_for(s3_endpoint: str, bucket: str) -> tuple[Any, Any]:
+    from tests.conftest import make_settings
+
+    settings = make_settings(
+        ARCHIVE_BUCKET=bucket, S3_ENDPOINT_URL=s3_endpoint, S3_PART_BYTES=str(5 * 1024 * 1024)
+    )
+    return settings, s3_client(settings)
+
+
+async def test_racing_builders_write_one_package_and_agree_on_it(
+    make_service: ServiceFactory, store: Bucket, s3_endpoint: str, bucket: str
+) -> None:
+    """Two replicas building the same package at once: one object, both report its sha256."""
+    service = await make_service(POLL_INTERVAL_SECONDS="600")  # its poller stays out of it
+    created = await file(service, {"email": "jo@example.com"})
+    await eventually(lambda: store.keys("archive/"))
+    record = RequestRecord.from_bytes(json.dumps(await record_of(store, created["id"])).encode())
+    record.status = "archived"
+
+    settings, client = await builder_for(s3_endpoint, bucket)
+    async with client as s3:
+        archive_store = ArchiveStore(s3, settings, Metrics())
+        builders = [PackageBuilder(archive_store, None) for _ in range(3)]
+        results = await asyncio.gather(*(b.ensure(record) for b in builders))
+
+    key = f"copernica/packages/{created['id']}.zip"
+    assert await store.keys("packages/") == [key]
+    stored = await store.read(key)
+    assert {r["sha256"] for r in results} == {sha256(stored)}
+    assert await store.uploads() == []
+
+
+async def test_an_archive_that_does_not_match_its_sha256_is_not_packaged(
+    make_service: ServiceFactory, store: Bucket, s3_endpoint: str, bucket: str
+) -> None:
+    service = await make_service(POLL_INTERVAL_SECONDS="600")
+    created = await file(service, {"email": "kim@example.com"})
+    await eventually(lambda: store.keys("archive/"))
+    record = RequestRecord.from_bytes(json.dumps(await record_of(store, created["id"])).encode())
+    record.status = "archived"
+    record.archive = {"sha256": hashlib.sha256(b"something else").hexdigest()}
+
+    settings, client = await builder_for(s3_endpoint, bucket)
+    async with client as s3:
+        with pytest.raises(PackageError, match="does not match"):
+            await PackageBuilder(ArchiveStore(s3, settings, Metrics()), None).ensure(record)
+    assert await store.keys("packages/") == []
+    assert await store.uploads() == []
+
+
+async def test_cli_download_checks_the_sha256(
+    make_service: ServiceFactory, store: Bucket, tmp_path: Path
+) -> None:
+    service = await make_service(**FAST)
+    created = await file(service, {"email": "lou@example.com"})
+    package = (await wait_until_packaged(service, created["id"]))["package"]
+    out = tmp_path / "subject.zip"
+
+    code, output = await run_cli("download", created["id"], "--out", str(out), url=service.url)
+
+    assert code == 0, output
+    assert out.read_bytes() == await store.read(package["key"])
+    assert package["sha256"] in output
+    assert not (tmp_path / "subject.zip.part").exists()
+
+    code, output = await run_cli(
+        "download", str(ULID()), "--out", str(tmp_path / "x.zip"), url=service.url
+    )
+    assert code == 1
+    assert "404" in output and not (tmp_path / "x.zip").exists()
+
+
+async def run_cli(*args: str, url: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        *args,
+        env={**os.environ, "API_TOKEN": API_TOKEN, "RECEIVER_URL": url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()

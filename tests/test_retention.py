@@ -1,0 +1,132 @@
+"""Retention: everything of a request is deleted once its package is older than
+RETENTION_DAYS, and nothing of a request that is not due is ever touched."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+from service.archive import ArchiveStore, parse_isoformat, s3_client, utcnow
+from service.ledger import Ledger
+from service.metrics import Metrics
+from service.retention import Retention
+from tests.conftest import Bucket, Service, ServiceFactory, Simulator, make_settings
+from tests.support import eventually, metric, record_of, snapshot, wait_until_packaged
+
+FAST = {"POLL_INTERVAL_SECONDS": "0.2", "POLL_LEASE_SECONDS": "5"}
+KEY = b"k" * 32
+
+
+async def file(service: Service, body: dict[str, Any], **headers: str) -> dict[str, Any]:
+    async with await service.file(body, headers=headers) as answer:
+        assert answer.status == 202, await answer.text()
+        return dict(await answer.json())
+
+
+async def everything_of(store: Bucket, request_id: str) -> dict[str, bytes]:
+    """Every object of a request but its record and poll marker (which change)."""
+    found = await snapshot(store, request_id)
+    return {k: v for k, v in found.items() if "/requests/" not in k and "/due/" not in k}
+
+
+async def test_only_due_requests_are_purged(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket, s3_endpoint: str, bucket: str
+) -> None:
+    """Three requests: one packaged long enough ago, one packaged but not yet due, one with
+    no package. A sweep at a moment between the first two deadlines purges the first only."""
+    service = await make_service(**FAST)  # RETENTION_DAYS=0: the service itself never purges
+    simulator.state.faults.lose_callback = True  # the poller fetches the data instead
+    due = await file(service, {"email": "mo@example.com"}, **{"Idempotency-Key": "k-1"})
+    # A rejected body in quarantine belongs to the due request too.
+    async with service.http.post(service.callback_url(due["id"]), data=b"{broken") as answer:
+        assert answer.status == 422
+    assert await store.keys(f"quarantine/{due['id']}/")
+    young = await file(service, {"email": "ned@example.com"})
+    due_package = (await wait_until_packaged(service, due["id"]))["package"]
+    young_package = (await wait_until_packaged(service, young["id"]))["package"]
+    simulator.state.config.ready_after = 3600
+    unpackaged = await file(service, {"email": "oz@example.com"})
+    unpackaged_before = await everything_of(store, unpackaged["id"])
+    assert await store.keys("idempotency/")
+
+    # Keep one day; sweep as if a day and a second had passed since the first package, with
+    # the young one's package built later than that (its built_at moved a minute on).
+    built = parse_isoformat(due_package["built_at"])
+    record = await record_of(store, young["id"])
+    record["package"]["built_at"] = (built + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    record["version"] += 1
+    await store.client.put_object(
+        Bucket=store.name,
+        Key=f"copernica/requests/{young['id']}.json",
+        Body=json.dumps(record).encode(),
+    )
+    young_before = await snapshot(store, young["id"])
+    settings = make_settings(ARCHIVE_BUCKET=bucket, S3_ENDPOINT_URL=s3_endpoint)
+    async with s3_client(settings) as s3:
+        archive = ArchiveStore(s3, settings, Metrics())
+        retention = Retention(archive, Ledger(archive, KEY), 1.0, Metrics(), KEY)
+        # Before the day is over nothing at all is purged.
+        assert await retention.sweep(built + timedelta(days=1) - timedelta(seconds=1)) == 0
+        assert await retention.sweep(built + timedelta(days=1, seconds=1)) == 1
+        # A second sweep finds nothing more to do.
+        assert await retention.sweep(built + timedelta(days=1, seconds=2)) == 0
+
+    assert await everything_of(store, due["id"]) == {}
+    assert await store.keys("idempotency/") == []
+    purged = await record_of(store, due["id"])
+    assert purged["status"] == "purged" and purged["purged_at"]
+    assert purged["subject_id"].startswith("hmac-sha256:")
+    assert "mo@example.com" not in json.dumps(purged)
+    assert purged["package"]["sha256"] == due_package["sha256"]  # the facts stay
+    assert await snapshot(store, young["id"]) == young_before
+    assert young_package["key"] in young_before
+    assert await everything_of(store, unpackaged["id"]) == unpackaged_before
+    assert (await record_of(store, unpackaged["id"]))["subject_id"] == "oz@example.com"
+
+    shown = await service.show(due["id"])
+    assert shown["status"] == "purged"
+    async with service.http.get(
+        f"{service.admin_url}/v1/data-requests/{due['id']}/package", headers=service.auth
+    ) as answer:
+        assert answer.status == 410
+
+
+async def test_retention_zero_keeps_everything(
+    make_service: ServiceFactory, store: Bucket, s3_endpoint: str, bucket: str
+) -> None:
+    service = await make_service(**FAST)
+    created = await file(service, {"profile": 8})
+    await wait_until_packaged(service, created["id"])
+    before = await snapshot(store, created["id"])
+    settings = make_settings(ARCHIVE_BUCKET=bucket, S3_ENDPOINT_URL=s3_endpoint)
+    async with s3_client(settings) as s3:
+        archive = ArchiveStore(s3, settings, Metrics())
+        retention = Retention(archive, Ledger(archive, KEY), 0, Metrics(), KEY)
+        assert await retention.sweep(utcnow() + timedelta(days=3650)) == 0
+    assert await snapshot(store, created["id"]) == before
+
+
+async def test_the_service_purges_on_its_own_after_retention(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    # A retention of about two seconds; the poller's housekeeping sweeps.
+    service = await make_service(**FAST, RETENTION_DAYS="0.00002")
+    simulator.state.faults.lose_callback = True
+    simulator.state.config.ready_after = 3600
+    waiting = await file(service, {"email": "pat@example.com"})
+    simulator.state.faults.lose_callback = False
+    simulator.state.config.ready_after = 0.05
+    created = await file(service, {"email": "quinn@example.com"})
+    waiting_before = await everything_of(store, waiting["id"])
+
+    shown = await eventually(
+        lambda: service.show(created["id"]), lambda s: s["status"] == "purged", timeout=30
+    )
+
+    assert shown["purged_at"] and shown["package"]
+    assert await everything_of(store, created["id"]) == {}
+    assert await metric(service, "receiver_purged_total") == 1
+    # The request without a package is untouched.
+    assert await everything_of(store, waiting["id"]) == waiting_before
+    assert (await record_of(store, waiting["id"]))["subject_id"] == "pat@example.com"
