@@ -37,13 +37,14 @@ test: install nginx browser
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
-# Issue 7's four benchmarks, each against a baseline measured side by side in the same run;
+# The benchmarks, each against a baseline measured side by side in the same run;
 # each prints its table and replaces its section of bench/RESULTS.md. About 7 minutes.
 bench: install nginx
 	$(PY) bench/callbacks.py
 	$(PY) bench/giant_callback.py --mib 1024
 	$(PY) bench/poller.py
 	$(PY) bench/replicas.py
+	$(PY) bench/package.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -16,8 +16,8 @@ Targets (the issue): the build's peak RSS above idle <= 64 MiB, its time <= 2x t
 
     .venv/bin/python bench/package.py [--mib 512] [--string-mib 1] [--rounds 2]
 
-At the defaults a run takes about 2 minutes on 2 cores (about 20 s of it making and uploading
-the archive, 15 s checking the first package); `--mib 64` takes about 20 s.
+At the defaults a run takes about 2 minutes on 2 cores (15-20 s of it making and uploading
+the archive, 5 s checking the first package); `--mib 64` takes about 20 s.
 """
 
 from __future__ import annotations

@@ -212,11 +212,48 @@ class OperatorApi:
         """The access package as a download (`ETag` = its sha256); the first complete one
         answers the request."""
         try:
-            record = await self._packaged(request.match_info["id"])
-        except _Refused as refused:
-            return refused.response
+            record = await self.packaged(request.match_info["id"])
+        except PackageRefused as refused:
+            return _refusal(refused)
         except ArchiveUnavailable:
             return _unavailable()
+        try:
+            return await self.send_package(request, record)
+        except PackageRefused as refused:
+            return _refusal(refused)
+
+    async def package_link(self, request: web.Request) -> web.Response:
+        """A presigned GET of the package, valid PACKAGE_LINK_SECONDS."""
+        try:
+            record = await self.packaged(request.match_info["id"])
+            link = await self.link(record)
+        except PackageRefused as refused:
+            return _refusal(refused)
+        except ArchiveUnavailable:
+            return _unavailable()
+        return web.json_response(link)
+
+    # -- handing out, shared with the operator console ------------------------------------
+
+    async def packaged(self, request_id: str) -> RequestRecord:
+        """The record of a request whose package can be handed out; PackageRefused (404,
+        409, 410) says why not."""
+        if not ULID_PATTERN.match(request_id):
+            raise PackageRefused(404, "no such request")
+        found = await self._ledger.get(request_id)
+        if found is None:
+            raise PackageRefused(404, "no such request")
+        record = found[0]
+        if record.status == "purged":
+            raise PackageRefused(410, f"deleted at {record.purged_at} (RETENTION_DAYS)")
+        if record.package is None:
+            raise PackageRefused(409, f"the package is not built yet (status {record.status})")
+        return record
+
+    async def send_package(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
+        """Stream the package of `record` (from `packaged`) as the answer to `request`; a
+        complete download answers the access request. PackageRefused before the first byte;
+        a failure mid-stream cuts the download short (it then fails its sha256 check)."""
         assert record.package is not None
         response = web.StreamResponse(
             headers={
@@ -232,45 +269,27 @@ class OperatorApi:
                 async for chunk in reading.chunks():
                     await response.write(chunk)
         except NotFound:
-            return _error(409, "the package is recorded but not in storage (being purged?)")
+            raise PackageRefused(
+                409, "the package is recorded but not in storage (being purged?)"
+            ) from None
         except ArchiveUnavailable:
             if response.prepared:
                 raise  # mid-stream: the download is cut short and fails its sha256 check
-            return _unavailable()
+            raise PackageRefused(503, "storage unavailable, try again") from None
         await response.write_eof()
         await self._answered(record.id, "download")
         return response
 
-    async def package_link(self, request: web.Request) -> web.Response:
-        """A presigned GET of the package, valid PACKAGE_LINK_SECONDS."""
-        try:
-            record = await self._packaged(request.match_info["id"])
-            assert record.package is not None
-            url = await self._store.presigned_get(
-                record.package["key"], self._link_seconds, package_filename(record.id)
-            )
-            await self._answered(record.id, "link")
-        except _Refused as refused:
-            return refused.response
-        except ArchiveUnavailable:
-            return _unavailable()
-        expires = utcnow() + timedelta(seconds=self._link_seconds)
-        return web.json_response(
-            {"url": url, "expires_at": isoformat(expires), "sha256": record.package["sha256"]}
+    async def link(self, record: RequestRecord) -> dict[str, str]:
+        """A presigned GET of the package of `record` (from `packaged`), valid
+        PACKAGE_LINK_SECONDS: `{url, expires_at, sha256}`; it answers the access request."""
+        assert record.package is not None
+        url = await self._store.presigned_get(
+            record.package["key"], self._link_seconds, package_filename(record.id)
         )
-
-    async def _packaged(self, request_id: str) -> RequestRecord:
-        if not ULID_PATTERN.match(request_id):
-            raise _Refused(_error(404, "no such request"))
-        found = await self._ledger.get(request_id)
-        if found is None:
-            raise _Refused(_error(404, "no such request"))
-        record = found[0]
-        if record.status == "purged":
-            raise _Refused(_error(410, f"deleted at {record.purged_at} (RETENTION_DAYS)"))
-        if record.package is None:
-            raise _Refused(_error(409, f"the package is not built yet (status {record.status})"))
-        return record
+        await self._answered(record.id, "link")
+        expires = utcnow() + timedelta(seconds=self._link_seconds)
+        return {"url": url, "expires_at": isoformat(expires), "sha256": record.package["sha256"]}
 
     async def _answered(self, request_id: str, way: str) -> None:
         """The first hand-out answers the access request: `answered_at`, and the request
@@ -293,9 +312,17 @@ class OperatorApi:
             log.warning("answered_not_recorded", request_id=request_id, error=str(exc))
 
 
-class _Refused(Exception):
-    def __init__(self, response: web.Response) -> None:
-        self.response = response
+class PackageRefused(Exception):
+    """The package cannot be handed out: an HTTP status and a sentence saying why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _refusal(refused: PackageRefused) -> web.Response:
+    return _unavailable() if refused.status == 503 else _error(refused.status, refused.message)
 
 
 def _unavailable() -> web.Response:

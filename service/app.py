@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import signal
@@ -59,6 +60,18 @@ class InFlight:
         return True
 
 
+class Shutdown:
+    """When a shutdown began and by when everything must have stopped."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._budget = settings.shutdown_drain_seconds + settings.shutdown_grace_seconds
+        self.deadline: float | None = None
+
+    def begin(self) -> None:
+        if self.deadline is None:
+            self.deadline = asyncio.get_running_loop().time() + self._budget
+
+
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 HEALTH = web.AppKey("health", Health)
@@ -69,6 +82,7 @@ CALLBACKS = web.AppKey("callbacks", CallbackView)
 OPERATOR = web.AppKey("operator", OperatorApi)
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
 POLLER = web.AppKey("poller", Poller)
+SHUTDOWN = web.AppKey("shutdown", Shutdown)
 
 # Operator requests are small JSON documents; callbacks stream and are bounded separately.
 OPERATOR_MAX_BODY = 64 * 1024
@@ -130,17 +144,30 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _polling(app: web.Application) -> AsyncIterator[None]:
-    """The fallback loop runs in every replica for the life of the app."""
+    """The fallback loop runs in every replica for the life of the app. At shutdown its
+    visits in progress may finish until the shutdown deadline (drain + grace after the
+    signal); whatever still runs then (a poll waiting on a Copernica that never answers, an
+    upload, a package build) is cancelled: its lease simply runs out, nothing is lost."""
     poller = app[POLLER]
     task = asyncio.create_task(poller.run(), name="poller")
     yield
     poller.stop()
-    await task
+    deadline = app[SHUTDOWN].deadline or asyncio.get_running_loop().time()
+    try:
+        await asyncio.wait_for(
+            asyncio.shield(task), max(0.0, deadline - asyncio.get_running_loop().time())
+        )
+    except TimeoutError:
+        log.warning("poller_cancelled", reason="shutdown deadline (drain + grace) reached")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _drain(app: web.Application) -> None:
     """First step of shutdown: the load balancer must stop sending us new work, and the
     poller takes no new item (the one in progress finishes and releases its lease)."""
+    app[SHUTDOWN].begin()
     app[HEALTH].draining = True
     app[METRICS].draining.set(1)
     app[POLLER].stop()
@@ -168,6 +195,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[IN_FLIGHT] = in_flight
     app[METRICS] = Metrics()
+    app[SHUTDOWN] = Shutdown(settings)
     app.cleanup_ctx.append(_clients)
     app.cleanup_ctx.append(_polling)
     app.on_shutdown.append(_drain)
@@ -221,13 +249,10 @@ async def serve(settings: Settings) -> None:
     """
     admin = create_app(settings)
     public = create_public_app(admin)
+    # The grace period is waited for below (in-flight requests, then the poller); what
+    # still runs after it is cancelled at once by the runners' cleanup.
     runners = [
-        web.AppRunner(
-            app,
-            handle_signals=False,
-            access_log=None,
-            shutdown_timeout=settings.shutdown_grace_seconds,
-        )
+        web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
         for app in (admin, public)
     ]
     for runner in runners:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -411,9 +412,13 @@ class StreamedUpload:
                 **self._store._sse,
             )
             self._upload_id = answer["UploadId"]
-        body, self._buffer = self._buffer, bytearray()
         if self._head is None:
-            self._head = bytes(body[: self.HEAD_BYTES])
+            self._head = bytes(self._buffer[: self.HEAD_BYTES])
+        # A file object, not the bytearray: aiohttp then sends it in small pieces, where it
+        # would slice and join a bytes body into two more copies of the part
+        # (bench/package.py: the streamed copy's peak 66 -> 32 MiB above idle).
+        body = io.BytesIO(self._buffer)
+        self._buffer = bytearray()
         number = len(self._parts) + 1
         part: dict[str, Any] = {"PartNumber": number}
         self._parts.append(part)
@@ -422,7 +427,7 @@ class StreamedUpload:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _upload_part(self, part: dict[str, Any], body: bytearray) -> None:
+    async def _upload_part(self, part: dict[str, Any], body: io.BytesIO) -> None:
         try:
             answer = await self._store._call(
                 "upload_part",

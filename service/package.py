@@ -15,15 +15,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import queue
 import stat
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
 import structlog
-from stream_zip import ZIP_AUTO, stream_zip
+from isal import isal_zlib
+from stream_zip import ZIP_32, ZIP_64, stream_zip
 
 from .archive import (
     AlreadyArchived,
@@ -38,10 +41,13 @@ from .report import ReportBuilder, ReportContext
 log = structlog.get_logger(__name__)
 
 CONTENT_TYPE = "application/zip"
-# Level 1 deflate: JSON with MIME text still shrinks 3-5x, at several times the speed of the
-# default level (bench/package.py); the package is built once and downloaded a few times.
+# Deflate by ISA-L (isal) at its level 1: standard deflate streams, about 150 MiB/s on
+# MIME-heavy JSON where zlib's level 1 does 21-28 MiB/s (bench/package.py); base64
+# attachments of compressed files barely shrink whatever the level.
 COMPRESS_LEVEL = 1
 ZIP_CHUNK_BYTES = 1024 * 1024
+# Beyond this the ZIP needs its 64-bit form (sizes and offsets of the classic form are 32-bit).
+ZIP32_LIMIT = 4_000_000_000
 _MODE = stat.S_IFREG | 0o644
 
 
@@ -147,7 +153,13 @@ class PackageBuilder:
         feeder = asyncio.create_task(self._feed(archive_key, [w.key for w in windows], pipe))
         pool = ThreadPoolExecutor(1, thread_name_prefix="package")
         try:
-            chunks = iter(stream_zip(contents.members(), chunk_size=ZIP_CHUNK_BYTES))
+            chunks = iter(
+                stream_zip(
+                    contents.members(),
+                    chunk_size=ZIP_CHUNK_BYTES,
+                    get_compressobj=_deflater,
+                )
+            )
             while (chunk := await loop.run_in_executor(pool, _next, chunks)) is not None:
                 await upload.write(whole.add(chunk))
             await feeder
@@ -280,19 +292,20 @@ class _Contents:
         self._report = report
         self._built_at = built_at
         self._pipe = pipe
-        self._data_size = data_size
-        self._events_size = events_size
+        self._method = ZIP_64 if data_size + (events_size or 0) > ZIP32_LIMIT else ZIP_32
+        self._has_events = events_size is not None
         self.files: list[_Member] = []
 
     def members(self) -> Iterator[Any]:
         modified = self._built_at.replace(tzinfo=None)
-        yield ("data.json", modified, _MODE, _method(self._data_size), self._data())
-        if self._events_size is not None:
-            yield ("events.jsonl", modified, _MODE, _method(self._events_size), self._events())
+        method = self._method
+        yield ("data.json", modified, _MODE, method, self._data())
+        if self._has_events:
+            yield ("events.jsonl", modified, _MODE, method, self._events())
         else:
             assert self._pipe.get() is _END  # no windows: the events input is empty
         html = self._file("report.html").add(self._report.render())
-        yield ("report.html", modified, _MODE, _method(len(html)), iter([html]))
+        yield ("report.html", modified, _MODE, method, iter([html]))
         record = self._record
         manifest = {
             "request_id": record.id,
@@ -303,7 +316,7 @@ class _Contents:
             "files": [f.entry() for f in self.files],
         }
         body = json.dumps(manifest, indent=2).encode() + b"\n"
-        yield ("manifest.json", modified, _MODE, _method(len(body)), iter([body]))
+        yield ("manifest.json", modified, _MODE, method, iter([body]))
 
     def _file(self, name: str) -> _Member:
         member = _Member(name)
@@ -313,9 +326,10 @@ class _Contents:
     def _data(self) -> Iterator[bytes]:
         """The archive's exact bytes, checked against the sha256 recorded when it was taken."""
         member = self._file("data.json")
-        for chunk in self._pipe.until_end():
-            self._report.feed(chunk)
-            yield member.add(chunk)
+        with _Beside(self._report.feed) as feed:
+            for chunk in self._pipe.until_end():
+                feed(chunk)
+                yield member.add(chunk)
         expected = (self._record.archive or {}).get("sha256")
         if expected and expected != member.digest.hexdigest():
             raise PackageError(
@@ -331,5 +345,36 @@ class _Contents:
             yield member.add(body)
 
 
-def _method(size: int) -> Any:
-    return ZIP_AUTO(size, level=COMPRESS_LEVEL)
+def _deflater() -> Any:
+    """A raw deflate stream (no zlib header), as a ZIP member holds it."""
+    return isal_zlib.compressobj(COMPRESS_LEVEL, isal_zlib.DEFLATED, -15)
+
+
+class _Beside:
+    """Runs `work` on each chunk in a thread of its own, a couple of chunks behind, so the
+    report's parsing overlaps the deflate (ISA-L works without the GIL); whatever `work`
+    raised is raised on leaving."""
+
+    def __init__(self, work: Callable[[bytes], None], depth: int = 2) -> None:
+        self._work = work
+        self._queue: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="package-report", daemon=True)
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._failure is None:
+                try:
+                    self._work(chunk)
+                except BaseException as exc:  # raised in the caller's thread on leaving
+                    self._failure = exc
+
+    def __enter__(self) -> Callable[[bytes], None]:
+        self._thread.start()
+        return self._queue.put
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._failure is not None and exc_info[0] is None:
+            raise self._failure

@@ -112,25 +112,31 @@ class Poller:
         """Tick until `stop()`; an S3 outage only delays the next tick."""
         ticks = 0
         housekeeping: asyncio.Task[None] | None = None
-        while not self._stopping.is_set():
-            visited = 0
-            try:
-                visited = await self.tick()
-                ticks += 1
-            except ArchiveUnavailable as exc:
-                log.warning("poll_tick_failed", error=str(exc))
-            except Exception:
-                log.exception("poll_tick_crashed")
-            # Janitor and census list whole prefixes: beside the ticks, not between them.
-            if ticks % JANITOR_EVERY_TICKS == 1 and (housekeeping is None or housekeeping.done()):
-                housekeeping = asyncio.create_task(self._housekeeping(ticks))
-            if visited >= BATCH:
-                continue  # a full batch: more may be due already, no pause
-            pause = self.tick_seconds() * random.uniform(0.8, 1.2)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), pause)
-        if housekeeping is not None:
-            await housekeeping
+        try:
+            while not self._stopping.is_set():
+                visited = 0
+                try:
+                    visited = await self.tick()
+                    ticks += 1
+                except ArchiveUnavailable as exc:
+                    log.warning("poll_tick_failed", error=str(exc))
+                except Exception:
+                    log.exception("poll_tick_crashed")
+                # Janitor and census list whole prefixes: beside the ticks, not between them.
+                if ticks % JANITOR_EVERY_TICKS == 1 and (
+                    housekeeping is None or housekeeping.done()
+                ):
+                    housekeeping = asyncio.create_task(self._housekeeping(ticks))
+                if visited >= BATCH:
+                    continue  # a full batch: more may be due already, no pause
+                pause = self.tick_seconds() * random.uniform(0.8, 1.2)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), pause)
+            if housekeeping is not None:
+                await housekeeping
+        finally:
+            if housekeeping is not None:
+                housekeeping.cancel()  # when the shutdown deadline cancels the loop itself
 
     async def _housekeeping(self, ticks: int) -> None:
         try:

@@ -12,6 +12,7 @@ from service.callbacks import callback_url
 from service.config import Secret
 from service.simulator import PayloadSpec, payload_bytes
 from tests.conftest import CALLBACK_SECRET, Bucket, ServiceProcess, Simulator, file_request, sha256
+from tests.support import eventually
 from tests.test_callbacks import archive_key
 
 MIB = 1024 * 1024
@@ -58,3 +59,36 @@ async def test_sigterm_finishes_the_callback_in_flight_and_exits_cleanly(
     assert code == 0
     assert await store.read(archive_key(created["id"])) == body
     assert await store.uploads() == []
+
+
+async def test_sigterm_ends_within_drain_and_grace_while_copernica_never_answers(
+    service_processes: Callable[..., ServiceProcess], simulator: Simulator, store: Bucket
+) -> None:
+    """A poll waits on a Copernica that never answers (and a long client timeout): after
+    drain + grace the visit is cancelled and the process exits 0; its lease runs out."""
+    simulator.state.faults.lose_callback = True
+    replica = service_processes(
+        SHUTDOWN_DRAIN_SECONDS="1",
+        SHUTDOWN_GRACE_SECONDS="2",
+        POLL_INTERVAL_SECONDS="0.2",
+        COPERNICA_TIMEOUT_SECONDS="600",
+    )
+    async with aiohttp.ClientSession() as http:
+        await file_request(http, replica.admin_url, {"email": "hang@example.com"})
+    filed_calls = simulator.state.api_calls
+    simulator.state.faults.slow_seconds = 3600  # every answer from now on: never
+
+    await eventually(lambda: _calls(simulator), lambda n: n > filed_calls)
+    assert replica.proc is not None
+    replica.proc.send_signal(signal.SIGTERM)
+    # Without the bound the process waits for the 600 s client timeout: `wait` would raise.
+    code = await asyncio.get_running_loop().run_in_executor(None, replica.proc.wait, 60)
+
+    assert code == 0
+    with open(replica.log_path) as log:
+        assert '"poller_cancelled"' in log.read()
+    assert await store.uploads() == []
+
+
+async def _calls(simulator: Simulator) -> int:
+    return simulator.state.api_calls

@@ -413,7 +413,7 @@ async def test_the_simulators_signed_callback_is_archived_and_a_tampered_or_fore
         **signing(key, tmp_path),
     )
     relay.target = service.url
-    filed = await file_request(service.http, service.url, {"email": EMAIL})
+    filed = await file_request(service.http, service.admin_url, {"email": EMAIL})
     request_id, copernica_id = filed["id"], filed["copernica_id"]
 
     relay.tamper = True
@@ -459,7 +459,7 @@ async def test_the_simulator_retries_a_503_with_the_same_signed_headers_and_it_i
         **signing(key, tmp_path),
     )
     relay.target = service.url
-    filed = await file_request(service.http, service.url, {"email": EMAIL})
+    filed = await file_request(service.http, service.admin_url, {"email": EMAIL})
     s3_proxy.down()
     relay.holds[1] = asyncio.Event()  # the retry waits until S3 is back
 
