@@ -51,7 +51,12 @@ def bearer_middleware(token: Secret) -> Any:
                     status=401,
                     headers={"WWW-Authenticate": 'Bearer realm="copernica-receiver"'},
                 )
-        return await handler(request)
+        request_id = request.match_info.get("id")
+        if request_id is None or not ULID_PATTERN.match(request_id):
+            return await handler(request)
+        # Every line written while answering carries the request id.
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            return await handler(request)
 
     return middleware
 
@@ -105,13 +110,19 @@ class OperatorApi:
         if not ULID_PATTERN.match(request_id):
             return _error(404, "no such request")
         try:
-            found = await self._ledger.get(request_id)
-            if found is None:
-                return _error(404, "no such request")
-            record = await self._reconcile(found[0])
+            record = await self.current(request_id)
         except ArchiveUnavailable:
             return _unavailable()
+        if record is None:
+            return _error(404, "no such request")
         return web.json_response(describe(record))
+
+    async def current(self, request_id: str) -> RequestRecord | None:
+        """A request's record as the operator should see it (None: no such request)."""
+        found = await self._ledger.get(request_id)
+        if found is None:
+            return None
+        return await self._reconcile(found[0])
 
     async def _reconcile(self, record: RequestRecord) -> RequestRecord:
         """The callback path writes only the archive object: fold it into the record on read."""

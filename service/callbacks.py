@@ -24,7 +24,7 @@ from aiohttp import StreamReader, web
 
 from .archive import ArchiveUnavailable
 from .config import Secret, Settings
-from .intake import BodyStalled, Intake, Outcome, Receipt
+from .intake import BodyBrokeOff, BodyStalled, Intake, Outcome, Receipt
 from .ledger import Ledger
 from .metrics import Metrics
 from .signatures import BodyDigest, SignatureInvalid, SignatureVerifier, Signed
@@ -73,6 +73,8 @@ class CallbackReceiver:
             found = await lookup
         except BodyStalled as exc:
             return Receipt(Outcome.TIMEOUT, reason=str(exc), body_unread=True)
+        except BodyBrokeOff as exc:
+            return Receipt(Outcome.BROKE_OFF, reason=str(exc), body_unread=True)
         finally:
             lookup.cancel()
         if found is None:
@@ -94,6 +96,7 @@ HTTP_STATUS = {
     Outcome.UNSUPPORTED: 415,
     Outcome.INVALID: 422,
     Outcome.UNAVAILABLE: 503,
+    Outcome.BROKE_OFF: 400,  # nobody is left to read it; the outcome is for logs and metrics
 }
 
 
@@ -148,6 +151,12 @@ class CallbackView:
         return None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        request_id = request.match_info["request_id"]
+        bound = request_id if ULID_PATTERN.match(request_id) else "malformed"
+        with structlog.contextvars.bound_contextvars(request_id=bound):
+            return await self._handle(request)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         receipt = self._refusal(request)
         if receipt is None:

@@ -150,6 +150,12 @@ class Filing:
 
     async def file(self, new: NewRequest, idempotency_key: str | None) -> RequestRecord:
         request_id = str(ULID())
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            return await self._file(new, idempotency_key, request_id)
+
+    async def _file(
+        self, new: NewRequest, idempotency_key: str | None, request_id: str
+    ) -> RequestRecord:
         if idempotency_key is not None:
             first_id = await self._claim_key(idempotency_key, new, request_id)
             if first_id != request_id:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import aiohttp
 import structlog
 from aiohttp import StreamReader
 
@@ -37,6 +38,11 @@ class BodyStalled(Exception):
     """The sender stopped sending in the middle of the body."""
 
 
+class BodyBrokeOff(Exception):
+    """The connection closed in the middle of the body (the sender hung up, or the network
+    broke): nothing of it is kept."""
+
+
 class Outcome(enum.Enum):
     """What happened to one body."""
 
@@ -50,6 +56,7 @@ class Outcome(enum.Enum):
     UNAUTHORIZED = "bad_signature"
     INVALID = "invalid"
     UNAVAILABLE = "s3_unavailable"
+    BROKE_OFF = "sender_hung_up"
 
 
 @dataclass
@@ -81,6 +88,10 @@ class Intake:
                 return await stream.readany()
         except TimeoutError:
             raise BodyStalled(f"no body bytes for {self._read_timeout:g} s") from None
+        except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            # Server side, aiohttp raises ConnectionResetError("Connection lost"); as a
+            # client (the poller's download), a payload or connection error.
+            raise BodyBrokeOff(f"connection closed mid-body ({type(exc).__name__})") from None
 
     async def take(
         self,
@@ -110,6 +121,8 @@ class Intake:
             receipt = Receipt(Outcome.DUPLICATE, request=request, body_unread=True)
         except BodyStalled as exc:
             return Receipt(Outcome.TIMEOUT, request=request, body_unread=True, reason=str(exc))
+        except BodyBrokeOff as exc:
+            return Receipt(Outcome.BROKE_OFF, request=request, body_unread=True, reason=str(exc))
         finally:
             # Whatever went wrong (S3, a dropped connection), leave no upload behind.
             await upload.abort()

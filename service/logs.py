@@ -42,7 +42,14 @@ class _Scrub:
 
 
 def configure_logging(settings: Settings, stream: Any = None) -> None:
-    """Set up structlog for the whole process; call once, at start-up."""
+    """Set up structlog for the whole process; call once, at start-up.
+
+    Our own lines go straight through structlog's processors (no stdlib logging on the hot
+    path). Lines of the standard library's loggers (aiohttp, botocore, asyncio) go through
+    structlog's ProcessorFormatter: the same format, the same scrubber, and the request id
+    bound in the context (`structlog.contextvars`) by the callback, API call or poll visit
+    they were written in.
+    """
     stream = stream or sys.stdout
     fmt = settings.log_format
     if fmt == "auto":
@@ -50,19 +57,35 @@ def configure_logging(settings: Settings, stream: Any = None) -> None:
     renderer: Any = (
         structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
     )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    scrub = _Scrub(settings.secrets())
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            _Scrub(settings.secrets()),
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, scrub, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[settings.log_level]),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                scrub,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(max(_LEVELS[settings.log_level], logging.INFO))
+    # botocore's own INFO lines are per call ("Found credentials ..."): warnings only.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
 def subject_digest(key: bytes, subject_type: str, subject_id: str) -> str:

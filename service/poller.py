@@ -23,7 +23,6 @@ import random
 from dataclasses import dataclass
 from datetime import timedelta
 
-import aiohttp
 import structlog
 from ulid import ULID
 
@@ -33,7 +32,7 @@ from .copernica import CopernicaClient, CopernicaError, CopernicaUnavailable, Da
 from .event_archive import Progress, S3Sink, fetch_events, request_windows
 from .events import Source
 from .filing import Filing, archive_from_head
-from .intake import BodyStalled, Intake, Outcome
+from .intake import BodyBrokeOff, BodyStalled, Intake, Outcome
 from .ledger import (
     REPLICA,
     Ledger,
@@ -189,6 +188,11 @@ class Poller:
     # -- one visit ---------------------------------------------------------------------------
 
     async def visit(self, request_id: str, when: str) -> None:
+        # Every line written during the visit (a retry, a warning) carries the request id.
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            await self._visit(request_id, when)
+
+    async def _visit(self, request_id: str, when: str) -> None:
         found = await self._ledger.get(request_id)
         if found is None or found[0].finished or found[0].next_poll_at != when:
             await self._ledger.unschedule(request_id, when)
@@ -283,11 +287,14 @@ class Poller:
                 receipt = await self._intake.take(
                     self._ledger.addressee_of(record), first, answer.content, "poll"
                 )
-            except (aiohttp.ClientError, TimeoutError, BodyStalled) as exc:
+            except (BodyStalled, BodyBrokeOff) as exc:
                 # Copernica's answer broke off mid-stream: nothing was archived; retry later.
                 raise CopernicaUnavailable(
                     f"data download broke off: {type(exc).__name__}"
                 ) from None
+        if receipt.outcome in (Outcome.TIMEOUT, Outcome.BROKE_OFF):
+            # Copernica's answer stalled or broke off mid-stream: nothing was archived.
+            raise CopernicaUnavailable(f"data download broke off: {receipt.reason}")
         if receipt.outcome is Outcome.ARCHIVED:
             self._metrics.archived_bytes.labels("poll").inc(receipt.size)
         if receipt.outcome in (Outcome.ARCHIVED, Outcome.DUPLICATE):

@@ -1,0 +1,110 @@
+"""Logs: one JSON format for our lines and the standard library's, secrets scrubbed from
+both, and the request id on every line written during a callback, API call or poll visit."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from service.callbacks import callback_url
+from service.config import Secret
+from service.logs import configure_logging
+from tests.conftest import (
+    ACCESS_TOKEN,
+    CALLBACK_SECRET,
+    Bucket,
+    ServiceProcess,
+    Simulator,
+    file_request,
+    make_settings,
+)
+from tests.support import eventually
+
+MIB = 1024 * 1024
+
+
+def lines_of(path: str) -> list[dict]:
+    """Every line of a service log as JSON (a line that is not JSON fails the test)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def test_standard_library_lines_are_json_scrubbed_and_carry_the_bound_request_id() -> None:
+    stream = io.StringIO()
+    configure_logging(make_settings(LOG_FORMAT="json"), stream)
+    try:
+        with structlog.contextvars.bound_contextvars(request_id="01ABC"):
+            logging.getLogger("aiohttp.server").error("token %s leaked", ACCESS_TOKEN)
+        structlog.get_logger("x").info("ours", note=f"also {ACCESS_TOKEN}")
+    finally:
+        logging.getLogger().handlers = []
+    theirs, ours = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert theirs["event"] == "token *** leaked"
+    assert theirs["logger"] == "aiohttp.server"
+    assert theirs["level"] == "error"
+    assert theirs["request_id"] == "01ABC"
+    assert ours["note"] == "also ***" and "request_id" not in ours
+    assert ACCESS_TOKEN not in stream.getvalue()
+
+
+async def test_a_retry_during_a_poll_visit_carries_the_request_id(
+    service_processes: Callable[..., ServiceProcess], simulator: Simulator
+) -> None:
+    simulator.state.faults.lose_callback = True
+    replica = service_processes(
+        POLL_INTERVAL_SECONDS="0.3", SHUTDOWN_DRAIN_SECONDS="0.5", SHUTDOWN_GRACE_SECONDS="2"
+    )
+    async with aiohttp.ClientSession() as http:
+        created = await file_request(http, replica.admin_url, {"profile": 4})
+    simulator.state.faults.fail_next = 1  # the poll's first call is answered 503, then retried
+
+    def retried() -> list[dict]:
+        return [e for e in lines_of(replica.log_path) if e["event"] == "copernica_retry"]
+
+    async def probe() -> list[dict]:
+        return retried()
+
+    [retry] = (await eventually(probe, what="a copernica_retry line"))[:1]
+    assert retry["request_id"] == created["id"]
+
+
+async def test_a_sender_hanging_up_mid_body_is_an_outcome_of_its_own(
+    service_processes: Callable[..., ServiceProcess], simulator: Simulator, store: Bucket
+) -> None:
+    simulator.state.faults.lose_callback = True
+    replica = service_processes(S3_PART_BYTES=str(5 * MIB))
+    async with aiohttp.ClientSession() as http:
+        created = await file_request(http, replica.admin_url, {"email": "hang@example.com"})
+    path = callback_url("", Secret(CALLBACK_SECRET), created["id"])
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {20 * MIB}\r\n\r\n"
+    ).encode()
+    body = b'{"info":{"type":"email","id":"hang@example.com"},"data":[["' + b"x" * (7 * MIB)
+
+    def send_half_and_hang_up() -> None:
+        with socket.create_connection(("127.0.0.1", replica.port)) as sock:
+            sock.sendall(head + body)  # more than one part: a multipart upload is under way
+
+    await asyncio.get_running_loop().run_in_executor(None, send_half_and_hang_up)
+
+    def outcome() -> list[dict]:
+        return [e for e in lines_of(replica.log_path) if e["event"] == "callback"]
+
+    async def probe() -> list[dict]:
+        return outcome()
+
+    [line] = await eventually(probe, what="the callback line")
+    assert line["outcome"] == "sender_hung_up"
+    assert line["request_id"] == created["id"]
+    await eventually(store.uploads, lambda uploads: uploads == [], what="the upload aborted")
+    assert await store.keys("archive/") == []
+    text = Path(replica.log_path).read_text()
+    assert "Traceback" not in text and "Error handling request" not in text
