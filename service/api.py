@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .archive import ArchiveStore, ArchiveUnavailable, NotFound, isoformat, utcnow
-from .callbacks import ULID_PATTERN
+from .callback_urls import ULID_PATTERN
 from .config import Secret, Settings
 from .deadlines import DeadlineInputError, ExtensionRefused, parse_extension
 from .filing import (
@@ -27,7 +27,7 @@ from .filing import (
     describe,
     parse_new_request,
 )
-from .ledger import STATUSES, Ledger, RecordConflict, RequestClosed, RequestRecord
+from .ledger import STATUSES, Ledger, RecordConflict, RequestClosed, RequestRecord, Status
 from .metrics import Metrics
 from .package import CONTENT_TYPE, package_filename
 
@@ -126,7 +126,7 @@ class OperatorApi:
 
     async def _reconcile(self, record: RequestRecord) -> RequestRecord:
         """The callback path writes only the archive object: fold it into the record on read."""
-        if record.status == "archived" or not record.events_complete:
+        if record.status is Status.ARCHIVED or not record.events_complete:
             return record  # with events asked for, the poller decides when all is stored
         key = self._store.keys.archive(record.id)
         head = await self._store.head(key)
@@ -135,9 +135,9 @@ class OperatorApi:
         info = archive_from_head(head, self._store.bucket, key)
 
         def change(current: RequestRecord) -> bool:
-            if current.status == "archived":
+            if current.status is Status.ARCHIVED:
                 return False
-            current.status, current.archive = "archived", info
+            current.mark_archived(info)
             return True
 
         try:
@@ -145,7 +145,7 @@ class OperatorApi:
         except RecordConflict:
             updated = None
         if updated is None:
-            record.status, record.archive = "archived", info
+            record.mark_archived(info)
             return record
         return updated
 
@@ -255,7 +255,7 @@ class OperatorApi:
         if found is None:
             raise PackageRefused(404, "no such request")
         record = found[0]
-        if record.status == "purged":
+        if record.status is Status.PURGED:
             raise PackageRefused(410, f"deleted at {record.purged_at} (RETENTION_DAYS)")
         if record.package is None:
             raise PackageRefused(409, f"the package is not built yet (status {record.status})")

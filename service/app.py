@@ -7,8 +7,8 @@ import contextlib
 import hashlib
 import hmac
 import signal
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -16,8 +16,10 @@ from aiohttp import web
 
 from .api import Health, OperatorApi, bearer_middleware
 from .archive import ArchiveStore, s3_client
-from .callbacks import ROUTE, CallbackReceiver, CallbackView
+from .callback_urls import ROUTE
+from .callbacks import CallbackReceiver, CallbackView
 from .config import Settings
+from .console import CONSOLE, Console, setup_console
 from .copernica import CopernicaClient
 from .filing import Filing
 from .intake import Intake
@@ -29,6 +31,9 @@ from .retention import Retention
 from .signatures import KeyStore, SignatureVerifier
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class InFlight:
@@ -116,6 +121,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         app[CALLBACKS] = CallbackView(CallbackReceiver(intake, ledger), verifier, settings, metrics)
         filing = Filing(store, ledger, copernica, settings, metrics, key)
         app[OPERATOR] = OperatorApi(filing, ledger, store, settings, metrics)
+        app[CONSOLE] = Console(app[OPERATOR], filing, ledger, store, settings, metrics)
         # Events live in API v1 only; the same rate limit covers both clients.
         events = CopernicaClient(
             http,
@@ -173,12 +179,17 @@ async def _drain(app: web.Application) -> None:
     app[POLLER].stop()
 
 
-def _route(app: web.Application, key: web.AppKey[Any], method: str) -> Any:
-    """A route handler that calls `method` of the object under `app[key]`: those objects are
-    made by `_clients` at start-up, after the routes are registered."""
+def _route(
+    app: web.Application,
+    key: web.AppKey[T],
+    method: Callable[[T, web.Request], Awaitable[R]],
+) -> Callable[[web.Request], Awaitable[R]]:
+    """The handler that calls `method` (e.g. `OperatorApi.create`) on the object under
+    `app[key]`: those objects are made by `_clients` at start-up, after the routes are
+    registered."""
 
-    async def handler(request: web.Request) -> Any:
-        return await getattr(app[key], method)(request)
+    async def handler(request: web.Request) -> R:
+        return await method(app[key], request)
 
     return handler
 
@@ -214,25 +225,28 @@ def create_public_app(admin: web.Application) -> web.Application:
 
 
 def setup_admin_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/data-requests", _route(app, OPERATOR, "create"))
-    app.router.add_get("/v1/data-requests", _route(app, OPERATOR, "list"))
-    app.router.add_get("/v1/data-requests/{id}", _route(app, OPERATOR, "show"))
-    app.router.add_post("/v1/data-requests/{id}/extend", _route(app, OPERATOR, "extend"))
-    app.router.add_get("/v1/data-requests/{id}/package", _route(app, OPERATOR, "package"))
+    app.router.add_post("/v1/data-requests", _route(app, OPERATOR, OperatorApi.create))
+    app.router.add_get("/v1/data-requests", _route(app, OPERATOR, OperatorApi.list))
+    app.router.add_get("/v1/data-requests/{id}", _route(app, OPERATOR, OperatorApi.show))
+    app.router.add_post("/v1/data-requests/{id}/extend", _route(app, OPERATOR, OperatorApi.extend))
+    app.router.add_get("/v1/data-requests/{id}/package", _route(app, OPERATOR, OperatorApi.package))
     app.router.add_post(
-        "/v1/data-requests/{id}/package/link", _route(app, OPERATOR, "package_link")
+        "/v1/data-requests/{id}/package/link", _route(app, OPERATOR, OperatorApi.package_link)
     )
-    app.router.add_get("/healthz", _route(app, HEALTH, "healthz"))
-    app.router.add_get("/readyz", _route(app, HEALTH, "readyz"))
-    app.router.add_get("/metrics", _route(app, HEALTH, "metrics"))
+    app.router.add_get("/healthz", _route(app, HEALTH, Health.healthz))
+    app.router.add_get("/readyz", _route(app, HEALTH, Health.readyz))
+    app.router.add_get("/metrics", _route(app, HEALTH, Health.metrics))
+    setup_console(app)
 
 
 def setup_public_routes(public: web.Application, admin: web.Application) -> None:
     public.router.add_post(
-        ROUTE, _route(admin, CALLBACKS, "handle"), expect_handler=_route(admin, CALLBACKS, "expect")
+        ROUTE,
+        _route(admin, CALLBACKS, CallbackView.handle),
+        expect_handler=_route(admin, CALLBACKS, CallbackView.expect),
     )
-    public.router.add_get("/healthz", _route(admin, HEALTH, "healthz"))
-    public.router.add_get("/readyz", _route(admin, HEALTH, "readyz"))
+    public.router.add_get("/healthz", _route(admin, HEALTH, Health.healthz))
+    public.router.add_get("/readyz", _route(admin, HEALTH, Health.readyz))
 
 
 async def serve(settings: Settings) -> None:

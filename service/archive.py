@@ -330,6 +330,36 @@ class ArchiveStore:
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
 
+    # -- multipart uploads (what StreamedUpload is made of) ---------------------------------
+
+    async def create_upload(self, key: str, content_type: str, metadata: dict[str, str]) -> str:
+        answer = await self._call(
+            "create_multipart_upload",
+            Key=key,
+            ContentType=content_type,
+            Metadata={k: _ascii(v) for k, v in metadata.items()},
+            **self._sse,
+        )
+        return str(answer["UploadId"])
+
+    async def upload_part(self, key: str, upload_id: str, number: int, body: Any) -> str:
+        """One part (a file object or bytes); its ETag."""
+        answer = await self._call(
+            "upload_part", Key=key, UploadId=upload_id, PartNumber=number, Body=body
+        )
+        return str(answer["ETag"])
+
+    async def complete_upload(self, key: str, upload_id: str, parts: list[dict[str, Any]]) -> None:
+        """Make the object visible, only if the key is still free (`If-None-Match: *`);
+        PreconditionFailed if it is not."""
+        await self._call(
+            "complete_multipart_upload",
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+            IfNoneMatch="*",
+        )
+
     def upload(
         self, key: str, metadata: dict[str, str], content_type: str = "application/json"
     ) -> StreamedUpload:
@@ -404,14 +434,9 @@ class StreamedUpload:
             # A repeat delivery of a large body: do not upload it all to lose at the end.
             if await self._store.head(self.key) is not None:
                 raise AlreadyArchived(self.key)
-            answer = await self._store._call(
-                "create_multipart_upload",
-                Key=self.key,
-                ContentType=self._content_type,
-                Metadata={k: _ascii(v) for k, v in self._metadata.items()},
-                **self._store._sse,
+            self._upload_id = await self._store.create_upload(
+                self.key, self._content_type, self._metadata
             )
-            self._upload_id = answer["UploadId"]
         if self._head is None:
             self._head = bytes(self._buffer[: self.HEAD_BYTES])
         # A file object, not the bytearray: aiohttp then sends it in small pieces, where it
@@ -429,14 +454,10 @@ class StreamedUpload:
 
     async def _upload_part(self, part: dict[str, Any], body: io.BytesIO) -> None:
         try:
-            answer = await self._store._call(
-                "upload_part",
-                Key=self.key,
-                UploadId=self._upload_id,
-                PartNumber=part["PartNumber"],
-                Body=body,
+            assert self._upload_id is not None
+            part["ETag"] = await self._store.upload_part(
+                self.key, self._upload_id, part["PartNumber"], body
             )
-            part["ETag"] = answer["ETag"]
         except BaseException as exc:
             self._failure = self._failure or exc
         finally:
@@ -469,13 +490,7 @@ class StreamedUpload:
             await asyncio.gather(*self._tasks)
         self._raise_failure()
         try:
-            await self._store._call(
-                "complete_multipart_upload",
-                Key=self.key,
-                UploadId=self._upload_id,
-                MultipartUpload={"Parts": self._parts},
-                IfNoneMatch="*",
-            )
+            await self._store.complete_upload(self.key, self._upload_id, self._parts)
         except PreconditionFailed:
             await self.abort()
             return False

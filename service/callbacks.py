@@ -11,11 +11,7 @@ arrive) unless this replica filed or polled the request lately and remembers its
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import logging
-import re
 import time
 from typing import Any
 
@@ -23,7 +19,9 @@ import structlog
 from aiohttp import StreamReader, web
 
 from .archive import ArchiveUnavailable
-from .config import Secret, Settings
+from .callback_urls import ULID_PATTERN, token_valid
+from .callback_urls import callback_url as callback_url  # for tests and benchmarks
+from .config import Settings
 from .intake import BodyBrokeOff, BodyStalled, Intake, Outcome, Receipt
 from .ledger import Ledger
 from .metrics import Metrics
@@ -31,29 +29,7 @@ from .signatures import BodyDigest, SignatureInvalid, SignatureVerifier, Signed
 
 log = structlog.get_logger(__name__)
 
-ULID_PATTERN = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
-ROUTE = "/callbacks/datarequest/{request_id}/{token}"
 RETRY_AFTER_SECONDS = 30
-
-
-def callback_token(secret: Secret, request_id: str) -> str:
-    """URL-safe HMAC-SHA256 of the request id; identical on every replica sharing the secret."""
-    mac = hmac.new(
-        secret.reveal().encode(), b"datarequest-callback:" + request_id.encode(), hashlib.sha256
-    ).digest()
-    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
-
-
-def callback_url(public_base_url: str, secret: Secret, request_id: str) -> str:
-    return (
-        f"{public_base_url}/callbacks/datarequest/{request_id}/{callback_token(secret, request_id)}"
-    )
-
-
-def token_valid(secret: Secret, request_id: str, token: str) -> bool:
-    if not ULID_PATTERN.match(request_id) or len(token) > 64:
-        return False
-    return hmac.compare_digest(callback_token(secret, request_id), token)
 
 
 class CallbackReceiver:

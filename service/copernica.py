@@ -372,8 +372,9 @@ class CopernicaClient:
         return Readiness.GONE
 
     @contextlib.asynccontextmanager
-    async def open_data(self, copernica_id: str) -> AsyncIterator[aiohttp.ClientResponse | None]:
-        """Stream the data: yields the open response, or None while it is not ready.
+    async def open_data(self, copernica_id: str) -> AsyncIterator[aiohttp.StreamReader | None]:
+        """Stream the data: yields the body of the open response, or None while it is not
+        ready (the response itself stays in here).
 
         Tries `datarequest/{id}/data` and falls back to the old `datarequest/{id}` form, whose
         not-ready answer is recognised by the payload check itself.
@@ -386,7 +387,7 @@ class CopernicaClient:
             answer = await self.send("GET", path, endpoint="data", stream=True)
             if answer.status < 400:
                 try:
-                    yield answer
+                    yield answer.content
                 finally:
                     answer.release()
                 return

@@ -20,7 +20,7 @@ import structlog
 from ulid import ULID
 
 from .archive import ArchiveStore, NotFound, PreconditionFailed, isoformat, utcnow
-from .callbacks import callback_url
+from .callback_urls import callback_url
 from .config import Settings
 from .copernica import Backoff, CopernicaClient, CopernicaError, CopernicaUnavailable
 from .deadlines import DeadlineInputError, parse_received_on
@@ -225,13 +225,14 @@ class Filing:
         record.attempts += 1
         outcome = "pending"
         try:
-            record.copernica_id = await self._copernica.create_datarequest(
-                record.subject, report, backoff=_FILING_BACKOFF
+            record.mark_pending(
+                await self._copernica.create_datarequest(
+                    record.subject, report, backoff=_FILING_BACKOFF
+                )
             )
-            record.status = "pending"
-            record.last_error = None
         except CopernicaError as exc:
-            record.status, record.last_error, outcome = "failed", str(exc), "failed"
+            record.mark_failed(str(exc))
+            outcome = "failed"
         except CopernicaUnavailable as exc:
             record.last_error, outcome = str(exc), "retry"
         self._metrics.requests_filed.labels(outcome).inc()

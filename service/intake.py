@@ -286,9 +286,10 @@ class Intake:
         def change(record: RequestRecord) -> bool:
             if record.archive is not None:
                 return False
-            record.archive = info
             if record.events_complete:  # else the poller finishes the events first
-                record.status = "archived"
+                record.mark_archived(info)
+            else:
+                record.archive = info
             return True
 
         try:

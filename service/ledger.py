@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from ulid import ULID
@@ -25,8 +26,20 @@ from .deadlines import Deadline
 from .logs import subject_digest
 from .payload import Subject
 
-STATUSES = ("submitting", "pending", "archived", "failed", "expired", "purged")
-FINAL_STATUSES = ("archived", "failed", "expired", "purged")
+
+class Status(StrEnum):
+    """Where a request stands. It changes only through the record's `mark_*` methods."""
+
+    SUBMITTING = "submitting"  # record written, Copernica has not confirmed it yet
+    PENDING = "pending"  # Copernica has it; a callback or the poller brings the data
+    ARCHIVED = "archived"  # the data (and the events asked for) are stored
+    FAILED = "failed"  # Copernica refused it or says the data is gone
+    EXPIRED = "expired"  # no data before REQUEST_EXPIRY_HOURS
+    PURGED = "purged"  # everything stored was deleted after RETENTION_DAYS
+
+
+STATUSES = tuple(s.value for s in Status)
+FINAL_STATUSES = (Status.ARCHIVED, Status.FAILED, Status.EXPIRED, Status.PURGED)
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
 
 
@@ -48,7 +61,7 @@ class RequestRecord:
     id: str
     subject_type: str
     subject_id: str  # the raw address or number: only ever in this record and the archive
-    status: str = "submitting"
+    status: Status = Status.SUBMITTING
     copernica_id: str | None = None
     created_at: str = ""
     updated_at: str = ""
@@ -94,7 +107,7 @@ class RequestRecord:
     @property
     def needs_package(self) -> bool:
         """Data (and events) are archived but the access package is not built yet."""
-        return self.status == "archived" and self.package is None
+        return self.status is Status.ARCHIVED and self.package is None
 
     @property
     def finished(self) -> bool:
@@ -107,6 +120,23 @@ class RequestRecord:
         history = list(self.extension["history"]) if self.extension else []
         history.append({"months": months, "reason": reason, "at": at})
         self.extension = {"months": total, "history": history}
+
+    # -- the status changes: here and nowhere else ----------------------------------------
+
+    def mark_pending(self, copernica_id: str) -> None:
+        """Copernica accepted the request under `copernica_id`."""
+        self.status, self.copernica_id, self.last_error = Status.PENDING, copernica_id, None
+
+    def mark_failed(self, error: str) -> None:
+        self.status, self.last_error = Status.FAILED, error
+
+    def mark_expired(self, error: str) -> None:
+        self.status, self.last_error = Status.EXPIRED, error
+
+    def mark_archived(self, archive: dict[str, Any] | None = None) -> None:
+        """The data is stored (`archive`: its facts, if not recorded yet)."""
+        self.status, self.last_error = Status.ARCHIVED, None
+        self.archive = self.archive or archive
 
     def mark_packaged(self, package: dict[str, Any]) -> None:
         self.package = package
@@ -121,7 +151,7 @@ class RequestRecord:
 
     def mark_purged(self, subject_digest: str, at: str) -> None:
         """Everything stored for the request is deleted: keep the facts, not the subject."""
-        self.status = "purged"
+        self.status = Status.PURGED
         self.subject_id = f"hmac-sha256:{subject_digest}"
         self.purged_at = at
         self.lease = None
@@ -145,7 +175,9 @@ class RequestRecord:
     def from_bytes(cls, body: bytes) -> RequestRecord:
         raw = json.loads(body)
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        record = cls(**{k: v for k, v in raw.items() if k in known})
+        record.status = Status(record.status)
+        return record
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,12 +239,12 @@ class Ledger:
             record.subject_type,
             subject_digest(self._key, record.subject_type, record.subject_id),
             self._key,
-            archived=record.status == "archived",
+            archived=record.status is Status.ARCHIVED,
         )
 
     def _seen(self, record: RequestRecord) -> None:
         # Until Copernica's id is in the record the request may still be (re)filed.
-        if record.copernica_id is None or record.status == "submitting" or self._remember <= 0:
+        if record.copernica_id is None or record.status is Status.SUBMITTING or self._remember <= 0:
             return
         self._recent[record.id] = self.addressee_of(record)
         self._recent.move_to_end(record.id)
@@ -368,7 +400,7 @@ class Ledger:
                 await self.close_deadline(request_id, due)  # a filing that never got written
             return None
         record = found[0]
-        if record.answered_at is not None or record.status == "purged":
+        if record.answered_at is not None or record.status is Status.PURGED:
             await self.close_deadline(request_id, due)
             return None
         current = record.deadline.due_by
@@ -384,7 +416,7 @@ class Ledger:
             if found is None:
                 return None
             record, etag = found
-            if record.status == "purged":
+            if record.status is Status.PURGED:
                 raise RequestClosed(f"the request was purged at {record.purged_at}")
             if record.answered_at is not None:
                 raise RequestClosed(f"the request was answered at {record.answered_at}")
@@ -431,7 +463,7 @@ class Ledger:
         record = RequestRecord.from_bytes(stored.body)
         if record.received_on is not None:
             return
-        if record.answered_at is None and record.status != "purged":
+        if record.answered_at is None and record.status is not Status.PURGED:
             await self.open_deadline(request_id, record.deadline.due_by)
         visit = stamp(utcnow()) if record.needs_package and not record.next_poll_at else None
         if visit is not None:

@@ -38,6 +38,7 @@ from .ledger import (
     Ledger,
     RecordConflict,
     RequestRecord,
+    Status,
     parse_stamp,
     stamp,
 )
@@ -225,12 +226,12 @@ class Poller:
     async def _work(self, record: RequestRecord) -> Visit:
         if record.needs_package:
             return await self._package(record, "packaged")
-        if record.status == "submitting" or record.copernica_id is None:
+        if record.status is Status.SUBMITTING or record.copernica_id is None:
             return await self._resubmit(record)
         key = self._store.keys.archive(record.id)
         head = await self._store.head(key)
         if head is None and utcnow() - parse_isoformat(record.created_at) > self._expiry:
-            record.status, record.last_error = "expired", "no data before REQUEST_EXPIRY_HOURS"
+            record.mark_expired("no data before REQUEST_EXPIRY_HOURS")
             return Visit("expired", None)
         try:
             # An access request is answered completely or not at all: events first (they
@@ -238,21 +239,20 @@ class Poller:
             if not record.events_complete:
                 await self._archive_events(record)
             if head is not None:
-                record.status, record.last_error = "archived", None
-                record.archive = record.archive or archive_from_head(head, self._store.bucket, key)
+                record.mark_archived(archive_from_head(head, self._store.bucket, key))
                 return await self._package(record, "archived")
             return await self._fetch(record)
         except DataGone as exc:
-            record.status, record.last_error = "failed", f"Copernica: data gone ({exc})"
+            record.mark_failed(f"Copernica: data gone ({exc})")
             return Visit("gone", None)
         except CopernicaUnavailable as exc:
             record.last_error = str(exc)
             return self._later(record, "copernica_unavailable", failed=True)
         except CopernicaError as exc:
-            record.last_error = str(exc)
             if exc.status in (401, 403):  # our token, not this request: keep trying
+                record.last_error = str(exc)
                 return self._later(record, "copernica_refused", failed=True)
-            record.status = "failed"
+            record.mark_failed(str(exc))
             return Visit("copernica_refused", None)
 
     async def _archive_events(self, record: RequestRecord) -> None:
@@ -279,13 +279,13 @@ class Poller:
             return self._later(record, "not_ready")
         if readiness is Readiness.GONE:
             raise DataGone("status says not available")
-        async with self._copernica.open_data(record.copernica_id) as answer:
-            if answer is None:
+        async with self._copernica.open_data(record.copernica_id) as body:
+            if body is None:
                 return self._later(record, "not_ready")
             try:
-                first = await self._intake.read(answer.content)
+                first = await self._intake.read(body)
                 receipt = await self._intake.take(
-                    self._ledger.addressee_of(record), first, answer.content, "poll"
+                    self._ledger.addressee_of(record), first, body, "poll"
                 )
             except (BodyStalled, BodyBrokeOff) as exc:
                 # Copernica's answer broke off mid-stream: nothing was archived; retry later.
@@ -298,14 +298,13 @@ class Poller:
         if receipt.outcome is Outcome.ARCHIVED:
             self._metrics.archived_bytes.labels("poll").inc(receipt.size)
         if receipt.outcome in (Outcome.ARCHIVED, Outcome.DUPLICATE):
-            head = await self._store.head(receipt.key or self._store.keys.archive(record.id))
-            record.status, record.last_error = "archived", None
-            if head is not None:
-                record.archive = archive_from_head(
-                    head, self._store.bucket, self._store.keys.archive(record.id)
-                )
-                if receipt.sha256:
-                    record.archive["sha256"] = receipt.sha256
+            key = self._store.keys.archive(record.id)
+            head = await self._store.head(receipt.key or key)
+            archive = archive_from_head(head, self._store.bucket, key) if head else None
+            if archive is not None and receipt.sha256:
+                archive["sha256"] = receipt.sha256
+            record.archive = archive or record.archive
+            record.mark_archived()
             return await self._package(record, receipt.outcome.value)
         if receipt.outcome is Outcome.NOT_READY:
             return self._later(record, "not_ready")
@@ -334,8 +333,7 @@ class Poller:
     async def _resubmit(self, record: RequestRecord) -> Visit:
         """A `submitting` record: the filing never got Copernica's answer (crash or outage)."""
         if record.attempts >= MAX_SUBMIT_ATTEMPTS:
-            record.status = "failed"
-            record.last_error = (
+            record.mark_failed(
                 f"could not file after {record.attempts} attempts: {record.last_error}"
             )
             return Visit("failed", None)
@@ -344,9 +342,9 @@ class Poller:
             # carries the same request id and is deduplicated by the archive's conditional key.
             record.extra["resubmitted"] = record.extra.get("resubmitted", 0) + 1
         await self._filing.call_copernica(record)
-        if record.status == "pending":
+        if record.status is Status.PENDING:
             return self._later(record, "resubmitted")
-        if record.status == "failed":
+        if record.status is Status.FAILED:
             return Visit("failed", None)
         return self._later(record, "resubmit_failed", failed=True)
 

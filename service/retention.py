@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 import structlog
 
 from .archive import ArchiveStore, isoformat, parse_isoformat
-from .ledger import Ledger, RequestRecord
+from .ledger import Ledger, RequestRecord, Status
 from .logs import subject_digest
 from .metrics import Metrics
 
@@ -46,7 +46,7 @@ class Retention:
 
     def due(self, record: RequestRecord, package_key: str, now: datetime) -> bool:
         """Everything of this request may be deleted now."""
-        if self._keep is None or record.status != "archived" or record.package is None:
+        if self._keep is None or record.status is not Status.ARCHIVED or record.package is None:
             return False
         if record.package.get("key") != package_key:
             return False
@@ -76,7 +76,7 @@ class Retention:
             log.warning("retention_no_record", request_id=request_id)  # never guess: keep it
             return False
         record = found[0]
-        if record.status == "purged":
+        if record.status is Status.PURGED:
             await self._store.delete(package_key)  # a purge that stopped before its last step
             return False
         if not self.due(record, package_key, now):
@@ -87,7 +87,7 @@ class Retention:
         at = isoformat(now)
 
         def scrub(current: RequestRecord) -> bool:
-            if current.status == "purged":
+            if current.status is Status.PURGED:
                 return False
             if not self.due(current, package_key, now):
                 raise RuntimeError(f"record of {request_id} changed during its purge")

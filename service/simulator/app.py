@@ -37,7 +37,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from yarl import URL
 
-from ..events import add_months
 from .payloads import PayloadSpec, payload_bytes, payload_chunks, payload_digest, payload_size
 
 NOT_AVAILABLE = "Data not available (yet)"
@@ -645,18 +644,27 @@ async def authenticate(request: web.Request) -> web.Response:
 SIM_WINDOW_MONTHS = 1
 
 
+def _months_later(day: date, months: int) -> date:
+    """The same day number `months` later (or earlier), or the month's last day if it has
+    none: the simulator's own calendar arithmetic, so a bug in the service's is not shared."""
+    month0 = day.month - 1 + months
+    year, month = day.year + month0 // 12, month0 % 12 + 1
+    following = date(year + (month == 12), month % 12 + 1, 1)
+    return date(year, month, min(day.day, (following - timedelta(days=1)).day))
+
+
 def _events_window(start: str | None, end: str | None) -> tuple[date, date]:
     begin = date.fromisoformat(start) if start else None
     stop = date.fromisoformat(end) if end else None
     if begin and stop:
-        limit = add_months(begin, SIM_WINDOW_MONTHS)
+        limit = _months_later(begin, SIM_WINDOW_MONTHS)
         return begin, stop if stop <= limit else limit
     if begin:
-        return begin, add_months(begin, SIM_WINDOW_MONTHS)
+        return begin, _months_later(begin, SIM_WINDOW_MONTHS)
     if stop:
-        return add_months(stop, -SIM_WINDOW_MONTHS), stop
+        return _months_later(stop, -SIM_WINDOW_MONTHS), stop
     today = datetime.now(UTC).date()
-    return add_months(today, -SIM_WINDOW_MONTHS), today + timedelta(days=1)
+    return _months_later(today, -SIM_WINDOW_MONTHS), today + timedelta(days=1)
 
 
 def _matches(event: dict[str, Any], kind: str, ident: str, tags: list[str]) -> bool:
