@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install nginx browser run test lint bench clean
+.PHONY: install nginx browser run test lint bench image clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ bench: install nginx
 	$(PY) bench/poller.py
 	$(PY) bench/replicas.py
 	$(PY) bench/package.py
+
+# Builds deploy/Dockerfile with podman on a debootstrap stand-in for python:3.11-slim, runs
+# the image's entrypoint under chroot against a local S3 and probes it (deploy/image.py).
+# Needs root; not part of `make test`. 2-3 minutes the first time, under one after that.
+image: install
+	$(PY) deploy/image.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

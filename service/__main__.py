@@ -134,8 +134,14 @@ def _serve() -> int:
         import uvloop
 
         loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(settings))
+    from .store_check import UnsafeStore
+
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(settings))
+    except UnsafeStore as exc:
+        print(f"refusing to start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

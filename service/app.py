@@ -29,6 +29,7 @@ from .package import PackageBuilder
 from .poller import Poller
 from .retention import Retention
 from .signatures import KeyStore, SignatureVerifier
+from .store_check import prove_store
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +108,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     key = hash_key(settings)
     async with s3_client(settings) as s3, aiohttp.ClientSession() as http:
         store = ArchiveStore(s3, settings, metrics)
+        await prove_store(store)  # UnsafeStore: the process does not start
         ledger = Ledger(store, key)
         copernica = CopernicaClient(http, settings, metrics)
         app[STORE], app[LEDGER], app[COPERNICA] = store, ledger, copernica

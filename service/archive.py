@@ -272,6 +272,11 @@ class ArchiveStore:
         )
         return [item["Key"] for item in answer.get("Contents", [])]
 
+    async def head_bucket(self) -> None:
+        """NotFound if the bucket does not exist; ArchiveUnavailable if S3 does not answer
+        or refuses access."""
+        await self._call("head_bucket")
+
     async def reachable(self) -> bool:
         try:
             await self._call("head_bucket")

@@ -17,20 +17,10 @@ from tests.conftest import (
     Service,
     ServiceFactory,
     Simulator,
+    TcpProxy,
     sha256,
 )
-from tests.test_callbacks import archive_key
-
-
-async def wait_for_status(
-    service: Service, request_id: str, status: str, timeout: float = 10
-) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        shown = await service.show(request_id)
-        if shown["status"] == status or asyncio.get_running_loop().time() > deadline:
-            return shown
-        await asyncio.sleep(0.05)
+from tests.support import archive_key, eventually, wait_for_status
 
 
 async def test_filed_request_is_called_back_and_archived_exactly(
@@ -230,10 +220,17 @@ async def test_health_ready_and_metrics(service: Service, simulator: Simulator) 
     assert "hal@example.com" not in text and request_id not in text
 
 
-async def test_readyz_is_503_when_s3_is_unreachable(make_service: ServiceFactory) -> None:
-    service = await make_service(S3_ENDPOINT_URL="http://127.0.0.1:9", S3_TIMEOUT_SECONDS="1")
-    async with service.http.get(f"{service.url}/readyz") as answer:
-        assert answer.status == 503
+async def test_readyz_is_503_when_s3_is_unreachable(
+    make_service: ServiceFactory, s3_proxy: TcpProxy
+) -> None:
+    service = await make_service(S3_ENDPOINT_URL=s3_proxy.url, S3_TIMEOUT_SECONDS="1")
+    s3_proxy.down()
+
+    async def ready() -> int:
+        async with service.http.get(f"{service.url}/readyz") as answer:
+            return answer.status
+
+    await eventually(ready, lambda status: status == 503, what="readyz 503")
     async with service.http.get(f"{service.url}/healthz") as answer:
         assert answer.status == 200
 

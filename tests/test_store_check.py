@@ -1,0 +1,125 @@
+"""Start-up refuses a bucket it must not run on: missing, unreachable, or one whose store
+ignores conditional writes (exactly-once rests on them). One clear line, exit code 2."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import (
+    ACCESS_TOKEN,
+    API_TOKEN,
+    CALLBACK_SECRET,
+    Bucket,
+    ServiceFactory,
+    free_port,
+)
+
+# What a store that does not implement conditional requests does: it never sees them.
+CONDITIONS = ("If-None-Match", "If-Match")
+
+
+@pytest.fixture
+async def careless_s3(s3_endpoint: str) -> AsyncIterator[str]:
+    """moto behind an HTTP proxy that drops conditional headers from every request."""
+    session = aiohttp.ClientSession(auto_decompress=False)
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k not in CONDITIONS and k != "Host"}
+        async with session.request(
+            request.method,
+            s3_endpoint + request.path_qs,
+            headers=headers,
+            data=await request.read(),
+        ) as answer:
+            body = await answer.read()
+            skip = {"Content-Length", "Transfer-Encoding", "Content-Encoding", "Connection"}
+            return web.Response(
+                status=answer.status,
+                body=body,
+                headers={k: v for k, v in answer.headers.items() if k not in skip},
+            )
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{path:.*}", forward)
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+    await session.close()
+
+
+async def serve(bucket: str, endpoint: str) -> tuple[int, str]:
+    """Start `python -m service serve`; its exit code and output (it must not keep running)."""
+    env = {
+        **os.environ,
+        "COPERNICA_ACCESS_TOKEN": ACCESS_TOKEN,
+        "CALLBACK_SECRET": CALLBACK_SECRET,
+        "API_TOKEN": API_TOKEN,
+        "ARCHIVE_BUCKET": bucket,
+        "S3_ENDPOINT_URL": endpoint,
+        "S3_TIMEOUT_SECONDS": "2",
+        "HOST": "127.0.0.1",
+        "PORT": str(free_port()),
+        "ADMIN_PORT": str(free_port()),
+        "LOG_FORMAT": "json",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    return proc.returncode or 0, err.decode()
+
+
+async def test_a_store_that_ignores_conditional_writes_is_refused(
+    careless_s3: str, store: Bucket
+) -> None:
+    code, err = await serve(store.name, careless_s3)
+
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert line.startswith("refusing to start: ")
+    assert "does not honour conditional writes" in line
+    assert "If-None-Match: * on PutObject" in line
+    assert await store.keys("startup-probe/") == []  # the probe cleans up after itself
+
+
+async def test_a_mistyped_bucket_is_refused_by_name(s3_endpoint: str) -> None:
+    code, err = await serve("copernica-archvie", s3_endpoint)
+
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert "'copernica-archvie' does not exist" in line
+
+
+async def test_an_unreachable_store_is_refused(store: Bucket) -> None:
+    code, err = await serve(store.name, f"http://127.0.0.1:{free_port()}")
+
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert f"{store.name!r} is unreachable" in line
+
+
+async def test_a_store_with_conditional_writes_passes_and_leaves_nothing(
+    make_service: ServiceFactory, store: Bucket
+) -> None:
+    await make_service()  # started: the proof passed against moto
+    assert await store.keys("startup-probe/") == []
+    assert await store.uploads() == []
