@@ -188,6 +188,15 @@ class ArchiveStore:
                 raise ArchiveUnavailable(f"S3 get_object read: {type(exc).__name__}") from None
         return StoredObject(body, answer["ETag"])
 
+    async def read_range(self, key: str, first: int, last: int) -> bytes:
+        """Bytes `first`..`last` (inclusive) of an object (NotFound if it does not exist)."""
+        answer = await self._call("get_object", Key=key, Range=f"bytes={first}-{last}")
+        async with answer["Body"] as stream:
+            try:
+                return bytes(await stream.read())
+            except _UNAVAILABLE as exc:
+                raise ArchiveUnavailable(f"S3 get_object read: {type(exc).__name__}") from None
+
     async def head(self, key: str) -> dict[str, Any] | None:
         try:
             return dict(await self._call("head_object", Key=key))

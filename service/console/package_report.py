@@ -13,10 +13,7 @@ import io
 import zipfile
 from typing import Any
 
-import aiohttp
-import botocore.exceptions
-
-from ..archive import ArchiveStore, ArchiveUnavailable
+from ..archive import ArchiveStore
 
 REPORT_NAME = "report.html"
 # End of central directory (22 bytes + a comment of up to 64 KiB), the ZIP64 records, and a
@@ -34,7 +31,7 @@ async def read_report(store: ArchiveStore, key: str, size: int) -> bytes:
     """The bytes of `report.html` in the package at `key` (`size` bytes long)."""
     sparse = _Sparse(size)
     tail_start = max(0, size - TAIL_BYTES)
-    sparse.add(tail_start, await _read_range(store, key, tail_start, size - 1))
+    sparse.add(tail_start, await store.read_range(key, tail_start, size - 1))
     try:
         with zipfile.ZipFile(sparse) as archive:
             info = archive.getinfo(REPORT_NAME)
@@ -47,25 +44,10 @@ async def read_report(store: ArchiveStore, key: str, size: int) -> bytes:
                 start + LOCAL_HEADER_BYTES + 2 * 65535 + info.compress_size,
             )
             if not sparse.holds(start, end):
-                sparse.add(start, await _read_range(store, key, start, end - 1))
+                sparse.add(start, await store.read_range(key, start, end - 1))
             return archive.read(info)
     except (zipfile.BadZipFile, KeyError, _Missing, EOFError) as exc:
         raise ReportUnreadable(f"the package holds no readable {REPORT_NAME} ({exc})") from None
-
-
-async def _read_range(store: ArchiveStore, key: str, first: int, last: int) -> bytes:
-    """Bytes `first`..`last` (inclusive) of an object.
-
-    ArchiveStore has no ranged read of its own yet; this goes through its one S3 call path
-    (`_call`: timing, metrics, errors mapped to ArchiveUnavailable / NotFound) and belongs
-    there as a public method.
-    """
-    answer: Any = await store._call("get_object", Key=key, Range=f"bytes={first}-{last}")
-    async with answer["Body"] as stream:
-        try:
-            return bytes(await stream.read())
-        except (aiohttp.ClientError, botocore.exceptions.BotoCoreError, OSError) as exc:
-            raise ArchiveUnavailable(f"S3 get_object read: {type(exc).__name__}") from None
 
 
 class _Missing(Exception):
