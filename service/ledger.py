@@ -39,6 +39,7 @@ class Status(StrEnum):
 
 
 STATUSES = tuple(s.value for s in Status)
+SUBJECT_TYPES = ("email", "profile", "subprofile")
 FINAL_STATUSES = (Status.ARCHIVED, Status.FAILED, Status.EXPIRED, Status.PURGED)
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
 
@@ -189,7 +190,7 @@ class Addressee:
 
     id: str
     copernica_id: str | None
-    subject_type: str
+    subject_type: str | None  # None: known only by its digest (from the callback URL)
     subject_digest: str
     key: bytes = field(repr=False, compare=False)
     archived: bool = False
@@ -199,9 +200,12 @@ class Addressee:
         return self.subject_digest[:16]
 
     def matches(self, info_type: Any, info_id: Any) -> bool:
-        """The body's `info` names this subject: same type; an e-mail address compared
-        case-insensitively, a profile id as a JSON number or a numeric string."""
-        if info_type != self.subject_type or isinstance(info_id, bool):
+        """The body's `info` names this subject: same type (the digest covers it too); an
+        e-mail address compared case-insensitively, a profile id as a JSON number or a
+        numeric string."""
+        if info_type not in SUBJECT_TYPES or isinstance(info_id, bool):
+            return False
+        if self.subject_type is not None and info_type != self.subject_type:
             return False
         if isinstance(info_id, int) and info_type != "email":
             info_id = str(info_id)
@@ -256,6 +260,13 @@ class Ledger:
         known = self._recent.get(request_id)
         if known is not None and not known.archived:
             self._recent[request_id] = replace(known, archived=True)
+
+    def addressee_by_digest(self, request_id: str, digest: str) -> Addressee:
+        """The addressee a callback URL of the current form names: no record read."""
+        return Addressee(request_id, None, None, digest, self._key)
+
+    def subject_digest_of(self, record: RequestRecord) -> str:
+        return subject_digest(self._key, record.subject_type, record.subject_id)
 
     async def addressee(self, request_id: str) -> Addressee | None:
         """The request's addressee: remembered, else read from its record (None: no record)."""
@@ -391,6 +402,19 @@ class Ledger:
             if len(keys) < 200:
                 return found, None
         return found, last or None
+
+    async def count_open_before(self, before: date) -> int:
+        """How many deadline markers fall before `before`: LISTs only, no record read. A
+        marker a crash left behind (answered, but not yet dropped) counts until a listing
+        of the overdue requests meets and drops it."""
+        prefix = f"{self._store.keys.prefix}deadlines/"
+        horizon = prefix + before.isoformat()
+        count = 0
+        async for item in self._store.objects(prefix):
+            if item.key >= horizon:
+                break
+            count += 1
+        return count
 
     async def _open_record(self, request_id: str, due: date) -> RequestRecord | None:
         """The record a deadline marker stands for, if the marker is its current one."""

@@ -54,7 +54,6 @@ MAX_BACKOFF_FACTOR = 16
 MIN_WORKERS, MAX_WORKERS = 4, 32
 BATCH = 200
 JANITOR_EVERY_TICKS = 10
-OVERDUE_CENSUS = 10_000  # the gauge counts at most this many (each is one record read)
 
 
 @dataclass
@@ -220,8 +219,7 @@ class Poller:
         self._metrics.pending.set(len(set(ids)))
         oldest = min((ULID.from_str(i).datetime for i in ids), default=None)
         self._metrics.oldest_pending.set((utcnow() - oldest).total_seconds() if oldest else 0)
-        overdue, _ = await self._ledger.open_by_deadline(utcnow().date(), limit=OVERDUE_CENSUS)
-        self._metrics.overdue.set(len(overdue))
+        self._metrics.overdue.set(await self._ledger.count_open_before(utcnow().date()))
 
     async def _work(self, record: RequestRecord) -> Visit:
         if record.needs_package:
