@@ -16,7 +16,7 @@ from aiohttp import web
 
 from .api import Health, OperatorApi, bearer_middleware
 from .archive import ArchiveStore, s3_client
-from .callback_urls import ROUTE
+from .callback_urls import ROUTE, ROUTE_BY_ID
 from .callbacks import CallbackReceiver, CallbackView
 from .config import Settings
 from .console import CONSOLE, Console, setup_console
@@ -242,6 +242,11 @@ def setup_admin_routes(app: web.Application) -> None:
 
 
 def setup_public_routes(public: web.Application, admin: web.Application) -> None:
+    public.router.add_post(
+        ROUTE_BY_ID,
+        _route(admin, CALLBACKS, CallbackView.handle),
+        expect_handler=_route(admin, CALLBACKS, CallbackView.expect),
+    )
     public.router.add_post(
         ROUTE,
         _route(admin, CALLBACKS, CallbackView.handle),

@@ -40,8 +40,23 @@ class CallbackReceiver:
         self._ledger = ledger
 
     async def receive(
-        self, request_id: str, stream: StreamReader, signed_digest: BodyDigest | None = None
+        self,
+        request_id: str,
+        stream: StreamReader,
+        signed_digest: BodyDigest | None = None,
+        subject: str | None = None,
     ) -> Receipt:
+        """Take the body for the request; `subject` is the digest the URL carries (none in
+        the earlier URL form, whose subject comes from the record)."""
+        if subject is not None:
+            try:
+                first = await self._intake.read(stream)
+            except BodyStalled as exc:
+                return Receipt(Outcome.TIMEOUT, reason=str(exc), body_unread=True)
+            except BodyBrokeOff as exc:
+                return Receipt(Outcome.BROKE_OFF, reason=str(exc), body_unread=True)
+            addressee = self._ledger.addressee_by_digest(request_id, subject)
+            return await self._intake.take(addressee, first, stream, "callback", signed_digest)
         # The record read (if needed) overlaps with the arrival of the first body bytes.
         lookup = asyncio.ensure_future(self._ledger.addressee(request_id))
         try:
@@ -96,7 +111,7 @@ class CallbackView:
     def _refusal(self, request: web.Request) -> Receipt | None:
         """A wrong token or a declared oversize body is refused before any body byte."""
         request_id, token = request.match_info["request_id"], request.match_info["token"]
-        if not token_valid(self._secret, request_id, token):
+        if not token_valid(self._secret, request_id, token, request.match_info.get("subject")):
             return Receipt(Outcome.UNKNOWN, reason="not found", body_unread=True)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
@@ -145,6 +160,7 @@ class CallbackView:
                     request.match_info["request_id"],
                     request.content,
                     signed.digest if signed else None,
+                    request.match_info.get("subject"),
                 )
             except SignatureInvalid as exc:
                 receipt = Receipt(Outcome.UNAUTHORIZED, reason=str(exc), body_unread=True)

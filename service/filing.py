@@ -221,7 +221,12 @@ class Filing:
         settings = self._settings
         report = None
         if settings.public_base_url and settings.callback_secret:
-            report = callback_url(settings.public_base_url, settings.callback_secret, record.id)
+            report = callback_url(
+                settings.public_base_url,
+                settings.callback_secret,
+                record.id,
+                self._ledger.subject_digest_of(record),
+            )
         record.attempts += 1
         outcome = "pending"
         try:

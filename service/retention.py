@@ -4,7 +4,8 @@ RETENTION_DAYS (storage limitation, GDPR art. 5(1)(e)).
 This is the one place that deletes data, so it proves before it deletes. Candidates come
 from listing `packages/` (a request without a package is never a candidate), and each is
 then checked against its own record: status `archived`, a recorded package at that very key,
-and `package.built_at` + RETENTION_DAYS in the past. Only then are the archive, the events,
+and `package.built_at` + RETENTION_DAYS in the past. Only then are the archive (left as an
+empty tombstone, so a late callback cannot store it again), the events,
 the quarantined bodies, the idempotency claim and the deadline marker deleted, the record
 scrubbed (the subject replaced by its keyed digest) and marked `purged`, and the package
 deleted last: a crash anywhere leaves the package listed, so the next sweep finishes the job
@@ -102,7 +103,15 @@ class Retention:
 
     async def _delete_stored(self, record: RequestRecord) -> None:
         keys = self._store.keys
-        await self._store.delete(keys.archive(record.id))
+        # The archive's bytes are replaced by an empty tombstone rather than deleted: a late
+        # delivery of the callback (its URL needs no record) then meets an existing key and
+        # stores nothing again.
+        await self._store.put(
+            keys.archive(record.id),
+            b"",
+            metadata={"purged": "true"},
+            content_type="application/octet-stream",
+        )
         for prefix in (
             keys.events(record.id, "")[: -len(".jsonl")],
             keys.quarantine_folder(record.id),
