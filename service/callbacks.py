@@ -1,11 +1,12 @@
 """The callback route: authenticate, stream, check, archive, answer.
 
-`POST /callbacks/datarequest/{request_id}/{token}` is the `report` address given to Copernica.
-The token (an HMAC of the request id) is checked before a byte of the body is read. The body
-then streams through a sha256, the incremental payload check and the S3 upload at once; the
-answer is 200 only once the archive object is durable. One write (the archive object) per
-accepted callback, and one read (the request record, issued while the first body bytes
-arrive) unless this replica filed or polled the request lately and remembers its addressee.
+`POST /callbacks/datarequest/{request_id}/{subject}/{token}` is the `report` address given to
+Copernica (see `callback_urls.py`). The token is checked before a byte of the body is read.
+The body then streams through a sha256, the incremental payload check and the S3 upload at
+once, its `info` is checked against the subject's digest from the URL, and the answer is 200
+only once the archive object is durable: one S3 call per accepted callback on any replica.
+Addresses of the earlier form (`{request_id}/{token}`) need the request's subject from its
+record: read while the first body bytes arrive, unless this replica remembers it.
 """
 
 from __future__ import annotations
