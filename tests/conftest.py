@@ -166,7 +166,9 @@ class Simulator:
 
 @pytest.fixture
 async def simulator(aiohttp_server: Any) -> Simulator:
-    app = create_simulator_app(SimulatorConfig(access_token=ACCESS_TOKEN, ready_after=0.05))
+    app = create_simulator_app(
+        SimulatorConfig(access_token=ACCESS_TOKEN, ready_after=0.05, control=True)
+    )
     server = await aiohttp_server(app, host="127.0.0.1")
     return Simulator(str(server.make_url("")).rstrip("/"), app[SIM_STATE], app)
 
@@ -414,29 +416,3 @@ def service_processes(
     yield start
     for proc in started:
         proc.stop()
-
-
-async def metric_counts(service: Service) -> dict[str, float]:
-    """S3 calls by operation ("s3:<op>") and poller ticks, from the service's /metrics."""
-    async with service.http.get(f"{service.admin_url}/metrics") as answer:
-        text = await answer.text()
-    counts: dict[str, float] = {}
-    for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name.startswith("receiver_s3_request_duration_seconds_count{"):
-            operation = name.split('operation="', 1)[1].split('"', 1)[0]
-            counts[f"s3:{operation}"] = counts.get(f"s3:{operation}", 0) + float(value)
-        elif name == "receiver_poll_ticks_total":
-            counts[name] = float(value)
-    return counts
-
-
-async def file_request(
-    http: aiohttp.ClientSession, base_url: str, body: dict[str, Any]
-) -> dict[str, Any]:
-    """File a data request through the operator API of a service (or a load balancer)."""
-    async with http.post(
-        f"{base_url}/v1/data-requests", json=body, headers={"Authorization": f"Bearer {API_TOKEN}"}
-    ) as answer:
-        assert answer.status == 202, await answer.text()
-        return dict(await answer.json())

@@ -10,6 +10,9 @@ from urllib.parse import urlsplit
 import pytest
 from ulid import ULID
 
+from service.app import hash_key
+from service.callback_urls import callback_url
+from service.logs import subject_digest
 from tests.conftest import (
     ACCESS_TOKEN,
     API_TOKEN,
@@ -52,7 +55,11 @@ async def test_report_address_is_our_authenticated_callback_url(
     async with await service.file({"email": "dave@example.com"}) as answer:
         created = await answer.json()
     report = simulator.state.requests[created["copernica_id"]].report
-    assert report == service.callback_url(created["id"])
+    assert service.settings.callback_secret is not None
+    digest = subject_digest(hash_key(service.settings), "email", "dave@example.com")
+    assert report == callback_url(
+        service.url, service.settings.callback_secret, created["id"], digest
+    )
     assert "dave" not in urlsplit(report).path
 
 

@@ -32,7 +32,7 @@ from tests.conftest import (
     ServiceFactory,
     Simulator,
 )
-from tests.test_api import wait_for_status
+from tests.support import eventually, run_cli, wait_for_status
 
 days = st.dates(min_value=date(2000, 1, 1), max_value=date(2040, 12, 31))
 
@@ -116,20 +116,6 @@ def test_both_answer_shapes_normalise_and_unknown_types_are_kept() -> None:
     assert normalise({"event": "teleport", "data": {"id": 2}})["event"] == "teleport"
 
 
-async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        *args,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    return proc.returncode or 0, out.decode()
-
-
 def cli_env(simulator: Simulator) -> dict[str, str]:
     return {
         "COPERNICA_ACCESS_TOKEN": ACCESS_TOKEN,
@@ -199,8 +185,7 @@ async def test_an_interrupted_export_resumes_without_duplicates(
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
-    while len(simulator.state.events_calls) < 3:
-        await asyncio.sleep(0.05)
+    await eventually(lambda: len(simulator.state.events_calls) >= 3, what="three windows asked")
     proc.kill()  # mid-run, possibly mid-write
     await proc.wait()
     simulator.state.faults.slow_seconds = 0

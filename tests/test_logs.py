@@ -9,7 +9,6 @@ import json
 import logging
 import socket
 from collections.abc import Callable
-from pathlib import Path
 
 import aiohttp
 import structlog
@@ -23,17 +22,9 @@ from tests.conftest import (
     Bucket,
     ServiceProcess,
     Simulator,
-    file_request,
     make_settings,
 )
-from tests.support import eventually
-
-MIB = 1024 * 1024
-
-
-def lines_of(path: str) -> list[dict]:
-    """Every line of a service log as JSON (a line that is not JSON fails the test)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+from tests.support import MIB, eventually, file_request, log_lines, text_of
 
 
 def test_standard_library_lines_are_json_scrubbed_and_carry_the_bound_request_id() -> None:
@@ -65,13 +56,10 @@ async def test_a_retry_during_a_poll_visit_carries_the_request_id(
         created = await file_request(http, replica.admin_url, {"profile": 4})
     simulator.state.faults.fail_next = 1  # the poll's first call is answered 503, then retried
 
-    def retried() -> list[dict]:
-        return [e for e in lines_of(replica.log_path) if e["event"] == "copernica_retry"]
+    async def retried() -> list[dict]:
+        return [e for e in await log_lines(replica.log_path) if e["event"] == "copernica_retry"]
 
-    async def probe() -> list[dict]:
-        return retried()
-
-    [retry] = (await eventually(probe, what="a copernica_retry line"))[:1]
+    [retry] = (await eventually(retried, what="a copernica_retry line"))[:1]
     assert retry["request_id"] == created["id"]
 
 
@@ -95,16 +83,13 @@ async def test_a_sender_hanging_up_mid_body_is_an_outcome_of_its_own(
 
     await asyncio.get_running_loop().run_in_executor(None, send_half_and_hang_up)
 
-    def outcome() -> list[dict]:
-        return [e for e in lines_of(replica.log_path) if e["event"] == "callback"]
+    async def outcome() -> list[dict]:
+        return [e for e in await log_lines(replica.log_path) if e["event"] == "callback"]
 
-    async def probe() -> list[dict]:
-        return outcome()
-
-    [line] = await eventually(probe, what="the callback line")
+    [line] = await eventually(outcome, what="the callback line")
     assert line["outcome"] == "sender_hung_up"
     assert line["request_id"] == created["id"]
     await eventually(store.uploads, lambda uploads: uploads == [], what="the upload aborted")
     assert await store.keys("archive/") == []
-    text = Path(replica.log_path).read_text()
+    text = await text_of(replica.log_path)
     assert "Traceback" not in text and "Error handling request" not in text

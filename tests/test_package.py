@@ -7,31 +7,35 @@ import asyncio
 import hashlib
 import io
 import json
-import os
-import sys
 import zipfile
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ulid import ULID
 
-from service.archive import ArchiveStore, s3_client, utcnow
+from service.archive import ArchiveStore, parse_isoformat, s3_client, utcnow
 from service.ledger import RequestRecord, stamp
 from service.metrics import Metrics
 from service.package import PackageBuilder, PackageError
 from service.simulator.payloads import make_events
-from tests.conftest import API_TOKEN, Bucket, Service, ServiceFactory, Simulator, sha256
-from tests.support import eventually, metric, record_of, wait_until_packaged
+from tests.conftest import (
+    API_TOKEN,
+    Bucket,
+    Service,
+    ServiceFactory,
+    Simulator,
+    make_settings,
+    sha256,
+)
+from tests.support import eventually, filed, metric, record_of, run_cli, wait_until_packaged
 
 FAST = {"POLL_INTERVAL_SECONDS": "0.2", "POLL_LEASE_SECONDS": "5"}
 
 
-async def file(service: Service, body: dict[str, Any]) -> dict[str, Any]:
-    async with await service.file(body) as answer:
-        assert answer.status == 202, await answer.text()
-        return dict(await answer.json())
+def cli_env(service: Service) -> dict[str, str]:
+    return {"API_TOKEN": API_TOKEN, "RECEIVER_URL": service.admin_url}
 
 
 def unzip(body: bytes) -> dict[str, bytes]:
@@ -47,7 +51,7 @@ async def test_an_archived_request_gets_an_exact_package(
         date(2026, 5, 10), date(2026, 7, 2), per_day=1, email="gil@example.com"
     )
     service = await make_service(**FAST, REPORT_CONTROLLER_NAME="Shop & Co <B.V.>")
-    created = await file(
+    created = await filed(
         service,
         {"email": "gil@example.com", "events": {"since": "2026-05-10", "until": "2026-07-02"}},
     )
@@ -88,7 +92,7 @@ async def test_no_package_before_the_data_is_archived(
     simulator.state.faults.lose_callback = True
     simulator.state.config.ready_after = 3600
     service = await make_service(**FAST)
-    created = await file(service, {"profile": 5})
+    created = await filed(service, {"profile": 5})
 
     async with service.http.get(
         f"{service.admin_url}/v1/data-requests/{created['id']}/package", headers=service.auth
@@ -117,7 +121,7 @@ async def test_download_streams_the_package_and_answers_the_request(
     make_service: ServiceFactory, store: Bucket
 ) -> None:
     service = await make_service(**FAST)
-    created = await file(service, {"email": "hal@example.com"})
+    created = await filed(service, {"email": "hal@example.com"})
     package = (await wait_until_packaged(service, created["id"]))["package"]
 
     async with service.http.get(
@@ -156,27 +160,24 @@ async def test_a_link_is_a_presigned_get_of_the_package(
     make_service: ServiceFactory, store: Bucket
 ) -> None:
     service = await make_service(**FAST, PACKAGE_LINK_SECONDS="600")
-    created = await file(service, {"subprofile": 44})
+    created = await filed(service, {"subprofile": 44})
     package = (await wait_until_packaged(service, created["id"]))["package"]
 
+    asked = utcnow()
     async with service.http.post(
         f"{service.admin_url}/v1/data-requests/{created['id']}/package/link", headers=service.auth
     ) as answer:
         assert answer.status == 200
         link = await answer.json()
+    answered = utcnow()
     async with service.http.get(link["url"]) as fetched:  # no token: the URL is the key
         assert fetched.status == 200
         assert sha256(await fetched.read()) == package["sha256"]
-    expires = link["expires_at"]
-    assert 590 <= (_parse(expires) - utcnow()).total_seconds() <= 600
+    # Valid for exactly PACKAGE_LINK_SECONDS from when the link was made.
+    expires = parse_isoformat(link["expires_at"])
+    assert asked + timedelta(seconds=600) <= expires <= answered + timedelta(seconds=600)
     assert "X-Amz-Expires=600" in link["url"]
     assert (await service.show(created["id"]))["answered_at"] is not None
-
-
-def _parse(text: str) -> Any:
-    from service.archive import parse_isoformat
-
-    return parse_isoformat(text)
 
 
 async def test_a_package_left_by_a_crashed_replica_is_adopted_not_rebuilt(
@@ -185,7 +186,7 @@ async def test_a_package_left_by_a_crashed_replica_is_adopted_not_rebuilt(
     """A replica uploaded the package and died before writing the record: the next visit
     finds the package, reads back its sha256 and records it; no second package is built."""
     service = await make_service(**FAST)
-    created = await file(service, {"email": "ivy@example.com"})
+    created = await filed(service, {"email": "ivy@example.com"})
     package = (await wait_until_packaged(service, created["id"]))["package"]
     etag = (await store.head(package["key"]))["ETag"]
 
@@ -212,8 +213,6 @@ async def test_a_package_left_by_a_crashed_replica_is_adopted_not_rebuilt(
 
 
 async def builder_for(s3_endpoint: str, bucket: str) -> tuple[Any, Any]:
-    from tests.conftest import make_settings
-
     settings = make_settings(
         ARCHIVE_BUCKET=bucket, S3_ENDPOINT_URL=s3_endpoint, S3_PART_BYTES=str(5 * 1024 * 1024)
     )
@@ -225,7 +224,7 @@ async def test_racing_builders_write_one_package_and_agree_on_it(
 ) -> None:
     """Two replicas building the same package at once: one object, both report its sha256."""
     service = await make_service(POLL_INTERVAL_SECONDS="600")  # its poller stays out of it
-    created = await file(service, {"email": "jo@example.com"})
+    created = await filed(service, {"email": "jo@example.com"})
     await eventually(lambda: store.keys("archive/"))
     record = RequestRecord.from_bytes(json.dumps(await record_of(store, created["id"])).encode())
     record.status = "archived"
@@ -247,7 +246,7 @@ async def test_an_archive_that_does_not_match_its_sha256_is_not_packaged(
     make_service: ServiceFactory, store: Bucket, s3_endpoint: str, bucket: str
 ) -> None:
     service = await make_service(POLL_INTERVAL_SECONDS="600")
-    created = await file(service, {"email": "kim@example.com"})
+    created = await filed(service, {"email": "kim@example.com"})
     await eventually(lambda: store.keys("archive/"))
     record = RequestRecord.from_bytes(json.dumps(await record_of(store, created["id"])).encode())
     record.status = "archived"
@@ -265,13 +264,11 @@ async def test_cli_download_checks_the_sha256(
     make_service: ServiceFactory, store: Bucket, tmp_path: Path
 ) -> None:
     service = await make_service(**FAST)
-    created = await file(service, {"email": "lou@example.com"})
+    created = await filed(service, {"email": "lou@example.com"})
     package = (await wait_until_packaged(service, created["id"]))["package"]
     out = tmp_path / "subject.zip"
 
-    code, output = await run_cli(
-        "download", created["id"], "--out", str(out), url=service.admin_url
-    )
+    code, output = await run_cli("download", created["id"], "--out", str(out), env=cli_env(service))
 
     assert code == 0, output
     assert out.read_bytes() == await store.read(package["key"])
@@ -279,21 +276,7 @@ async def test_cli_download_checks_the_sha256(
     assert not (tmp_path / "subject.zip.part").exists()
 
     code, output = await run_cli(
-        "download", str(ULID()), "--out", str(tmp_path / "x.zip"), url=service.admin_url
+        "download", str(ULID()), "--out", str(tmp_path / "x.zip"), env=cli_env(service)
     )
     assert code == 1
     assert "no such request" in output and not (tmp_path / "x.zip").exists()
-
-
-async def run_cli(*args: str, url: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        *args,
-        env={**os.environ, "API_TOKEN": API_TOKEN, "RECEIVER_URL": url},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    return proc.returncode or 0, out.decode()

@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from typing import Any
 
 import pytest
 
 from service.app import POLLER
-from tests.conftest import Bucket, Service, ServiceFactory, Simulator, metric_counts, sha256
-from tests.test_api import wait_for_status
-from tests.test_callbacks import archive_key
+from service.archive import utcnow
+from tests.conftest import Bucket, ServiceFactory, Simulator, sha256
+from tests.support import (
+    archive_key,
+    eventually,
+    filed,
+    metric,
+    metric_counts,
+    record_of,
+    wait_for_status,
+)
 
 FAST = {"POLL_INTERVAL_SECONDS": "0.3", "POLL_LEASE_SECONDS": "5"}
-
-
-async def file(service: Service, body: dict[str, Any]) -> dict[str, Any]:
-    async with await service.file(body) as answer:
-        assert answer.status == 202, await answer.text()
-        return dict(await answer.json())
-
-
-async def record_of(store: Bucket, request_id: str) -> dict[str, Any]:
-    return dict(json.loads(await store.read(f"copernica/requests/{request_id}.json")))
 
 
 @pytest.mark.parametrize("forms", [{"status", "data", "old"}, {"data", "old"}, {"old"}])
@@ -33,7 +29,7 @@ async def test_lost_callback_is_archived_by_the_poller(
     simulator.state.config.readiness_forms = forms
     simulator.state.faults.lose_callback = True
     service = await make_service(**FAST)
-    created = await file(service, {"email": "ivy@example.com"})
+    created = await filed(service, {"email": "ivy@example.com"})
 
     shown = await wait_for_status(service, created["id"], "archived")
 
@@ -44,11 +40,7 @@ async def test_lost_callback_is_archived_by_the_poller(
     assert await store.read(archive_key(created["id"])) == expected
     assert await store.keys("archive/") == [archive_key(created["id"])]
     # A final request leaves no schedule behind (the marker goes right after the record).
-    for _ in range(50):
-        if not await store.keys("due/"):
-            break
-        await asyncio.sleep(0.1)
-    assert await store.keys("due/") == []
+    await eventually(lambda: store.keys("due/"), lambda due: due == [], timeout=5, what="no marker")
 
 
 async def test_callback_and_poller_racing_make_one_object(
@@ -56,11 +48,21 @@ async def test_callback_and_poller_racing_make_one_object(
 ) -> None:
     simulator.state.faults.duplicate_callback = 3
     service = await make_service(POLL_INTERVAL_SECONDS="0.05", POLL_LEASE_SECONDS="5")
-    created = [await file(service, {"profile": n}) for n in range(1, 6)]
+    created = [await filed(service, {"profile": n}) for n in range(1, 6)]
 
     for item in created:
         await wait_for_status(service, item["id"], "archived")
-    await asyncio.sleep(0.5)  # let stragglers (duplicates, polls) land
+
+    # Let the stragglers land: every delivery (the callback and its three duplicates) answered.
+    def answered(copernica_id: str) -> int:
+        found = simulator.state.deliveries
+        return sum(1 for d in found if d.copernica_id == copernica_id and d.status == 200)
+
+    await eventually(
+        lambda: [answered(item["copernica_id"]) for item in created],
+        lambda counts: counts == [4] * len(created),
+        what="four deliveries answered 200 per request",
+    )
 
     keys = await store.keys("archive/")
     assert sorted(keys) == sorted(archive_key(item["id"]) for item in created)
@@ -75,7 +77,7 @@ async def test_data_gone_at_copernica_marks_failed(
     simulator.state.faults.lose_callback = True
     simulator.state.config.expire_after = 0.01
     service = await make_service(**FAST)
-    created = await file(service, {"email": "jo@example.com"})
+    created = await filed(service, {"email": "jo@example.com"})
 
     shown = await wait_for_status(service, created["id"], "failed")
 
@@ -88,7 +90,7 @@ async def test_never_ready_request_expires(
 ) -> None:
     simulator.state.config.ready_after = 3600
     service = await make_service(REQUEST_EXPIRY_HOURS="0.0003", **FAST)  # about one second
-    created = await file(service, {"email": "kim@example.com"})
+    created = await filed(service, {"email": "kim@example.com"})
 
     shown = await wait_for_status(service, created["id"], "expired")
 
@@ -101,7 +103,7 @@ async def test_filing_during_copernica_outage_is_resubmitted_later(
 ) -> None:
     simulator.state.faults.fail_next = 3  # the three filing tries all get 503
     service = await make_service(**FAST)
-    created = await file(service, {"email": "lee@example.com"})
+    created = await filed(service, {"email": "lee@example.com"})
     assert created["status"] == "submitting"
 
     shown = await wait_for_status(service, created["id"], "archived")
@@ -119,7 +121,7 @@ async def test_crash_after_copernica_accepted_is_recovered_without_a_second_arch
     the archive's conditional key keeps exactly one object."""
     service = await make_service(**FAST)
     simulator.state.config.ready_after = 3600  # the first request never gets ready
-    created = await file(service, {"email": "max@example.com"})
+    created = await filed(service, {"email": "max@example.com"})
     record_key = f"copernica/requests/{created['id']}.json"
     crashed = await record_of(store, created["id"])
     crashed.update(status="submitting", copernica_id=None, version=crashed["version"] + 1)
@@ -144,7 +146,7 @@ async def test_copernica_429_and_503_are_backed_off_and_the_rate_limit_holds(
     service = await make_service(
         COPERNICA_MAX_RPS="20", POLL_INTERVAL_SECONDS="0.2", POLL_LEASE_SECONDS="5"
     )
-    created = [await file(service, {"profile": n}) for n in range(1, 13)]
+    created = [await filed(service, {"profile": n}) for n in range(1, 13)]
     simulator.state.faults.status_429_rate = 0.3
     simulator.state.faults.status_5xx_rate = 0.2
 
@@ -161,7 +163,7 @@ async def test_an_idle_tick_costs_one_listing_however_many_are_pending(
     simulator.state.config.ready_after = 3600
     service = await make_service(POLL_INTERVAL_SECONDS="600")  # nothing due for 10 minutes
     for n in range(60):
-        await file(service, {"profile": n + 1})
+        await filed(service, {"profile": n + 1})
     poller = service.app[POLLER]
     before = await metric_counts(service)
 
@@ -179,11 +181,20 @@ async def test_poller_metrics_show_pending_age_lag_and_leases(
 ) -> None:
     simulator.state.config.ready_after = 3600
     service = await make_service(POLL_INTERVAL_SECONDS="0.5")
+    filing = utcnow()
     for n in range(3):
-        await file(service, {"profile": n + 1})
-    await asyncio.sleep(2.5)  # a few ticks, the census among them
+        await filed(service, {"profile": n + 1})
+    # A few ticks, the census among them: each request visited, all three counted pending.
+    await eventually(
+        lambda: metric(service, "receiver_poll_visits_total", outcome="not_ready"),
+        lambda visits: visits >= 3,
+        what="three visits",
+    )
+    await eventually(
+        lambda: metric(service, "receiver_pending_requests"), lambda n: n == 3, what="the census"
+    )
     service.app[POLLER].stop()  # visits in progress finish and release their leases
-    await asyncio.sleep(1.0)
+    await eventually(lambda: metric(service, "receiver_poll_leases_held"), lambda n: n == 0)
 
     async with service.http.get(f"{service.admin_url}/metrics") as answer:
         text = await answer.text()
@@ -193,7 +204,9 @@ async def test_poller_metrics_show_pending_age_lag_and_leases(
         if line.startswith(("receiver_pending", "receiver_oldest", "receiver_poll_"))
     )
     assert float(values["receiver_pending_requests"]) == 3
-    assert 0 < float(values["receiver_oldest_pending_age_seconds"]) < 60
+    # As old as the oldest request, which is no older than this test's filing.
+    oldest = float(values["receiver_oldest_pending_age_seconds"])
+    assert 0 < oldest <= (utcnow() - filing).total_seconds() + 0.001  # ids count milliseconds
     assert float(values["receiver_poll_leases_held"]) == 0  # every lease taken was released
     assert "receiver_poll_lag_seconds" in values
     assert float(values['receiver_poll_visits_total{outcome="not_ready"}']) >= 3

@@ -5,23 +5,24 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
-from typing import Any
 
 from service.archive import ArchiveStore, parse_isoformat, s3_client, utcnow
 from service.ledger import Ledger
 from service.metrics import Metrics
 from service.retention import Retention
-from tests.conftest import Bucket, Service, ServiceFactory, Simulator, make_settings
-from tests.support import eventually, metric, record_of, snapshot, wait_until_packaged
+from tests.conftest import Bucket, ServiceFactory, Simulator, make_settings
+from tests.support import (
+    archive_key,
+    eventually,
+    filed,
+    metric,
+    record_of,
+    snapshot,
+    wait_until_packaged,
+)
 
 FAST = {"POLL_INTERVAL_SECONDS": "0.2", "POLL_LEASE_SECONDS": "5"}
 KEY = b"k" * 32
-
-
-async def file(service: Service, body: dict[str, Any], **headers: str) -> dict[str, Any]:
-    async with await service.file(body, headers=headers) as answer:
-        assert answer.status == 202, await answer.text()
-        return dict(await answer.json())
 
 
 async def everything_of(store: Bucket, request_id: str) -> dict[str, bytes]:
@@ -37,16 +38,16 @@ async def test_only_due_requests_are_purged(
     no package. A sweep at a moment between the first two deadlines purges the first only."""
     service = await make_service(**FAST)  # RETENTION_DAYS=0: the service itself never purges
     simulator.state.faults.lose_callback = True  # the poller fetches the data instead
-    due = await file(service, {"email": "mo@example.com"}, **{"Idempotency-Key": "k-1"})
+    due = await filed(service, {"email": "mo@example.com"}, **{"Idempotency-Key": "k-1"})
     # A rejected body in quarantine belongs to the due request too.
     async with service.http.post(service.callback_url(due["id"]), data=b"{broken") as answer:
         assert answer.status == 422
     assert await store.keys(f"quarantine/{due['id']}/")
-    young = await file(service, {"email": "ned@example.com"})
+    young = await filed(service, {"email": "ned@example.com"})
     due_package = (await wait_until_packaged(service, due["id"]))["package"]
     young_package = (await wait_until_packaged(service, young["id"]))["package"]
     simulator.state.config.ready_after = 3600
-    unpackaged = await file(service, {"email": "oz@example.com"})
+    unpackaged = await filed(service, {"email": "oz@example.com"})
     unpackaged_before = await everything_of(store, unpackaged["id"])
     assert await store.keys("idempotency/")
 
@@ -72,7 +73,8 @@ async def test_only_due_requests_are_purged(
         # A second sweep finds nothing more to do.
         assert await retention.sweep(built + timedelta(days=1, seconds=2)) == 0
 
-    assert await everything_of(store, due["id"]) == {}
+    # Nothing of the request is left but an empty tombstone at its archive key.
+    assert await everything_of(store, due["id"]) == {archive_key(due["id"]): b""}
     assert await store.keys("idempotency/") == []
     purged = await record_of(store, due["id"])
     assert purged["status"] == "purged" and purged["purged_at"]
@@ -91,12 +93,22 @@ async def test_only_due_requests_are_purged(
     ) as answer:
         assert answer.status == 410
 
+    # Copernica delivers the callback once more, late: its address needs no record, but the
+    # tombstone holds the key, so the data is not stored again.
+    report = next(
+        r.report for r in simulator.state.requests.values() if due["id"] in (r.report or "")
+    )
+    body = simulator.state.payload_bytes(shown["copernica_id"])
+    async with service.http.post(str(report), data=body) as answer:
+        assert answer.status == 200
+    assert await everything_of(store, due["id"]) == {archive_key(due["id"]): b""}
+
 
 async def test_retention_zero_keeps_everything(
     make_service: ServiceFactory, store: Bucket, s3_endpoint: str, bucket: str
 ) -> None:
     service = await make_service(**FAST)
-    created = await file(service, {"profile": 8})
+    created = await filed(service, {"profile": 8})
     await wait_until_packaged(service, created["id"])
     before = await snapshot(store, created["id"])
     settings = make_settings(ARCHIVE_BUCKET=bucket, S3_ENDPOINT_URL=s3_endpoint)
@@ -114,10 +126,10 @@ async def test_the_service_purges_on_its_own_after_retention(
     service = await make_service(**FAST, RETENTION_DAYS="0.00002")
     simulator.state.faults.lose_callback = True
     simulator.state.config.ready_after = 3600
-    waiting = await file(service, {"email": "pat@example.com"})
+    waiting = await filed(service, {"email": "pat@example.com"})
     simulator.state.faults.lose_callback = False
     simulator.state.config.ready_after = 0.05
-    created = await file(service, {"email": "quinn@example.com"})
+    created = await filed(service, {"email": "quinn@example.com"})
     waiting_before = await everything_of(store, waiting["id"])
 
     shown = await eventually(
@@ -125,7 +137,7 @@ async def test_the_service_purges_on_its_own_after_retention(
     )
 
     assert shown["purged_at"] and shown["package"]
-    assert await everything_of(store, created["id"]) == {}
+    assert await everything_of(store, created["id"]) == {archive_key(created["id"]): b""}
     assert await metric(service, "receiver_purged_total") == 1
     # The request without a package is untouched.
     assert await everything_of(store, waiting["id"]) == waiting_before

@@ -32,10 +32,15 @@ from tests.conftest import (
     ServiceFactory,
     Simulator,
     TcpProxy,
-    file_request,
 )
-from tests.support import eventually
-from tests.test_callbacks import EMAIL, archive_key, payload, pending_request
+from tests.support import (
+    EMAIL,
+    archive_key,
+    eventually,
+    file_request,
+    payload,
+    pending_request,
+)
 
 ACCOUNT = "4711"
 KEY_ID = "webhooks.copernica.com"
@@ -380,6 +385,7 @@ async def signing_simulator(aiohttp_server: Any, key: rsa.RSAPrivateKey) -> Simu
         sign_key=private_pem(key),
         account_id=ACCOUNT,
         delivery_retry_delay=0.0,
+        control=True,
     )
     app = create_simulator_app(config)
     server = await aiohttp_server(app, host="127.0.0.1")

@@ -12,7 +12,6 @@ import email.policy
 import hashlib
 import json
 import socket
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -40,21 +39,12 @@ from service.simulator import (
     payload_size,
 )
 from service.simulator.payloads import CHUNK
+from tests.conftest import sha256
+from tests.support import eventually
 
 TOKEN = "sim-test-token"
 NOT_AVAILABLE = "Data not available (yet)"
 MIB = 1024 * 1024
-
-
-def sha256(body: bytes) -> str:
-    return hashlib.sha256(body).hexdigest()
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 @dataclass
@@ -117,6 +107,7 @@ def make_sim(aiohttp_server: Any, http: aiohttp.ClientSession) -> SimFactory:
             "access_token": TOKEN,
             "ready_after": 0.0,
             "delivery_retry_delay": 0.01,
+            "control": True,
         }
         app = create_simulator_app(SimulatorConfig(**(defaults | config)))
         server = await aiohttp_server(app, host="127.0.0.1")
@@ -478,7 +469,7 @@ async def test_readiness_comes_ready_after_seconds_after_create(make_sim: SimFac
     cid = await sim.create()
 
     before = (await sim.call("GET", f"datarequest/{cid}/status")).json()["status"]
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.25)  # the time that passes is the scenario: ready 0.2 s after create
     after = (await sim.call("GET", f"datarequest/{cid}/status")).json()["status"]
 
     assert (before, after) == ("pending", "available")
@@ -507,7 +498,7 @@ async def test_expired_data_is_gone(make_sim: SimFactory) -> None:
     cid = await sim.create()
     assert (await sim.call("GET", f"datarequest/{cid}/data")).status == 200
 
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(0.35)  # the time that passes is the scenario: gone 0.3 s after ready
 
     status = await sim.call("GET", f"datarequest/{cid}/status")
     assert status.json() == {
@@ -528,6 +519,7 @@ async def test_delivery_posts_the_exact_payload_with_content_length(
     make_sim: SimFactory, receiver: Receiver
 ) -> None:
     sim = await make_sim(payload_size=2 * MIB)
+    created = time.time()
 
     cid = await sim.create("email/ann%40example.com/datarequest", report=receiver.url)
     await eventually(lambda: len(sim.state.deliveries) == 1)
@@ -546,7 +538,7 @@ async def test_delivery_posts_the_exact_payload_with_content_length(
         "payload",
     )
     assert (delivery.bytes, delivery.sha256) == (size, digest)
-    assert abs(delivery.at - time.time()) < 5
+    assert created <= delivery.at <= time.time()  # Unix time, when the attempt ended
 
 
 async def test_delivery_can_be_chunked(make_sim: SimFactory, receiver: Receiver) -> None:
@@ -570,6 +562,7 @@ async def test_a_5xx_answer_is_retried_and_a_4xx_ends_delivery(
     await eventually(lambda: len(sim.state.deliveries) == 3)
     second = await sim.create(report=receiver.url)
     await eventually(lambda: len(sim.state.deliveries) == 4)
+    # A negative check: room for a wrong extra attempt (retries come 0.01 s apart) to show.
     await asyncio.sleep(0.05)
 
     assert [(d.copernica_id, d.status) for d in sim.state.deliveries] == [
@@ -588,6 +581,7 @@ async def test_an_unreachable_report_is_tried_retries_plus_one_times(
 
     await sim.create(report=f"http://127.0.0.1:{closed_port()}/report")
     await eventually(lambda: len(sim.state.deliveries) == 3)
+    # A negative check: room for a wrong extra attempt (retries come 0.01 s apart) to show.
     await asyncio.sleep(0.05)
 
     assert [d.status for d in sim.state.deliveries] == [None, None, None]
@@ -614,7 +608,7 @@ async def test_a_lost_callback_is_never_posted_until_forced(
     assert (await sim.control("POST", "faults", {"lose_callback": True})).status == 200
 
     cid = await sim.create(report=receiver.url)
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # a negative check: ready at once, a delivery would come now
     assert (await sim.call("GET", f"datarequest/{cid}/status")).json()["status"] == "available"
     assert receiver.bodies == [] and sim.state.deliveries == []
 
@@ -633,7 +627,7 @@ async def test_forcing_readiness_or_delivery_delivers_once_at_once(
     assert (await sim.control("POST", f"requests/{cid}/{action}")).status == 200
 
     await eventually(lambda: len(receiver.bodies) == 1, timeout=1)
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # a negative check: room for a second delivery to show
     assert len(receiver.bodies) == 1
 
 
@@ -708,7 +702,7 @@ async def test_faults_can_target_one_request_or_one_subject(
     wrong = await sim.create("email/ann%40example.com/datarequest", report=receiver.url)
 
     await eventually(lambda: len(receiver.bodies) == 2)
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # a negative check: room for the lost callback to show
 
     assert receiver.bodies == [sim.state.payload_bytes(kept), sim.state.payload_bytes(wrong)]
     assert json.loads(receiver.bodies[1])["info"]["id"] != "ann@example.com"
@@ -841,25 +835,28 @@ async def test_run_simulator_serves_standalone(http: aiohttp.ClientSession) -> N
         "from service.simulator import run_simulator; "
         f"run_simulator('127.0.0.1', {port}, 'standalone', ready_after=0)"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+    )
     try:
         assert proc.stdout is not None
-        assert b"Copernica simulator on" in proc.stdout.readline()
-        deadline = time.monotonic() + 10
-        while True:  # the banner comes just before the port is bound
+        assert b"Copernica simulator on" in await proc.stdout.readline()
+
+        async def create() -> tuple[int, str] | None:
             try:
                 async with http.post(
                     f"http://127.0.0.1:{port}/v3/profile/1/datarequest",
                     params={"access_token": "standalone"},
                 ) as answer:
-                    assert (answer.status, answer.headers["X-Created"]) == (201, "1000")
-                    break
+                    return answer.status, answer.headers["X-Created"]
             except aiohttp.ClientConnectionError:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
+                return None  # the banner comes just before the port is bound
+
+        created = await eventually(create, timeout=10, what="the standalone simulator")
+        assert created == (201, "1000")
     finally:
         proc.terminate()
-        proc.wait(5)
+        await asyncio.wait_for(proc.wait(), 5)
 
 
 # -- events (v1) ---------------------------------------------------------------------------
@@ -886,3 +883,16 @@ async def test_events_follow_the_seeds_window_rules(
     found = [e["data"]["time"][:10] for e in answer.json()]
     assert (found[0], found[-1]) == (first, last)
     assert len(found) == len(set(found))
+
+
+def test_the_control_api_is_off_unless_asked_for() -> None:
+    def control_routes(config: SimulatorConfig) -> set[str]:
+        app = create_simulator_app(config)
+        return {
+            r.resource.canonical
+            for r in app.router.routes()
+            if r.resource is not None and r.resource.canonical.startswith("/_sim/")
+        }
+
+    assert control_routes(SimulatorConfig()) == set()
+    assert "/_sim/faults" in control_routes(SimulatorConfig(control=True))

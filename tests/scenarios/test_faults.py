@@ -22,12 +22,19 @@ from tests.conftest import (
     ServiceProcess,
     Simulator,
     TcpProxy,
-    file_request,
 )
-from tests.test_api import wait_for_status
-from tests.test_callbacks import archive_key, payload, pending_request, post
+from tests.support import (
+    MIB,
+    archive_key,
+    eventually,
+    file_request,
+    metric,
+    payload,
+    pending_request,
+    post,
+    wait_for_status,
+)
 
-MIB = 1024 * 1024
 FAST_POLL = {"POLL_INTERVAL_SECONDS": "0.5", "POLL_LEASE_SECONDS": "3", "S3_TIMEOUT_SECONDS": "2"}
 
 
@@ -40,7 +47,17 @@ async def test_s3_down_during_the_callback_then_the_poller_archives_after_recove
 
     status, _ = await post(service, request_id, payload())  # our one callback attempt
     assert status == 503
-    await asyncio.sleep(2)  # the poller's ticks fail meanwhile; nothing is lost
+    # The poller's ticks fail meanwhile (their listings of what is due); nothing is lost.
+    await eventually(
+        lambda: metric(
+            service,
+            "receiver_s3_request_duration_seconds_count",
+            operation="list_objects_v2",
+            outcome="error",
+        ),
+        lambda failed: failed >= 2,
+        what="two failed listings",
+    )
     s3_proxy.up()
 
     shown = await wait_for_status(service, request_id, "archived", timeout=20)
@@ -88,7 +105,7 @@ async def test_replica_killed_mid_upload_leaves_no_object_and_the_poller_archive
                 yield body[offset : offset + MIB]
                 if offset >= 11 * MIB:
                     sent.set()  # two parts are up by now
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # a slow sender: the kill comes mid-upload
 
         url = callback_url(replica.url, Secret(CALLBACK_SECRET), created["id"])
         upload = asyncio.create_task(http.post(url, data=slowly()))
@@ -98,18 +115,13 @@ async def test_replica_killed_mid_upload_leaves_no_object_and_the_poller_archive
             await upload  # the connection died with the replica: not acknowledged
         assert await store.keys("archive/") == []  # no partial object, ever
 
-        replica.start()  # the poller of the restarted replica fetches the data itself
-        for _ in range(200):
-            if await store.keys("archive/"):
-                break
-            await asyncio.sleep(0.1)
+        # The poller of the restarted replica fetches the data itself.
+        await asyncio.to_thread(replica.start)
+        await eventually(lambda: store.keys("archive/"), what="the archive")
     expected = simulator.state.payload_bytes(created["copernica_id"])
     assert await store.read(archive_key(created["id"])) == expected
-    for _ in range(100):  # the killed replica's upload is aborted by a janitor
-        if not await store.uploads():
-            break
-        await asyncio.sleep(0.2)
-    assert await store.uploads() == []
+    # The killed replica's upload is aborted by a janitor.
+    await eventually(store.uploads, lambda uploads: uploads == [], what="no upload")
 
 
 async def test_copernica_timing_out_is_retried_until_it_answers(
@@ -119,9 +131,14 @@ async def test_copernica_timing_out_is_retried_until_it_answers(
     simulator.state.faults.lose_callback = True
     async with await service.file({"email": "t@example.com"}) as answer:
         created = await answer.json()
+    timed_out = await metric(service, "receiver_copernica_requests_total", status="error")
     simulator.state.faults.slow_seconds = 1.0  # every call now times out
 
-    await asyncio.sleep(2)
+    await eventually(
+        lambda: metric(service, "receiver_copernica_requests_total", status="error"),
+        lambda errors: errors >= timed_out + 2,
+        what="two calls timed out",
+    )
     assert (await service.show(created["id"]))["status"] == "pending"
     simulator.state.faults.slow_seconds = 0
 
@@ -178,7 +195,7 @@ async def test_nothing_is_written_to_local_disk(
         if f.startswith("/") and not f.startswith(("/dev/", "/proc/")) and not f.endswith(".log")
     ], open_files
     replica.proc.send_signal(signal.SIGTERM)
-    replica.proc.wait(30)
+    await asyncio.to_thread(replica.proc.wait, 30)
     assert list(scratch.iterdir()) == []
 
 

@@ -5,7 +5,6 @@ request is archived exactly once, and no multipart upload is left behind."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,20 +16,11 @@ from deploy.local_nginx import Nginx
 from service.callbacks import callback_url
 from service.config import Secret
 from service.simulator import PayloadSpec, payload_bytes
-from tests.conftest import (
-    CALLBACK_SECRET,
-    Bucket,
-    ServiceProcess,
-    Simulator,
-    file_request,
-    free_port,
-)
-from tests.test_callbacks import archive_key
+from tests.conftest import CALLBACK_SECRET, Bucket, ServiceProcess, Simulator, free_port
+from tests.support import MIB, archive_key, eventually, file_request
 
-ROOT = Path(__file__).resolve().parent.parent
 REQUESTS = 100
 DELIVERIES = 3  # per request: two at once, one later -> 300 callbacks
-MIB = 1024 * 1024
 
 
 @pytest.fixture
@@ -59,7 +49,7 @@ async def deliver(http: aiohttp.ClientSession, url: str, body: bytes, log: list[
         log.append((url, status))
         if 200 <= status < 500:
             return status
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.25)  # Copernica's pause before it retries a delivery
     return status
 
 
@@ -109,11 +99,15 @@ async def test_behind_nginx_a_killed_replica_loses_nothing(
             return [*together, await deliver(http, url, body, attempts)]
 
         async def killer() -> None:
-            while sum(1 for _, status in attempts if status == 200) < 100:
-                await asyncio.sleep(0.02)
+            await eventually(
+                lambda: sum(1 for _, status in attempts if status == 200),
+                lambda acknowledged: acknowledged >= 100,
+                timeout=120,
+                what="100 callbacks acknowledged",
+            )
             second.kill()
-            await asyncio.sleep(1.0)
-            second.start()  # same port: nginx sends to it again
+            await asyncio.sleep(1.0)  # the scenario: the replica stays down for a second
+            await asyncio.to_thread(second.start)  # same port: nginx sends to it again
 
         gate = asyncio.Semaphore(24)
 
@@ -138,10 +132,7 @@ async def test_behind_nginx_a_killed_replica_loses_nothing(
         assert await store.read(archive_key(item["id"])) == bodies[item["id"]]
     # A replica killed mid-upload leaves an upload that can never complete; the janitor of
     # a poller (every tenth tick) aborts those whose key exists.
-    deadline = time.monotonic() + 30
-    while await store.uploads() and time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-    assert await store.uploads() == []
+    await eventually(store.uploads, lambda uploads: uploads == [], timeout=30, what="no upload")
     print(
         f"archived {len(keys)} objects for {len(acknowledged)} acknowledged callbacks "
         f"({len(acknowledged) - len(keys)} duplicates avoided)"

@@ -11,11 +11,8 @@ import aiohttp
 from service.callbacks import callback_url
 from service.config import Secret
 from service.simulator import PayloadSpec, payload_bytes
-from tests.conftest import CALLBACK_SECRET, Bucket, ServiceProcess, Simulator, file_request, sha256
-from tests.support import eventually
-from tests.test_callbacks import archive_key
-
-MIB = 1024 * 1024
+from tests.conftest import CALLBACK_SECRET, Bucket, ServiceProcess, Simulator, sha256
+from tests.support import MIB, archive_key, eventually, file_request, text_of
 
 
 async def test_sigterm_finishes_the_callback_in_flight_and_exits_cleanly(
@@ -36,17 +33,21 @@ async def test_sigterm_finishes_the_callback_in_flight_and_exits_cleanly(
             for offset in range(0, len(body), 512 * 1024):
                 yield body[offset : offset + 512 * 1024]
                 started.set()
-                await asyncio.sleep(0.15)  # about 3.5 s in all
+                await asyncio.sleep(0.15)  # a slow sender: about 3.5 s in all
 
         url = callback_url(replica.url, Secret(CALLBACK_SECRET), created["id"])
         upload = asyncio.create_task(http.post(url, data=slowly()))
         await started.wait()
         assert replica.proc is not None
         replica.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.2)
 
-        async with http.get(f"{replica.url}/readyz") as ready:
-            assert ready.status == 503  # the load balancer is told at once
+        async def readiness() -> int:
+            async with http.get(f"{replica.url}/readyz") as ready:
+                return ready.status
+
+        # The load balancer is told at once: while the callback is still coming in.
+        await eventually(readiness, lambda status: status == 503, what="readiness dropped")
+        assert not upload.done()
         async with http.get(f"{replica.url}/healthz") as alive:
             assert alive.status == 200  # and requests are still served while draining
 
@@ -78,17 +79,12 @@ async def test_sigterm_ends_within_drain_and_grace_while_copernica_never_answers
     filed_calls = simulator.state.api_calls
     simulator.state.faults.slow_seconds = 3600  # every answer from now on: never
 
-    await eventually(lambda: _calls(simulator), lambda n: n > filed_calls)
+    await eventually(lambda: simulator.state.api_calls, lambda n: n > filed_calls)
     assert replica.proc is not None
     replica.proc.send_signal(signal.SIGTERM)
     # Without the bound the process waits for the 600 s client timeout: `wait` would raise.
     code = await asyncio.get_running_loop().run_in_executor(None, replica.proc.wait, 60)
 
     assert code == 0
-    with open(replica.log_path) as log:
-        assert '"poller_cancelled"' in log.read()
+    assert '"poller_cancelled"' in await text_of(replica.log_path)
     assert await store.uploads() == []
-
-
-async def _calls(simulator: Simulator) -> int:
-    return simulator.state.api_calls
