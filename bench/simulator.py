@@ -78,6 +78,7 @@ def main() -> None:
         access_token=args.access_token,
         ready_after=args.ready_after,
         payload_size=args.payload_size,
+        control=True,
     )
     app = create_simulator_app(config)
     app[SIM_STATE] = RecordingState(config)

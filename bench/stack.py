@@ -64,7 +64,7 @@ class Stack:
     service_env: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     # The simulator's command (after the interpreter) and extra arguments for it.
-    simulator: list[str] = field(default_factory=lambda: ["-m", "service", "simulate"])
+    simulator: list[str] = field(default_factory=lambda: ["-m", "service", "simulate", "--control"])
     simulator_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -175,16 +175,18 @@ class Stack:
                 proc.kill()
 
 
-def append_results(title: str, lines: list[str]) -> None:
-    """Keep the last run of each benchmark in bench/RESULTS.md, with the machine it ran on."""
+def append_results(title: str, lines: list[str], replaces: tuple[str, ...] = ()) -> None:
+    """Keep the last run of each benchmark in bench/RESULTS.md, with the machine it ran on;
+    sections titled as in `replaces` (a benchmark's earlier titles) are dropped."""
     path = ROOT / "bench" / "RESULTS.md"
     text = path.read_text() if path.exists() else "# Benchmark results (last run of each)\n"
     section = f"\n## {title}\n\n{time.strftime('%Y-%m-%d %H:%M')} on {machine()}\n\n"
     section += "\n".join(lines) + "\n"
-    start = text.find(f"\n## {title}\n")
-    if start != -1:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + (text[end:] if end != -1 else "")
+    for old in (title, *replaces):
+        start = text.find(f"\n## {old}\n")
+        if start != -1:
+            end = text.find("\n## ", start + 1)
+            text = text[:start] + (text[end:] if end != -1 else "")
     path.write_text(text.rstrip() + "\n" + section)
 
 

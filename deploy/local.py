@@ -135,6 +135,7 @@ def main() -> None:
                 "-m",
                 "service",
                 "simulate",
+                "--control",
                 "--port",
                 str(SIM_PORT),
                 "--access-token",

@@ -88,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--port", type=int, default=9000)
     simulate.add_argument("--access-token", default="dev-token")
     simulate.add_argument(
+        "--control",
+        action="store_true",
+        help="serve the /_sim/ control API (state, faults, config; no authentication)",
+    )
+    simulate.add_argument(
         "--ready-after", type=float, default=2.0, help="seconds until a data request is ready"
     )
     simulate.add_argument(
@@ -288,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 sign_key_file=args.sign_key,
                 account_id=args.account_id,
                 key_id=args.key_id,
+                control=args.control,
             )
             return 0
         if args.command == "events":

@@ -126,7 +126,7 @@ class OperatorApi:
 
     async def _reconcile(self, record: RequestRecord) -> RequestRecord:
         """The callback path writes only the archive object: fold it into the record on read."""
-        if record.status is Status.ARCHIVED or not record.events_complete:
+        if record.status is not Status.PENDING or not record.events_complete:
             return record  # with events asked for, the poller decides when all is stored
         key = self._store.keys.archive(record.id)
         head = await self._store.head(key)
@@ -135,7 +135,7 @@ class OperatorApi:
         info = archive_from_head(head, self._store.bucket, key)
 
         def change(current: RequestRecord) -> bool:
-            if current.status is Status.ARCHIVED:
+            if current.status is not Status.PENDING:
                 return False
             current.mark_archived(info)
             return True

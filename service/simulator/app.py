@@ -100,6 +100,7 @@ class SimulatorConfig:
     sign_key: str | None = None  # PEM of an RSA private key: callbacks are signed with it
     account_id: str | None = None  # sent as X-Copernica-Id; needed with sign_key
     key_id: str = COPERNICA_KEY_ID  # the signature's keyId (Copernica: a DNS TXT name)
+    control: bool = False  # serve the /_sim/ control API (no auth: tests and local use only)
 
 
 @dataclass
@@ -846,13 +847,18 @@ def create_simulator_app(config: SimulatorConfig | None = None) -> web.Applicati
     app.router.add_get(version + "/" + kinds + "/{id}/events", events)
     app.router.add_get(version + "/{old:old}/{kind:message|template|document}/{id}/events", events)
     app.router.add_post("/authenticate", authenticate)
+    if app[SIM_STATE].config.control:
+        _setup_control(app)
+    return app
+
+
+def _setup_control(app: web.Application) -> None:
     app.router.add_get("/_sim/state", sim_state)
     app.router.add_post("/_sim/faults", sim_faults)
     app.router.add_post("/_sim/config", sim_config)
     app.router.add_post("/_sim/reset", sim_reset)
     app.router.add_post("/_sim/requests/{id}/ready", sim_ready)
     app.router.add_post("/_sim/requests/{id}/deliver", sim_deliver)
-    return app
 
 
 def run_simulator(
@@ -872,8 +878,6 @@ def run_simulator(
         if settings.sign_key
         else ""
     )
-    print(
-        f"Copernica simulator on http://{host}:{port}/v2 (state: /_sim/state){signing}",
-        flush=True,
-    )
+    control = " (state: /_sim/state)" if settings.control else ""
+    print(f"Copernica simulator on http://{host}:{port}/v2{control}{signing}", flush=True)
     web.run_app(app, host=host, port=port, print=None)
