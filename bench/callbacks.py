@@ -1,15 +1,27 @@
 """Callback throughput, CPU and latency: the service against a floor, side by side in one run.
 
 The floor (bench/floor.py) reads the same body and does one bare `put_object` to the same
-local S3. The load comes from this process (a separate one from both servers), bounded in
-count. For each body size and concurrency it prints req/s, CPU seconds per callback of the
-server process, p50/p99 latency and S3 calls per callback, and the service/floor ratios.
+local S3, with payload signing off as the service's client (botocore's default over https).
+The load comes from this process (a separate one from the servers), bounded in count. For
+each body size and concurrency it prints req/s, CPU seconds per callback of the server
+process, p50/p99 latency and S3 calls per callback, and the service/floor ratios. Each row
+runs in two halves in the order service, floor, floor, service, so a drift of the shared
+machine's load during a row weighs on both sides alike.
 
-Rows marked "cold" send the callbacks to a replica that did not file the requests (the
-service is restarted between filing and load, so it remembers none): one record read more.
+The callbacks go to the `report` addresses the service gave Copernica when it filed the
+requests, read back from the simulator: the production path
+(`/callbacks/datarequest/{id}/{subject}/{token}`). Two replicas of the service run on the
+same S3: "warm" rows send to the replica that filed the requests, "cold" rows to a second
+one that neither filed nor polled them. "cold, earlier URL" rows send the address of the
+previous release (`/callbacks/datarequest/{id}/{token}`, still valid) to the second
+replica: its subject check reads the request record.
+
 Bodies larger than one S3 part are also compared with a bare multipart upload of the same
 bytes (floor.py's /multipart: same part size, two parts in flight, no checks): the service
 must not hold such a body whole, so that is the least it can do.
+
+Targets (issue 13): 2 KB warm and cold >= 0.9x the floor's throughput and <= 1.3x its CPU;
+1 MB <= 1.3x its CPU. About 5 minutes on 2 cores (`--quick`: about 1.5).
 
     .venv/bin/python bench/callbacks.py [--quick]
 """
@@ -22,24 +34,51 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.stack import Stack, append_results, cpu_seconds, free_port, sized_body
-from service.callbacks import callback_url
+from bench.stack import Stack, append_results, cpu_seconds, free_port, sized_body, wait_for
+from service.callback_urls import callback_url
 from service.config import Secret
 
+SUBJECT = "bench@example.com"
 SIZES = {"2 KB": (2_000, 240), "1 MB": (1_000_000, 64), "20 MB": (20_000_000, 12)}
 CONCURRENCY = (1, 16, 64)
-COLD = {("2 KB", 16), ("1 MB", 16)}  # also measured on a replica that did not file them
+WARM, COLD, EARLIER = "warm", "cold", "cold, earlier URL"
+# The earlier URL form only where the previous release's README measured it.
+EARLIER_AT = {("2 KB", 16), ("1 MB", 16)}
 PART_BYTES = 8 * 1024 * 1024  # the service's default S3_PART_BYTES
+TARGETS = {  # (size, replicas): (least throughput ratio, most CPU ratio)
+    ("2 KB", WARM): (0.9, 1.3),
+    ("2 KB", COLD): (0.9, 1.3),
+    ("1 MB", WARM): (None, 1.3),
+    ("1 MB", COLD): (None, 1.3),
+}
 
 
-async def s3_calls(http: aiohttp.ClientSession, url: str) -> float:
-    async with http.get(f"{url}/metrics") as answer:
+@dataclass
+class Replica:
+    proc: subprocess.Popen[bytes]
+    url: str
+    admin_url: str
+
+
+@dataclass
+class Row:
+    size: str
+    replicas: str
+    concurrency: int
+    ratio: float
+    cpu_ratio: float
+    text: str
+
+
+async def s3_calls(http: aiohttp.ClientSession, admin_url: str) -> float:
+    async with http.get(f"{admin_url}/metrics") as answer:
         text = await answer.text()
     return sum(
         float(line.rsplit(" ", 1)[1])
@@ -60,7 +99,7 @@ async def drive(
             started = time.perf_counter()
             async with http.post(url, data=body) as answer:
                 await answer.read()
-                assert answer.status == 200, answer.status
+                assert answer.status == 200, (answer.status, url)
             latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
@@ -74,49 +113,106 @@ def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] * 1000
 
 
+async def file_requests(http: aiohttp.ClientSession, stack: Stack, n: int) -> dict[str, str]:
+    """File n requests through the first replica's API; {request id: the `report` address it
+    gave Copernica}, as the simulator recorded it."""
+    cids = {}
+    for _ in range(n):
+        async with http.post(
+            f"{stack.admin_url}/v1/data-requests",
+            json={"email": SUBJECT},
+            headers={"Authorization": f"Bearer {stack.api}"},
+        ) as answer:
+            created = await answer.json()
+        cids[created["id"]] = created["copernica_id"]
+    async with http.get(f"http://127.0.0.1:{stack.sim_port}/_sim/state") as answer:
+        known = (await answer.json())["requests"]
+    reports = {rid: known[cid]["report"] for rid, cid in cids.items()}
+    for rid, report in reports.items():
+        # The current form: id, subject digest (64 hex), token.
+        prefix = f"{stack.url}/callbacks/datarequest/{rid}/"
+        subject, _, token = report.removeprefix(prefix).partition("/")
+        assert report.startswith(prefix) and len(subject) == 64 and token, report
+    return reports
+
+
 async def measure(
     stack: Stack,
     http: aiohttp.ClientSession,
+    replica: Replica,
+    how: str,
     floor: subprocess.Popen[bytes],
     floor_port: int,
     body: bytes,
     n: int,
     concurrency: int,
-    cold: bool,
-) -> str:
-    """One row: n callbacks to the service, then n bodies to each floor, same concurrency."""
-    ids = []
-    for _ in range(n):
-        async with http.post(
-            f"{stack.admin_url}/v1/data-requests",
-            json={"email": "bench@example.com"},
-            headers={"Authorization": f"Bearer {stack.api}"},
-        ) as answer:
-            ids.append((await answer.json())["id"])
-    if cold:
-        stack.restart_service()  # forgets every request it filed
-    urls = [callback_url(stack.url, Secret(stack.secret), i) for i in ids]
-    calls_before = await s3_calls(http, stack.admin_url)
-    cpu_before = cpu_seconds(stack.service.pid)
-    took, lat = await drive(http, urls, body, concurrency)
-    service_cpu = (cpu_seconds(stack.service.pid) - cpu_before) / n
-    calls = (await s3_calls(http, stack.admin_url) - calls_before) / n
+) -> tuple[float, float, str]:
+    """One row: n callbacks to the replica and n bodies to the floor, in halves (ABBA)."""
+    reports = await file_requests(http, stack, n)
+    if how == EARLIER:
+        urls = [callback_url(replica.url, Secret(stack.secret), rid) for rid in reports]
+    else:
+        urls = [report.replace(stack.url, replica.url, 1) for report in reports.values()]
     base = f"http://127.0.0.1:{floor_port}"
     floor_urls = [f"{base}/put/f{time.time_ns()}-{k}" for k in range(n)]
-    cpu_before = cpu_seconds(floor.pid)
-    floor_took, floor_lat = await drive(http, floor_urls, body, concurrency)
-    floor_cpu = (cpu_seconds(floor.pid) - cpu_before) / n
+    half = n // 2
+    took = floor_took = service_cpu = floor_cpu = 0.0
+    lat: list[float] = []
+    floor_lat: list[float] = []
+    calls_before = await s3_calls(http, replica.admin_url)
+    halves = [("s", urls[:half]), ("f", floor_urls[:half])]
+    halves += [("f", floor_urls[half:]), ("s", urls[half:])]
+    for side, part in halves:
+        pid = replica.proc.pid if side == "s" else floor.pid
+        cpu_before = cpu_seconds(pid)
+        seconds, latencies = await drive(http, part, body, concurrency)
+        cpu = cpu_seconds(pid) - cpu_before
+        if side == "s":
+            took, service_cpu, lat = took + seconds, service_cpu + cpu, lat + latencies
+        else:
+            floor_took, floor_cpu = floor_took + seconds, floor_cpu + cpu
+            floor_lat += latencies
+    calls = (await s3_calls(http, replica.admin_url) - calls_before) / n
+    service_cpu, floor_cpu = service_cpu / n, floor_cpu / n
     multipart = "— | —"
     if len(body) > PART_BYTES:
         parts_urls = [f"{base}/multipart/m{time.time_ns()}-{k}" for k in range(n)]
         parts_took, _ = await drive(http, parts_urls, body, concurrency)
         multipart = f"{n / parts_took:.1f} | {parts_took / took:.2f}"
-    return (
-        f"{n / took:.1f} | {n / floor_took:.1f} | {floor_took / took:.2f} | "
-        f"{service_cpu * 1000:.1f} | {floor_cpu * 1000:.1f} | "
-        f"{service_cpu / max(floor_cpu, 1e-9):.2f} | {pct(lat, 50):.0f}/{pct(lat, 99):.0f} | "
+    ratio, cpu_ratio = floor_took / took, service_cpu / max(floor_cpu, 1e-9)
+    text = (
+        f"{n / took:.1f} | {n / floor_took:.1f} | {ratio:.2f} | "
+        f"{service_cpu * 1000:.1f} | {floor_cpu * 1000:.1f} | {cpu_ratio:.2f} | "
+        f"{pct(lat, 50):.0f}/{pct(lat, 99):.0f} | "
         f"{pct(floor_lat, 50):.0f}/{pct(floor_lat, 99):.0f} | {calls:.1f} | {multipart} |"
     )
+    return ratio, cpu_ratio, text
+
+
+def verdicts(rows: list[Row]) -> list[str]:
+    """One line per target: the rows it covers, worst first."""
+    lines = []
+    for (size, replicas), (least, most) in TARGETS.items():
+        covered = [r for r in rows if r.size == size and r.replicas == replicas]
+        if not covered:
+            continue
+        parts = []
+        ok = True
+        if least is not None:
+            ratios = [r.ratio for r in covered]
+            ok &= min(ratios) >= least
+            parts.append(
+                f"throughput {' / '.join(f'{x:.2f}' for x in ratios)}x (target >= {least})"
+            )
+        cpus = [r.cpu_ratio for r in covered]
+        ok &= max(cpus) <= most
+        parts.append(f"CPU {' / '.join(f'{x:.2f}' for x in cpus)}x (target <= {most})")
+        conc = "/".join(str(r.concurrency) for r in covered)
+        lines.append(
+            f"- {size} {replicas}, concurrency {conc}: {'; '.join(parts)}: "
+            f"{'holds' if ok else 'MISSED'}"
+        )
+    return lines
 
 
 async def run(quick: bool) -> None:
@@ -125,12 +221,27 @@ async def run(quick: bool) -> None:
     floor = stack.spawn(
         ["bench/floor.py", str(floor_port), stack.endpoint, stack.bucket], port=floor_port
     )
+    # A second replica: same secret, bucket and public base URL, its own listeners.
+    port, admin_port = free_port(), free_port()
+    second = stack.spawn(
+        ["-m", "service", "serve"],
+        env=stack.service_environment({"PORT": str(port), "ADMIN_PORT": str(admin_port)}),
+        port=port,
+    )
+    wait_for(admin_port)
+    replicas = {
+        WARM: Replica(stack.service, stack.url, stack.admin_url),
+        COLD: Replica(second, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"),
+    }
+    replicas[EARLIER] = replicas[COLD]
     rows = [
-        "| size | conc | service req/s | floor req/s | ratio | service CPU ms/cb | "
+        "| size | replica | conc | service req/s | floor req/s | ratio | service CPU ms/cb | "
         "floor CPU ms/cb | CPU ratio | service p50/p99 ms | floor p50/p99 ms | "
         "S3 calls/cb | bare multipart req/s | ratio to it |",
-        "|" + " --- |" * 13,
+        "|" + " --- |" * 14,
     ]
+    measured: list[Row] = []
+    started = time.perf_counter()
     try:
         async with aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=600),
@@ -139,26 +250,36 @@ async def run(quick: bool) -> None:
             for name, (size, count) in SIZES.items():
                 if quick:
                     count = max(4, count // 4)
-                body = sized_body("bench@example.com", size)
+                body = sized_body(SUBJECT, size)
                 for concurrency in CONCURRENCY:
-                    for cold in (False, True) if (name, concurrency) in COLD else (False,):
-                        row = await measure(
+                    ways = [WARM, COLD] + ([EARLIER] if (name, concurrency) in EARLIER_AT else [])
+                    for how in ways:
+                        ratio, cpu_ratio, text = await measure(
                             stack,
                             http,
+                            replicas[how],
+                            how,
                             floor,
                             floor_port,
                             body,
                             max(count, concurrency),
                             concurrency,
-                            cold,
                         )
-                        rows.append(f"| {name}{' cold' if cold else ''} | {concurrency} | {row}")
+                        measured.append(Row(name, how, concurrency, ratio, cpu_ratio, text))
+                        rows.append(f"| {name} | {how} | {concurrency} | {text}")
                         print(rows[-1], flush=True)
     finally:
         stack.stop()
-    print("\n".join(rows))
+    notes = [
+        "",
+        "Targets (issue 13), ratios to the floor by concurrency:",
+        *verdicts(measured),
+        f"- whole run {time.perf_counter() - started:.0f} s",
+    ]
+    print("\n".join(rows + notes))
     title = "Callback throughput: service vs floor" + (" (quick run)" if quick else "")
-    append_results(title, rows)
+    # A full run's table supersedes a quick one's.
+    append_results(title, rows + notes, replaces=() if quick else (f"{title} (quick run)",))
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Run deploy/nginx.conf as our own nginx process in front of loopback replicas.
 
 The reference configuration is used as it is; only its upstream servers and its listen
-address are rewritten for loopback ports. Used by tests/scenarios/test_nginx.py and bench/replicas.py.
+address are rewritten for loopback ports. Used by tests/scenarios/test_nginx.py and
+bench/replicas.py.
 """
 
 from __future__ import annotations
