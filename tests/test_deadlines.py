@@ -276,4 +276,9 @@ async def test_a_record_from_before_deadlines_is_read_with_its_creation_day(
         return [i["id"] for i in (await listing(service, "overdue=true"))[1]["items"]]
 
     assert await eventually(overdue_ids, lambda ids: ids == [request_id])
-    assert (await record_of(store, request_id))["received_on"] == created.date().isoformat()
+    # The marker goes in before the record is rewritten: wait for the record too.
+    await eventually(
+        lambda: record_of(store, request_id),
+        lambda record: record.get("received_on") == created.date().isoformat(),
+        what="received_on written into the record",
+    )
