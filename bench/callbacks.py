@@ -114,20 +114,8 @@ def pct(values: list[float], q: int) -> float:
 
 
 async def file_requests(http: aiohttp.ClientSession, stack: Stack, n: int) -> dict[str, str]:
-    """File n requests through the first replica's API; {request id: the `report` address it
-    gave Copernica}, as the simulator recorded it."""
-    cids = {}
-    for _ in range(n):
-        async with http.post(
-            f"{stack.admin_url}/v1/data-requests",
-            json={"email": SUBJECT},
-            headers={"Authorization": f"Bearer {stack.api}"},
-        ) as answer:
-            created = await answer.json()
-        cids[created["id"]] = created["copernica_id"]
-    async with http.get(f"http://127.0.0.1:{stack.sim_port}/_sim/state") as answer:
-        known = (await answer.json())["requests"]
-    reports = {rid: known[cid]["report"] for rid, cid in cids.items()}
+    """File n requests; {request id: the `report` address}, checked to be the current form."""
+    reports = await stack.file_requests(http, SUBJECT, n)
     for rid, report in reports.items():
         # The current form: id, subject digest (64 hex), token.
         prefix = f"{stack.url}/callbacks/datarequest/{rid}/"

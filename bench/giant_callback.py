@@ -166,17 +166,7 @@ def reset_peak(pid: int) -> bool:
 
 async def file_requests(http: aiohttp.ClientSession, stack: Stack, n: int) -> list[str]:
     """File n requests through the API; the `report` addresses the simulator was given."""
-    cids = []
-    for _ in range(n):
-        async with http.post(
-            f"{stack.admin_url}/v1/data-requests",
-            json={"email": SUBJECT},
-            headers={"Authorization": f"Bearer {stack.api}"},
-        ) as answer:
-            cids.append((await answer.json())["copernica_id"])
-    async with http.get(f"http://127.0.0.1:{stack.sim_port}/_sim/state") as answer:
-        known = (await answer.json())["requests"]
-    return [known[cid]["report"] for cid in cids]
+    return list((await stack.file_requests(http, SUBJECT, n)).values())
 
 
 async def post(http: aiohttp.ClientSession, url: str, chunks: Iterator[bytes]) -> dict[str, Any]:

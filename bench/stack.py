@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CREDENTIALS = {
@@ -165,6 +166,22 @@ class Stack:
     def restart_service(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         self.stop_service()
         return self.start_service(env)
+
+    async def file_requests(self, http: Any, subject: str, n: int) -> dict[str, str]:
+        """File n requests for `subject` through the service's API; {request id: the `report`
+        address it gave Copernica}, as the simulator recorded it."""
+        cids = {}
+        for _ in range(n):
+            async with http.post(
+                f"{self.admin_url}/v1/data-requests",
+                json={"email": subject},
+                headers={"Authorization": f"Bearer {self.api}"},
+            ) as answer:
+                created = await answer.json()
+            cids[created["id"]] = created["copernica_id"]
+        async with http.get(f"http://127.0.0.1:{self.sim_port}/_sim/state") as answer:
+            known = (await answer.json())["requests"]
+        return {rid: known[cid]["report"] for rid, cid in cids.items()}
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
