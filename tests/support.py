@@ -216,9 +216,15 @@ async def record_of(store: Bucket, request_id: str) -> dict[str, Any]:
 
 
 async def snapshot(store: Bucket, request_id: str) -> dict[str, bytes]:
-    """Every object stored for a request (record, archive, events, package, ...) by key."""
+    """Every object stored for a request (record, archive, events, package, ...) by key.
+
+    A key deleted between the listing and its read (a pending request's poll marker moves on
+    every visit) is left out, as if the listing had been taken a moment later."""
     found = {}
     for key in await store.keys():
         if request_id in key:
-            found[key] = await store.read(key)
+            try:
+                found[key] = await store.read(key)
+            except store.client.exceptions.NoSuchKey:
+                continue
     return found
