@@ -26,7 +26,7 @@ from .copernica import Backoff, CopernicaClient, CopernicaError, CopernicaUnavai
 from .deadlines import DeadlineInputError, parse_received_on
 from .event_archive import lookback, request_windows
 from .events import EventsInputError, add_months, parse_day, plan
-from .ledger import REPLICA, Ledger, RequestRecord, stamp
+from .ledger import REPLICA, Ledger, RecordConflict, RequestRecord, Status, stamp
 from .logs import subject_hash
 from .metrics import Metrics
 from .payload import Subject
@@ -198,8 +198,32 @@ class Filing:
             return found[0]
         await self.call_copernica(record)
         record.lease = None
-        await self._ledger.save(record, etag)
+        try:
+            await self._ledger.save(record, etag)
+        except PreconditionFailed:
+            # Copernica (or its rate limit) kept us past our lease, and a poller took the
+            # request over: it files a `submitting` record again. The request is in the
+            # ledger either way; keep our answer if the takeover has none yet.
+            return await self._overtaken(record)
         return record
+
+    async def _overtaken(self, ours: RequestRecord) -> RequestRecord:
+        def settle(current: RequestRecord) -> bool:
+            if current.status is not Status.SUBMITTING:
+                return False  # the takeover got Copernica's answer: it stands
+            if ours.status is Status.PENDING and ours.copernica_id is not None:
+                current.mark_pending(ours.copernica_id)
+            elif ours.status is Status.FAILED and ours.last_error is not None:
+                current.mark_failed(ours.last_error)
+            else:
+                return False
+            return True
+
+        log.warning("filing_overtaken", request_id=ours.id, status=ours.status)
+        current = await self._ledger.update(ours.id, settle)
+        if current is None:
+            raise RecordConflict(ours.id)
+        return current
 
     def _events_of(self, new: NewRequest) -> dict[str, Any] | None:
         """What events to archive with the data: asked for, or EVENTS_LOOKBACK_DAYS."""

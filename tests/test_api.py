@@ -175,6 +175,31 @@ async def test_copernica_down_leaves_the_request_submitting_with_its_error(
     assert ACCESS_TOKEN not in json.dumps(created)
 
 
+async def test_a_filing_overtaken_by_the_poller_answers_202_with_its_copernica_id(
+    service: Service, simulator: Simulator, store: Bucket
+) -> None:
+    """Copernica keeps the filer waiting past its lease and a poller takes the request over
+    (it bumps the record while the filer waits). The filer's answer is not lost to a 500:
+    the record takes Copernica's id, and the API answers 202 with it. Found by the soak."""
+    simulator.state.faults.slow_seconds = 1.5
+    filing = asyncio.create_task(service.file({"email": "otto@example.com"}))
+    keys: list[str] = []
+    await eventually(lambda: store.keys("requests/"), lambda k: keys.extend(k) or bool(k))
+    record = json.loads(await store.read(keys[0]))
+    assert record["status"] == "submitting"
+    record["lease"] = {"owner": "another-replica", "until": "2000-01-01T00:00:00.000000Z"}
+    record["version"] += 1  # what a poller's lease write looks like to the filer's If-Match
+    await store.client.put_object(Bucket=store.name, Key=keys[0], Body=json.dumps(record))
+
+    async with await filing as answer:
+        assert answer.status == 202, await answer.text()
+        created = await answer.json()
+    stored = json.loads(await store.read(keys[0]))
+    assert created["status"] == stored["status"] == "pending"
+    assert created["copernica_id"] == stored["copernica_id"]
+    assert stored["copernica_id"] in simulator.state.requests
+
+
 async def test_show_unknown_or_malformed_id_is_404(service: Service) -> None:
     for request_id in (str(ULID()), "../../etc/passwd", "x" * 300):
         async with service.http.get(
