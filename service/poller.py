@@ -299,9 +299,16 @@ class Poller:
             key = self._store.keys.archive(record.id)
             head = await self._store.head(receipt.key or key)
             archive = archive_from_head(head, self._store.bucket, key) if head else None
-            if archive is not None and receipt.sha256:
-                archive["sha256"] = receipt.sha256
-            record.archive = archive or record.archive
+            if receipt.outcome is Outcome.ARCHIVED:
+                # We stored exactly what we hashed (a multipart object's metadata lacks it).
+                if archive is not None:
+                    archive["sha256"] = receipt.sha256
+                record.archive = archive or record.archive
+            else:
+                # Someone else stored the archive first: its facts are theirs, never those
+                # of the body we fetched (a refiled request has a second Copernica request,
+                # whose data differs). Their record note, else the object's own metadata.
+                record.archive = record.archive or archive
             record.mark_archived()
             return await self._package(record, receipt.outcome.value)
         if receipt.outcome is Outcome.NOT_READY:

@@ -71,6 +71,44 @@ async def test_callback_and_poller_racing_make_one_object(
         assert await store.read(archive_key(item["id"])) == expected
 
 
+async def test_a_different_body_stored_first_keeps_its_facts_and_gets_its_package(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    """A refiled request has two Copernica requests, whose bodies differ. If the other one's
+    callback stores its body while the poller downloads this one's, the record must carry
+    the stored object's sha256, not the downloaded body's: else the package builder finds a
+    mismatch and never builds the package (found by the soak)."""
+    simulator.state.faults.lose_callback = True
+    simulator.state.config.ready_after = 3600
+    service = await make_service(**FAST)
+    created = await filed(service, {"email": "rae@example.com"})
+    ours = simulator.state.requests[created["copernica_id"]]
+    other = simulator.state.new_request("email", "rae@example.com", ours.report)
+    stored_first = simulator.state.payload_bytes(other.copernica_id)
+    fetched = simulator.state.payload_bytes(ours.copernica_id)
+    assert stored_first != fetched
+
+    # The poller's next status call waits a second at Copernica; meanwhile the other body lands.
+    simulator.state.faults.slow_seconds = 1.0
+    ours.ready_at = 0.0
+    calls = simulator.state.api_calls
+    await eventually(lambda: simulator.state.api_calls > calls, what="a poll under way")
+    async with service.http.post(service.callback_url(created["id"]), data=stored_first) as answer:
+        assert answer.status == 200
+    simulator.state.faults.slow_seconds = 0.0
+    await eventually(lambda: ours.data_gets > 0, what="the poller downloading its body")
+
+    record = await eventually(
+        lambda: record_of(store, created["id"]),
+        lambda r: r.get("package") is not None or bool(r.get("last_error")),
+        what="a package or an error",
+    )
+    assert record["last_error"] is None
+    assert record["archive"]["sha256"] == sha256(stored_first)
+    assert await store.read(archive_key(created["id"])) == stored_first
+    assert record["package"]["sha256"]
+
+
 async def test_data_gone_at_copernica_marks_failed(
     make_service: ServiceFactory, simulator: Simulator
 ) -> None:
