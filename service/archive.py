@@ -311,14 +311,14 @@ class ArchiveStore:
             task.add_done_callback(self._cleanups.discard)
 
     async def abort_superseded_uploads(self) -> int:
-        """Abort multipart uploads to archive keys that exist already.
+        """Abort multipart uploads to keys that exist already (archives, packages).
 
         Such an upload can never complete (its `If-None-Match: *` would fail): it was left by
         a replica killed mid-upload, or lost a race. Uploads whose key does not exist yet may
         still be in progress on another replica and are left alone; the bucket's lifecycle
         rule (AbortIncompleteMultipartUpload) ends those that never finish.
         """
-        answer = await self._call("list_multipart_uploads", Prefix=f"{self.keys.prefix}archive/")
+        answer = await self._call("list_multipart_uploads", Prefix=self.keys.prefix)
         aborted = 0
         for upload in answer.get("Uploads", []):
             if await self.head(upload["Key"]) is not None:

@@ -280,3 +280,23 @@ async def test_cli_download_checks_the_sha256(
     )
     assert code == 1
     assert "no such request" in output and not (tmp_path / "x.zip").exists()
+
+
+async def test_the_janitor_aborts_package_uploads_a_killed_builder_left(
+    store: Bucket, s3_endpoint: str, bucket: str
+) -> None:
+    """A builder killed mid-upload leaves a multipart upload; once the package exists (built
+    by another replica) that upload can never complete and is aborted. One whose key does
+    not exist yet may still be in progress elsewhere and stays. Found by the soak: the
+    janitor used to look at archive uploads only."""
+    settings = make_settings(ARCHIVE_BUCKET=bucket, S3_ENDPOINT_URL=s3_endpoint)
+    built, building = str(ULID()), str(ULID())
+    async with s3_client(settings) as s3:
+        archive = ArchiveStore(s3, settings, Metrics())
+        for request_id in (built, building):
+            await s3.create_multipart_upload(Bucket=bucket, Key=archive.keys.package(request_id))
+        await s3.put_object(Bucket=bucket, Key=archive.keys.package(built), Body=b"PK")
+
+        assert await archive.abort_superseded_uploads() == 1
+
+    assert [u["Key"] for u in await store.uploads()] == [f"copernica/packages/{building}.zip"]
