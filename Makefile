@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install nginx browser run test lint bench image clean
+.PHONY: install nginx browser run test lint bench soak mutate image clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,18 @@ bench: install nginx
 	$(PY) bench/poller.py
 	$(PY) bench/replicas.py
 	$(PY) bench/package.py
+
+# The combined-fault soak: three replicas behind nginx, moto behind a fault proxy, the
+# simulator, a seeded schedule of faults, then an invariant checker over S3 and the simulator.
+# SOAK_SECONDS (default 300) and SOAK_SEED (default: random, printed) make a run reproducible.
+# `make test` runs the same for 60 seconds (tests/scenarios/test_soak.py).
+soak: install nginx
+	$(PY) -m tests.soak --seconds $${SOAK_SECONDS:-300} $${SOAK_SEED:+--seed $$SOAK_SEED}
+
+# Removes each conditional write (If-Match, If-None-Match) in turn from a scratch copy of the
+# checkout and runs the tests that guard it: every one must go red. About N minutes.
+mutate: install
+	$(PY) -m tests.mutate
 
 # Builds deploy/Dockerfile with podman on a debootstrap stand-in for python:3.11-slim, runs
 # the image's entrypoint under chroot against a local S3 and probes it (deploy/image.py).

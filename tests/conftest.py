@@ -42,7 +42,7 @@ _LEAKS: list[str] = []
 _ADDRESS = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
 
 
-def _leaks_in(text: str) -> list[str]:
+def leaks_in(text: str) -> list[str]:
     secrets = (ACCESS_TOKEN, API_TOKEN, CALLBACK_SECRET)
     return [
         line[:300]
@@ -54,13 +54,13 @@ def _leaks_in(text: str) -> list[str]:
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     for section, text in report.sections:
-        _LEAKS.extend(f"{report.nodeid} [{section}]: {line}" for line in _leaks_in(text))
+        _LEAKS.extend(f"{report.nodeid} [{section}]: {line}" for line in leaks_in(text))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for path in SERVICE_LOGS:
         if path.exists():
-            _LEAKS.extend(f"{path.name}: {line}" for line in _leaks_in(path.read_text()))
+            _LEAKS.extend(f"{path.name}: {line}" for line in leaks_in(path.read_text()))
     if _LEAKS:
         found = list(dict.fromkeys(_LEAKS))  # a section shows up in several phases' reports
         print("\nSECRETS OR E-MAIL ADDRESSES IN LOGS:\n" + "\n".join(found[:50]))
@@ -269,6 +269,8 @@ class TcpProxy:
 
     `down()` drops every open connection and refuses new ones (connection refused is not
     possible on a listening port, so new connections are accepted and closed at once).
+    `latency` seconds delay the first bytes of each answer (an answer begins when bytes come
+    back after bytes went out on that connection), not every chunk of a large one.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -276,6 +278,7 @@ class TcpProxy:
         self.up_flag = True
         self.bytes_to_target = 0
         self.cut_after_bytes: int | None = None
+        self.latency = 0.0
         self._writers: set[Any] = set()
         self._server: Any = None
         self.port = 0
@@ -312,6 +315,7 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._writers.update({writer, up_writer})
+        last = ["answer"]  # which way bytes went last on this connection
 
         async def pipe(src: Any, dst: Any, count: bool) -> None:
             try:
@@ -323,6 +327,11 @@ class TcpProxy:
                         ):
                             self.down()
                             return
+                        last[0] = "request"
+                    elif last[0] == "request":
+                        last[0] = "answer"
+                        if self.latency:
+                            await asyncio.sleep(self.latency)
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):

@@ -9,8 +9,10 @@ from .app import (
     SimRequest,
     SimState,
     SimulatorConfig,
+    SubjectPlan,
     create_simulator_app,
     run_simulator,
+    subject_key,
 )
 from .payloads import (
     PayloadSpec,
@@ -31,6 +33,7 @@ __all__ = [
     "SimRequest",
     "SimState",
     "SimulatorConfig",
+    "SubjectPlan",
     "create_simulator_app",
     "make_events",
     "payload_bytes",
@@ -38,4 +41,5 @@ __all__ = [
     "payload_digest",
     "payload_size",
     "run_simulator",
+    "subject_key",
 ]

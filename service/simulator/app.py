@@ -81,6 +81,21 @@ REQUEST_FAULTS = frozenset(
 
 
 @dataclass
+class SubjectPlan:
+    """What one subject's requests look like, where it differs from the configuration:
+    set before the request is filed (in process: `state.plans[subject_key] = ...`)."""
+
+    ready_after: float | None = None  # seconds from create to ready
+    payload_size: int | None = None  # bytes, at least
+
+
+def subject_key(subject_type: str, subject_id: str) -> str:
+    """The subject as the API path names it: `email/ann@x.test`, `profile/7`."""
+    subject = subject_id.casefold() if subject_type == "email" else subject_id
+    return f"{subject_type}/{subject}"
+
+
+@dataclass
 class SimulatorConfig:
     access_token: str = "dev-token"  # noqa: S105 - the fake's own, for local use
     ready_after: float = 0.2  # seconds from create to ready (late readiness: make it large)
@@ -143,9 +158,7 @@ class SimRequest:
 
     @property
     def subject_key(self) -> str:
-        """The subject as the API path names it: `email/ann@x.test`, `profile/7`."""
-        subject = self.subject_id.casefold() if self.subject_type == "email" else self.subject_id
-        return f"{self.subject_type}/{subject}"
+        return subject_key(self.subject_type, self.subject_id)
 
 
 class CopernicaSigner:
@@ -207,6 +220,7 @@ class SimState:
         self.faults = Faults()
         # Per-request fault overrides, keyed by copernica id or subject key (`profile/7`).
         self.overrides: dict[str, dict[str, Any]] = {}
+        self.plans: dict[str, SubjectPlan] = {}  # keyed by subject key
         self.requests: dict[str, SimRequest] = {}
         self.deliveries: list[Delivery] = []
         self.api_calls = 0
@@ -231,9 +245,9 @@ class SimState:
         copernica_id = str(self._next_id)
         self._next_id += 1
         now = time.monotonic()
-        request = SimRequest(
-            copernica_id, subject_type, subject_id, report, now, now + self.config.ready_after
-        )
+        plan = self.plans.get(subject_key(subject_type, subject_id), SubjectPlan())
+        ready_after = self.config.ready_after if plan.ready_after is None else plan.ready_after
+        request = SimRequest(copernica_id, subject_type, subject_id, report, now, now + ready_after)
         self.requests[copernica_id] = request
         return request
 
@@ -251,11 +265,12 @@ class SimState:
         request = self.requests[copernica_id]
         if request.spec is None:
             faults = self.faults_for(request)
+            plan = self.plans.get(request.subject_key, SubjectPlan())
             request.spec = PayloadSpec(
                 request.subject_type,
                 request.subject_id,
                 copernica_id,
-                self.config.payload_size,
+                plan.payload_size or self.config.payload_size,
                 wrong_subject=faults.wrong_subject,
                 malformed=faults.malformed_json,
                 seed=self.config.payload_seed,

@@ -1,0 +1,363 @@
+"""The invariant checker: reads only the bucket (straight from moto), the simulator's state
+and the processes' logs, and says for each guarantee how much it checked and what broke."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import leaks_in
+from tests.support import archive_key
+
+from .plan import DRAIN, GRACE, RATE, REPLICAS, Plan, PlannedRequest
+from .run import Outcome, purge_overdue, records, uploads
+from .stack import Stack
+
+FINAL = ("archived", "failed", "expired", "purged")
+# After drain + grace, what still runs is cancelled; its clean-up (aborting an upload, closing
+# clients) and the interpreter's exit come on top. Measured in soaks: up to ~4 s.
+SHUTDOWN_SLACK = 5.0
+# aiohttp's client leaves the task that writes a request body unretrieved when the connection
+# is cut under it; asyncio then logs it. The request itself fails and is retried: not a crash.
+LIBRARY_NOISE = ("Task exception was never retrieved", "ClientRequest.write_bytes()")
+
+
+@dataclass
+class Row:
+    name: str
+    checked: int = 0
+    violations: list[str] = field(default_factory=list)
+
+    def check(self, ok: bool, what: str) -> None:
+        self.checked += 1
+        if not ok:
+            self.violations.append(what)
+
+
+def _time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def request_id_of(report: str | None) -> str | None:
+    if not report or "/callbacks/datarequest/" not in report:
+        return None
+    return report.split("/callbacks/datarequest/", 1)[1].split("/", 1)[0]
+
+
+class Checker:
+    def __init__(self, stack: Stack, outcome: Outcome) -> None:
+        self.stack = stack
+        self.plan: Plan = stack.plan
+        self.outcome = outcome
+        self.state = stack.sim_state
+        self.by_email = {r.email: r for r in self.plan.requests}
+        # Every Copernica request made for one of our requests (a refiling makes another).
+        self.copernica: dict[str, list[str]] = {}
+        for cid, sim in self.state.requests.items():
+            request_id = request_id_of(sim.report)
+            if request_id is not None:
+                self.copernica.setdefault(request_id, []).append(cid)
+        self._digests: dict[str, str] = {}
+        self.library_noise = 0  # log lines of aiohttp's unretrieved body-writer task
+
+    async def _get(self, key: str) -> bytes | None:
+        s3 = self.stack.s3
+        try:
+            answer = await s3.get_object(Bucket=self.stack.bucket, Key=key)
+        except s3.exceptions.NoSuchKey:
+            return None
+        async with answer["Body"] as body:
+            return bytes(await body.read())
+
+    async def _keys(self, prefix: str) -> list[str]:
+        pages = self.stack.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.stack.bucket, Prefix=prefix
+        )
+        return [item["Key"] async for page in pages for item in page.get("Contents", [])]
+
+    async def payload_sha256(self, copernica_id: str) -> str:
+        if copernica_id not in self._digests:
+            _size, digest = await asyncio.to_thread(self.state.payload_digest, copernica_id)
+            self._digests[copernica_id] = digest
+        return self._digests[copernica_id]
+
+    async def expected_sha256(self, request_id: str) -> set[str]:
+        return {await self.payload_sha256(c) for c in self.copernica.get(request_id, [])}
+
+    def planned(self, request_id: str) -> PlannedRequest | None:
+        for cid in self.copernica.get(request_id, []):
+            found = self.by_email.get(self.state.requests[cid].subject_id)
+            if found is not None:
+                return found
+        return None
+
+    def expected_events(self, request: PlannedRequest) -> list[int]:
+        assert request.events is not None
+        since, until = (str(d) for d in request.events)
+        return sorted(
+            e["data"]["id"]
+            for e in self.state.events
+            if e["data"].get("email") == request.email and since <= e["data"]["time"][:10] < until
+        )
+
+    async def run(self) -> list[Row]:
+        now = datetime.now(UTC)
+        found = await records(self.stack)
+        rows = [
+            self.filings(found),
+            self.final(found),
+            self.as_planned(found),
+            await self.archives(found),
+            await self.stray_archives(found),
+            await self.events(found),
+            await self.packages(found),
+            self.purged_in_time(found),
+            self.purged_when_due(found, now),
+            await self.purged_leave_nothing(found),
+            await self.no_uploads(),
+            self.rate(),
+            await self.acknowledged(found),
+            self.sigterm(),
+            self.logs_clean(),
+            self.no_crashes(),
+        ]
+        return rows
+
+    def filings(self, found: dict[str, dict[str, Any]]) -> Row:
+        row = Row("every filing answered 202 (retried with its Idempotency-Key)")
+        for request in self.plan.requests:
+            failure = self.outcome.filing_failures.get(request.n)
+            row.check(failure is None, f"request {request.n}: {failure}")
+        for n, request_id in self.outcome.filed.items():
+            row.check(request_id in found, f"request {n}: filed as {request_id}, no record")
+        return row
+
+    def final(self, found: dict[str, dict[str, Any]]) -> Row:
+        row = Row("every request in a final state (archived ones packaged)")
+        for record in found.values():
+            status = record["status"]
+            ok = status in FINAL and not (status == "archived" and not record.get("package"))
+            row.check(ok, f"{record['id']}: {status}, package {bool(record.get('package'))}")
+        return row
+
+    def as_planned(self, found: dict[str, dict[str, Any]]) -> Row:
+        row = Row("final state as planned (never-ready: expired; others: archived or purged)")
+        for record in found.values():
+            request = self.planned(record["id"])
+            if request is None:
+                row.check(False, f"{record['id']}: no Copernica request names it")
+                continue
+            wanted = ("expired",) if request.never_ready else ("archived", "purged")
+            row.check(
+                record["status"] in wanted,
+                f"{record['id']} (plan {request.n}, {request.kind}): {record['status']} "
+                f"({record.get('last_error')})",
+            )
+        return row
+
+    async def archives(self, found: dict[str, dict[str, Any]]) -> Row:
+        row = Row("archive bytes = Copernica's payload (sha256); purged: tombstone + sha256")
+        for record in found.values():
+            key = archive_key(record["id"])
+            stored = await self._get(key)
+            expected = await self.expected_sha256(record["id"])
+            recorded = (record.get("archive") or {}).get("sha256")
+            if record["status"] == "archived":
+                actual = hashlib.sha256(stored).hexdigest() if stored is not None else None
+                row.check(
+                    actual in expected and actual == recorded,
+                    f"{record['id']}: stored {actual}, recorded {recorded}, Copernica {expected}",
+                )
+            elif record["status"] == "purged":
+                row.check(
+                    stored == b"" and recorded in expected,
+                    f"{record['id']}: purged, object {len(stored or b'')} B, sha256 {recorded}",
+                )
+            else:
+                row.check(stored is None, f"{record['id']}: {record['status']} with an archive")
+        return row
+
+    async def stray_archives(self, found: dict[str, dict[str, Any]]) -> Row:
+        row = Row("no archive object without an archived or purged request")
+        for key in await self._keys("copernica/archive/"):
+            request_id = key.rsplit("/", 1)[1].removesuffix(".json")
+            status = found.get(request_id, {}).get("status")
+            row.check(status in ("archived", "purged"), f"{key}: request {status}")
+        return row
+
+    async def events(self, found: dict[str, dict[str, Any]]) -> Row:
+        row = Row("events: every window stored, each event once (unpurged requests)")
+        for record in found.values():
+            request = self.planned(record["id"])
+            if record["status"] != "archived" or request is None or request.events is None:
+                continue
+            stored: list[int] = []
+            for key in await self._keys(f"copernica/events/{record['id']}/"):
+                body = await self._get(key) or b""
+                stored += [json.loads(line)["data"]["id"] for line in body.splitlines()]
+            expected = self.expected_events(request)
+            complete = bool((record.get("events") or {}).get("complete"))
+            row.check(
+                complete and sorted(stored) == expected and len(set(stored)) == len(stored),
+                f"{record['id']}: {len(stored)} stored ({len(set(stored))} distinct), "
+                f"{len(expected)} expected, complete {complete}",
+            )
+        return row
+
+    async def packages(self, found: dict[str, dict[str, Any]]) -> Row:
+        row = Row("package: data.json = archive, manifest true, sha256 as recorded")
+        for record in found.values():
+            package = record.get("package")
+            if record["status"] != "archived" or not package:
+                continue
+            body = await self._get(package["key"])
+            if body is None:
+                row.check(False, f"{record['id']}: no package object")
+                continue
+            problems = []
+            if hashlib.sha256(body).hexdigest() != package["sha256"]:
+                problems.append("zip sha256 differs from the record")
+            with zipfile.ZipFile(io.BytesIO(body)) as archive:
+                manifest = json.loads(archive.read("manifest.json"))
+                for entry in manifest["files"]:
+                    member = archive.read(entry["name"])
+                    if (len(member), hashlib.sha256(member).hexdigest()) != (
+                        entry["size"],
+                        entry["sha256"],
+                    ):
+                        problems.append(f"{entry['name']} differs from the manifest")
+                data = hashlib.sha256(archive.read("data.json")).hexdigest()
+                if data != (record.get("archive") or {}).get("sha256"):
+                    problems.append("data.json differs from the archive")
+                request = self.planned(record["id"])
+                if request is not None and request.events is not None:
+                    lines = archive.read("events.jsonl").splitlines()
+                    ids = sorted(json.loads(line)["data"]["id"] for line in lines)
+                    if ids != self.expected_events(request):
+                        problems.append("events.jsonl differs from Copernica's events")
+            row.check(not problems, f"{record['id']}: {'; '.join(problems)}")
+        return row
+
+    def purged_in_time(self, found: dict[str, dict[str, Any]]) -> Row:
+        row = Row(f"nothing purged before its time (retention {self.plan.retention:.0f} s)")
+        for record in found.values():
+            if record["status"] != "purged":
+                continue
+            package = record.get("package") or {}
+            if not package.get("built_at"):
+                row.check(False, f"{record['id']}: purged without a package")
+                continue
+            age = (_time(record["purged_at"]) - _time(package["built_at"])).total_seconds()
+            row.check(age >= self.plan.retention, f"{record['id']}: purged {age:.1f} s after")
+        return row
+
+    def purged_when_due(self, found: dict[str, dict[str, Any]], now: datetime) -> Row:
+        row = Row("everything purged once due (retention + a housekeeping round)")
+        for record in found.values():
+            if record.get("package"):
+                row.check(
+                    not purge_overdue(record, self.plan, now), f"{record['id']}: overdue, kept"
+                )
+        return row
+
+    async def purged_leave_nothing(self, found: dict[str, dict[str, Any]]) -> Row:
+        row = Row("purged: nothing left but the archive's tombstone")
+        purged = {i for i, r in found.items() if r["status"] == "purged"}
+        left: Counter[str] = Counter()
+        for prefix in ("events/", "packages/", "quarantine/", "deadlines/"):
+            for key in await self._keys(f"copernica/{prefix}"):
+                owner = next((i for i in purged if i in key), None)
+                if owner is not None:
+                    left[owner] += 1
+        for request_id in purged:
+            row.check(left[request_id] == 0, f"{request_id}: {left[request_id]} objects left")
+        return row
+
+    async def no_uploads(self) -> Row:
+        row = Row("no multipart upload left")
+        for upload in await uploads(self.stack):
+            row.check(False, f"{upload['Key']} since {upload.get('Initiated')}")
+        row.checked = max(row.checked, 1)
+        return row
+
+    def rate(self) -> Row:
+        limit = REPLICAS * RATE
+        row = Row(f"Copernica never above {limit:.0f} calls in any second ({REPLICAS} x {RATE})")
+        most = self.state.max_rps
+        row.check(most <= limit, f"{most} calls in one second")
+        return row
+
+    async def acknowledged(self, found: dict[str, dict[str, Any]]) -> Row:
+        """A 200 means the data is stored. A filing retried after a timeout can leave two
+        Copernica requests for one of ours, each delivering its own body; the first stored
+        is kept and the other answered 200 as a repeat: either body is the subject's data."""
+        row = Row("no acknowledged (200) callback lost")
+        for delivery in self.state.deliveries:
+            if delivery.status != 200 or delivery.kind != "payload":
+                continue
+            request_id = request_id_of(delivery.url) or ""
+            record = found.get(request_id, {})
+            recorded = (record.get("archive") or {}).get("sha256")
+            expected = await self.expected_sha256(request_id)
+            row.check(
+                record.get("status") in ("archived", "purged")
+                and recorded in expected
+                and delivery.sha256 in expected,
+                f"{request_id}: answered 200 for {delivery.sha256[:12]}, "
+                f"record {record.get('status')} {str(recorded)[:12]}",
+            )
+        return row
+
+    def sigterm(self) -> Row:
+        limit = DRAIN + GRACE + SHUTDOWN_SLACK
+        row = Row(f"SIGTERM: exit 0 within drain + grace + {SHUTDOWN_SLACK:.0f} s")
+        for replica in self.stack.replicas:
+            for code, seconds in replica.terms:
+                row.check(
+                    code == 0 and seconds <= limit,
+                    f"replica {replica.number}: exit {code} after {seconds:.1f} s",
+                )
+        return row
+
+    def _logs(self) -> list[Path]:
+        paths = [Path(r.log_path) for r in self.stack.replicas]
+        return [*paths, self.stack.workdir / "nginx" / "error.log"]
+
+    def logs_clean(self) -> Row:
+        row = Row("no secret or e-mail address in any log line")
+        for path in self._logs():
+            if not path.exists():
+                continue
+            text = path.read_text(errors="replace")
+            row.checked += len(text.splitlines())
+            row.violations += [f"{path.name}: {line}" for line in leaks_in(text)]
+        return row
+
+    def no_crashes(self) -> Row:
+        row = Row("no unhandled exception in any replica's log")
+        for replica in self.stack.replicas:
+            for line in Path(replica.log_path).read_text(errors="replace").splitlines():
+                if all(part in line for part in LIBRARY_NOISE):
+                    self.library_noise += 1
+                    continue
+                row.check(
+                    "Traceback" not in line and "_crashed" not in line,
+                    f"replica-{replica.number}.log: {line[:400]}",
+                )
+        return row
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| invariant | checked | violations | first violation |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        first = row.violations[0].replace("|", "/")[:160] if row.violations else ""
+        lines.append(f"| {row.name} | {row.checked} | {len(row.violations)} | {first} |")
+    return "\n".join(lines)

@@ -1,0 +1,232 @@
+"""The parts a soak runs: moto (its own process) behind a fault proxy, the Copernica simulator
+(in this process, so its state is read directly), replicas of the service (each its own
+process, restarted after a kill as an orchestrator would) and nginx in front of them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from aiobotocore.session import get_session
+from aiohttp import web
+
+from deploy.local_nginx import Nginx
+from service.simulator import SIM_STATE, SimState, SimulatorConfig, create_simulator_app
+from tests.conftest import (
+    ACCESS_TOKEN,
+    API_TOKEN,
+    CALLBACK_SECRET,
+    TcpProxy,
+    free_port,
+    wait_for_port,
+)
+
+from .plan import (
+    COPERNICA_TIMEOUT,
+    DRAIN,
+    GRACE,
+    LEASE,
+    PART,
+    POLL_INTERVAL,
+    RATE,
+    REPLICAS,
+    Plan,
+)
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+class Replica:
+    """One replica (`python -m service serve`). Its ports stay the same across restarts
+    (nginx's upstream list is fixed). A start that finds S3 unreachable is refused by the
+    service (exit 2, its store check); like an orchestrator, `start` tries again."""
+
+    def __init__(self, number: int, env: dict[str, str], log_path: Path) -> None:
+        self.number = number
+        self.port, self.admin_port = free_port(), free_port()
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.env = {
+            **os.environ,
+            **env,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "ADMIN_PORT": str(self.admin_port),
+            "LOG_FORMAT": "json",
+        }
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+        self.refused_starts = 0
+        self.terms: list[tuple[int | None, float]] = []  # (exit code, seconds to exit)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self, within: float = 120.0) -> None:
+        deadline = time.monotonic() + within
+        while True:
+            log = await asyncio.to_thread(self.log_path.open, "ab")
+            with log:
+                self.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "service", "serve", env=self.env, stdout=log, stderr=log
+                )
+            self.starts += 1
+            exited = asyncio.create_task(self.proc.wait())
+            while not exited.done():
+                if await _listens(self.port) and await _listens(self.admin_port):
+                    return
+                await asyncio.wait([exited], timeout=0.05)
+            self.refused_starts += 1
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica {self.number} does not start: see {self.log_path}")
+            await asyncio.sleep(1.0)
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.alive:
+            self.proc.kill()
+            await self.proc.wait()
+
+    async def terminate(self) -> None:
+        """SIGTERM, then wait; the exit code and how long it took are kept for the checker."""
+        if self.proc is None or not self.alive:
+            return
+        began = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = await asyncio.wait_for(self.proc.wait(), DRAIN + GRACE + 10)
+        except TimeoutError:
+            code = None
+            await self.kill()
+        self.terms.append((code, time.monotonic() - began))
+
+
+async def _listens(port: int) -> bool:
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+class Stack:
+    """Everything of one soak run, started in `__aenter__` and stopped in `__aexit__`."""
+
+    def __init__(self, plan: Plan, workdir: Path) -> None:
+        self.plan = plan
+        self.workdir = workdir
+        self.bucket = f"soak-{uuid.uuid4().hex[:12]}"
+        self._exit = contextlib.AsyncExitStack()
+        self.replicas: list[Replica] = []
+        self.moto: asyncio.subprocess.Process | None = None
+        self.nginx: Nginx | None = None
+        self.s3: Any = None  # a client straight to moto, for the checker (not through the proxy)
+        self.sim_state: SimState
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://127.0.0.1:{self.moto_port}"
+
+    async def __aenter__(self) -> Stack:
+        self.moto_port = free_port()
+        self.moto = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.moto_port)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        await asyncio.to_thread(wait_for_port, self.moto_port)
+        self.s3 = await self._exit.enter_async_context(
+            get_session().create_client("s3", endpoint_url=self.s3_url)
+        )
+        await self.s3.create_bucket(Bucket=self.bucket)
+
+        self.proxy = TcpProxy(self.moto_port)
+        await self.proxy.start()
+
+        app = create_simulator_app(
+            SimulatorConfig(
+                access_token=ACCESS_TOKEN,
+                ready_after=1.0,
+                payload_size=4096,
+                delivery_retries=4,
+                delivery_retry_delay=0.5,
+                seed=self.plan.seed,
+                payload_seed=self.plan.seed,
+            )
+        )
+        self.sim_state = app[SIM_STATE]
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        self._exit.push_async_callback(runner.cleanup)
+        sim_port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", sim_port).start()
+
+        nginx_port = free_port()
+        env = {
+            "COPERNICA_ACCESS_TOKEN": ACCESS_TOKEN,
+            "CALLBACK_SECRET": CALLBACK_SECRET,
+            "API_TOKEN": API_TOKEN,
+            "ARCHIVE_BUCKET": self.bucket,
+            "S3_ENDPOINT_URL": self.proxy.url,
+            "COPERNICA_API_URL": f"http://127.0.0.1:{sim_port}/v2",
+            "PUBLIC_BASE_URL": f"http://127.0.0.1:{nginx_port}",
+            "S3_TIMEOUT_SECONDS": "5",
+            "S3_PART_BYTES": str(PART),
+            "POLL_INTERVAL_SECONDS": str(POLL_INTERVAL),
+            "POLL_LEASE_SECONDS": str(LEASE),
+            "REQUEST_EXPIRY_HOURS": repr(self.plan.expiry / 3600),
+            "RETENTION_DAYS": repr(self.plan.retention / 86400),
+            "COPERNICA_MAX_RPS": str(RATE),
+            "COPERNICA_TIMEOUT_SECONDS": str(COPERNICA_TIMEOUT),
+            "SHUTDOWN_DRAIN_SECONDS": str(DRAIN),
+            "SHUTDOWN_GRACE_SECONDS": str(GRACE),
+        }
+        for number in range(REPLICAS):
+            self.replicas.append(Replica(number, env, self.workdir / f"replica-{number}.log"))
+        await asyncio.gather(*(r.start() for r in self.replicas))
+        nginx_dir = self.workdir / "nginx"
+        nginx_dir.mkdir(exist_ok=True)
+        self.nginx = Nginx(nginx_dir, [r.port for r in self.replicas], nginx_port).start()
+        return self
+
+    def admin_urls(self) -> list[str]:
+        return [r.admin_url for r in self.replicas if r.alive]
+
+    async def heal(self) -> None:
+        """Every fault off and every replica running: what the checker's final state needs."""
+        self.proxy.up()
+        self.proxy.latency = 0.0
+        faults = self.sim_state.faults
+        faults.status_5xx_rate = faults.status_429_rate = faults.slow_seconds = 0.0
+        await asyncio.gather(*(r.start() for r in self.replicas if not r.alive))
+
+    async def stop_replicas(self) -> None:
+        await asyncio.gather(*(r.terminate() for r in self.replicas))
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        for replica in self.replicas:
+            await replica.kill()
+        if self.nginx is not None:
+            self.nginx.stop()
+        await self.proxy.close()
+        await self._exit.aclose()
+        if self.moto is not None:
+            self.moto.terminate()
+            await self.moto.wait()
