@@ -5,7 +5,7 @@ The archive is a Copernica-shaped payload of about `--mib` MiB, made determinist
 of one sent message (a whole MIME message as a JSON string of about `--string-mib` MiB, most of
 it a base64 attachment of random bytes, as a PDF or an image would be) with an open and a
 click. Each case runs in a fresh interpreter set up as the service sets itself up (Settings
-from the environment, `s3_client`, uvloop, glibc's mmap threshold, logging), so its memory is
+from the environment, `s3_client`, uvloop, glibc's malloc thresholds, logging), so its memory is
 its own; its peak is read from VmHWM, reset once the client is made:
 
 - copy: `ArchiveStore.open(archive)` -> chunks -> `ArchiveStore.upload(other key)` -> commit,
@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
-import ctypes
 import gc
 import hashlib
 import json
@@ -57,7 +55,6 @@ SUBJECT = "bench@example.com"
 CONTROLLER = "Bench B.V."
 TARGET_PEAK_MIB = 64
 TARGET_RATIO = 2.0
-_M_MMAP_THRESHOLD = -3  # as service/__main__.py
 # One base64 line: 76 letters from 57 bytes, then CRLF, which JSON writes as `\r\n` (4 chars).
 _LINE_BYTES, _LINE_JSON = 57, 76 + 4
 _TEXT = (
@@ -245,9 +242,9 @@ def _reset_peak() -> tuple[int, int]:
 
 
 def child(case: str, request_id: str, target: str) -> None:
-    # What service/__main__.py `_keep_big_buffers_mapped` does at start.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MIB)
+    from service.__main__ import tune_malloc
+
+    tune_malloc()  # as the service does at start
     from service.archive import ArchiveStore, s3_client
     from service.config import Settings
     from service.ledger import RequestRecord

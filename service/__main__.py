@@ -15,7 +15,9 @@ import aiohttp
 from .config import CLIENT_REQUIRES, SERVE_REQUIRES, ConfigError, Settings
 from .events import KINDS
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,14 +116,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _keep_big_buffers_mapped() -> None:
-    """glibc raises its mmap threshold after the first large free (up to 32 MiB); from then
+def tune_malloc() -> None:
+    """Fixed glibc malloc thresholds in place of its adaptive ones (not glibc: no-op).
+
+    Adaptive, the mmap threshold rises after the first large free (up to 32 MiB); from then
     on the 8 MiB part buffers of big callbacks come from the heap, and freed ones linger in
-    it. A fixed 1 MiB threshold maps and unmaps every such buffer: peak RSS of a 512 MiB
-    callback 120-122 MiB instead of 128-139 (bench/giant_callback.py). Not glibc: no-op."""
+    it. Fixed at 4 MiB, every buffer of a part (S3 parts are at least 5 MiB) is mapped and
+    unmapped, while smaller ones (a callback held whole, botocore's 1 MiB checksum reads)
+    come from the heap: four 128 MiB callbacks at once peak at 137-140 MiB above idle, not
+    169 as with the adaptive thresholds (bench/giant_callback.py).
+
+    Fixing one threshold leaves the trim threshold at its 128 KiB default: the heap was
+    handed back to the kernel after each callback of about 1 MB and faulted in again by the
+    next, a thousand page faults and 4 ms of system CPU per callback (bench/callbacks.py).
+    Twice the mmap threshold, as glibc's adaptive rule would set it, keeps those pages."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)
+        libc.mallopt(_M_MMAP_THRESHOLD, 4 * 1024 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 8 * 1024 * 1024)
     except (OSError, AttributeError):
         pass
 
@@ -132,7 +144,7 @@ def _serve() -> int:
 
     settings = Settings.from_env(require=SERVE_REQUIRES)
     configure_logging(settings)
-    _keep_big_buffers_mapped()
+    tune_malloc()
     # uvloop (libuv) moves bytes between sockets with less CPU than asyncio's own loop.
     loop_factory = None
     if settings.event_loop == "uvloop":
