@@ -141,13 +141,19 @@ class PayloadCheck:
 
     def __init__(self, max_token_bytes: int, whole_bytes: int = 0) -> None:
         self._events = _Events()
-        self._parser = ijson.basic_parse_coro(self._events)
+        self._yajl: Any = None  # made when first needed: most bodies never need it
         self._max_token = max_token_bytes
         self._since_event = 0
         self._held: list[bytes] | None = [] if whole_bytes > 0 else None
         self._held_bytes = 0
         self._whole_bytes = whole_bytes
         self.error: str | None = None
+
+    def _parser(self) -> Any:
+        """yajl, started on first use: a body checked whole by simdjson never needs it."""
+        if self._yajl is None:
+            self._yajl = ijson.basic_parse_coro(self._events)
+        return self._yajl
 
     @property
     def failed(self) -> bool:
@@ -172,7 +178,7 @@ class PayloadCheck:
         events = self._events
         events.seen_event = False
         try:
-            self._parser.send(chunk)
+            self._parser().send(chunk)
         except PayloadInvalid as exc:
             self.error = str(exc)
             return
@@ -199,7 +205,7 @@ class PayloadCheck:
             self._stream(bytes(whole))  # let yajl find the reason
         if self.error is None:
             try:
-                self._parser.close()
+                self._parser().close()
             except PayloadInvalid as exc:
                 self.error = str(exc)
             except ijson.JSONError as exc:
