@@ -298,7 +298,9 @@ class Checker:
     async def acknowledged(self, found: dict[str, dict[str, Any]]) -> Row:
         """A 200 means the data is stored. A filing retried after a timeout can leave two
         Copernica requests for one of ours, each delivering its own body; the first stored
-        is kept and the other answered 200 as a repeat: either body is the subject's data."""
+        is kept and the other answered 200 as a repeat: either body is the subject's data.
+        A repeat to a replica that knows the archive exists is answered before its body is
+        read; the simulator then has sent only part of it."""
         row = Row("no acknowledged (200) callback lost")
         for delivery in self.state.deliveries:
             if delivery.status != 200 or delivery.kind != "payload":
@@ -307,10 +309,11 @@ class Checker:
             record = found.get(request_id, {})
             recorded = (record.get("archive") or {}).get("sha256")
             expected = await self.expected_sha256(request_id)
+            whole = delivery.bytes == self.state.payload_size(delivery.copernica_id)
             row.check(
                 record.get("status") in ("archived", "purged")
                 and recorded in expected
-                and delivery.sha256 in expected,
+                and (delivery.sha256 in expected or not whole),
                 f"{request_id}: answered 200 for {delivery.sha256[:12]}, "
                 f"record {record.get('status')} {str(recorded)[:12]}",
             )
