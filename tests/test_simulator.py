@@ -31,12 +31,14 @@ from service.simulator import (
     PayloadSpec,
     SimState,
     SimulatorConfig,
+    SubjectPlan,
     create_simulator_app,
     make_events,
     payload_bytes,
     payload_chunks,
     payload_digest,
     payload_size,
+    subject_key,
 )
 from service.simulator.payloads import CHUNK
 from tests.conftest import sha256
@@ -312,6 +314,23 @@ async def test_create_answers_201_empty_with_the_id_in_x_created(
         kind,
         subject,
     )
+
+
+async def test_a_subject_plan_sets_that_subjects_readiness_and_payload_size(
+    make_sim: SimFactory,
+) -> None:
+    sim = await make_sim(ready_after=0.0, payload_size=2000)
+    sim.state.plans[subject_key("email", "Big@Example.com")] = SubjectPlan(
+        ready_after=3600, payload_size=300_000
+    )
+
+    big = await sim.create("email/big%40example.com/datarequest")
+    small = await sim.create("email/small%40example.com/datarequest")
+
+    now = time.monotonic()
+    assert not sim.state.requests[big].ready(now) and sim.state.requests[small].ready(now)
+    assert 300_000 <= sim.state.payload_size(big) < 400_000
+    assert 2000 <= sim.state.payload_size(small) < 100_000
 
 
 @pytest.mark.parametrize(
