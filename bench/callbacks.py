@@ -23,7 +23,9 @@ must not hold such a body whole, so that is the least it can do.
 Targets (issue 13): 2 KB warm and cold >= 0.9x the floor's throughput and <= 1.3x its CPU;
 1 MB <= 1.3x its CPU. About 5 minutes on 2 cores (`--quick`: about 1.5).
 
-    .venv/bin/python bench/callbacks.py [--quick]
+    .venv/bin/python bench/callbacks.py [--quick] [--sizes "1 MB"]
+
+A run of some sizes only (`--sizes`, for trying a change) prints its rows and records nothing.
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ def verdicts(rows: list[Row]) -> list[str]:
     return lines
 
 
-async def run(quick: bool) -> None:
+async def run(quick: bool, sizes: list[str]) -> None:
     stack = Stack(service_env={"SHUTDOWN_DRAIN_SECONDS": "0"}).start()
     floor_port = free_port()
     floor = stack.spawn(
@@ -235,7 +237,8 @@ async def run(quick: bool) -> None:
             timeout=aiohttp.ClientTimeout(total=600),
             connector=aiohttp.TCPConnector(limit=200),
         ) as http:
-            for name, (size, count) in SIZES.items():
+            for name in sizes:
+                size, count = SIZES[name]
                 if quick:
                     count = max(4, count // 4)
                 body = sized_body(SUBJECT, size)
@@ -265,6 +268,8 @@ async def run(quick: bool) -> None:
         f"- whole run {time.perf_counter() - started:.0f} s",
     ]
     print("\n".join(rows + notes))
+    if sizes != list(SIZES):
+        return
     title = "Callback throughput: service vs floor" + (" (quick run)" if quick else "")
     # A full run's table supersedes a quick one's.
     append_results(title, rows + notes, replaces=() if quick else (f"{title} (quick run)",))
@@ -273,7 +278,16 @@ async def run(quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a quarter of the requests")
-    asyncio.run(run(parser.parse_args().quick))
+    parser.add_argument(
+        "--sizes",
+        default=",".join(SIZES),
+        help="comma-separated, of %(default)s; not all: nothing is recorded",
+    )
+    args = parser.parse_args()
+    sizes = [name.strip() for name in args.sizes.split(",")]
+    if unknown := set(sizes) - set(SIZES):
+        parser.error(f"unknown sizes: {', '.join(sorted(unknown))}")
+    asyncio.run(run(args.quick, sizes))
 
 
 if __name__ == "__main__":
