@@ -85,7 +85,8 @@ class PackageBuilder:
         self._controller = controller
 
     async def ensure(self, record: RequestRecord) -> dict[str, Any]:
-        """The package's facts `{key, sha256, size, built_at}`: built now, or the one found."""
+        """The package's facts `{key, sha256, size, built_at}`: built now, or the one found.
+        A package built now also says its data.json's sha256 (`data_sha256`)."""
         key = self._store.keys.package(record.id)
         if await self._store.head(key) is None:
             try:
@@ -180,11 +181,13 @@ class PackageBuilder:
             sha256=whole.digest.hexdigest()[:12],
             files=len(contents.files),
         )
+        data = next(f for f in contents.files if f.name == "data.json")
         return {
             "key": key,
             "sha256": whole.digest.hexdigest(),
             "size": whole.size,
             "built_at": isoformat(built_at),
+            "data_sha256": data.digest.hexdigest(),  # of the archive, read whole to build it
         }
 
     async def _feed(self, archive_key: str, window_keys: list[str], pipe: _Pipe) -> None:

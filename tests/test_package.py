@@ -29,7 +29,15 @@ from tests.conftest import (
     make_settings,
     sha256,
 )
-from tests.support import eventually, filed, metric, record_of, run_cli, wait_until_packaged
+from tests.support import (
+    archive_key,
+    eventually,
+    filed,
+    metric,
+    record_of,
+    run_cli,
+    wait_until_packaged,
+)
 
 FAST = {"POLL_INTERVAL_SECONDS": "0.2", "POLL_LEASE_SECONDS": "5"}
 
@@ -300,3 +308,27 @@ async def test_the_janitor_aborts_package_uploads_a_killed_builder_left(
         assert await archive.abort_superseded_uploads() == 1
 
     assert [u["Key"] for u in await store.uploads()] == [f"copernica/packages/{building}.zip"]
+
+
+async def test_an_archive_whose_sha256_note_was_lost_gets_it_from_the_package_build(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    """A multipart archive's metadata has no sha256 (it is noted in the record after the
+    upload; an S3 outage just then loses the note). The poller then finds the object with no
+    sha256 anywhere; the package build reads every byte, and the record takes its sha256.
+    Found by the soak: such a record used to say `sha256: null` for ever."""
+    simulator.state.faults.lose_callback = True
+    simulator.state.config.ready_after = 3600
+    service = await make_service(POLL_INTERVAL_SECONDS="0.3", POLL_LEASE_SECONDS="5")
+    created = await filed(service, {"email": "lu@example.com"})
+    body = simulator.state.payload_bytes(created["copernica_id"])
+    # The object as a multipart upload leaves it when the record note is lost: no sha256.
+    await store.client.put_object(Bucket=store.name, Key=archive_key(created["id"]), Body=body)
+
+    record = await eventually(
+        lambda: record_of(store, created["id"]),
+        lambda r: r.get("package") is not None,
+        what="the package",
+    )
+    assert record["archive"]["sha256"] == sha256(body)
+    assert "data_sha256" not in record["package"]
