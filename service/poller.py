@@ -3,8 +3,9 @@
 Callbacks get lost; this loop makes sure nothing ready at Copernica is missed before it
 expires. A tick lists the due markers of the schedule (see `Ledger.due`), then visits each:
 
-1. read the record; a stale marker (not the record's `next_poll_at`) or a final record is
-   dropped;
+1. read the record; a marker of a final record, or one before the record's `next_poll_at`,
+   is stale and dropped (one after it, or without a record yet, may be the next visit's
+   marker being put in place: it stays, unless its time is long past);
 2. take the record's lease with a conditional write, so one replica at a time works on it
    (a crashed replica's lease simply runs out);
 3. the work: a `submitting` record is filed again (crash recovery); for a `pending` one,
@@ -54,6 +55,8 @@ MAX_BACKOFF_FACTOR = 16
 MIN_WORKERS, MAX_WORKERS = 4, 32
 BATCH = 200
 JANITOR_EVERY_TICKS = 10
+# How long a marker that names no visit yet may belong to a schedule change in progress.
+MARKER_GRACE = timedelta(hours=1)
 
 
 @dataclass
@@ -195,7 +198,8 @@ class Poller:
     async def _visit(self, request_id: str, when: str) -> None:
         found = await self._ledger.get(request_id)
         if found is None or found[0].finished or found[0].next_poll_at != when:
-            await self._ledger.unschedule(request_id, when)
+            if self._marker_is_stale(found, when):
+                await self._ledger.unschedule(request_id, when)
             return
         record, etag = found
         if record.leased_to_other(self.owner):
@@ -211,6 +215,24 @@ class Poller:
             await self._finish(record, etag, when, result)
         finally:
             self._metrics.poll_leases.dec()
+
+    def _marker_is_stale(self, found: tuple[RequestRecord, str] | None, when: str) -> bool:
+        """Whether a marker that is not its record's `next_poll_at` may be dropped.
+
+        It may be the next visit's marker still being put in place: filing puts the marker
+        before it creates the record, a visit (and the backfill) before the record names it.
+        Dropping that one would leave the request with no marker at all once the record is
+        written. Next visits only move later, so a marker before the record's `next_poll_at`
+        is stale for sure, as is every marker of a finished request; any other is dropped
+        only once its time is long past (a crash left it; the deadline index waits as long).
+        """
+        if found is not None:
+            record = found[0]
+            if record.finished:
+                return True
+            if record.next_poll_at is not None and when < record.next_poll_at:
+                return True
+        return utcnow() - parse_stamp(when) > MARKER_GRACE
 
     async def _census(self) -> None:
         """Pending count and oldest pending age for /metrics (a request id is a ULID: its
