@@ -72,28 +72,31 @@ class RateLimiter:
         self._window = (1.0 if rate >= 1 else 1.0 / rate) * (1 + self.MARGIN)
         self._answered: collections.deque[float] = collections.deque()
         self._open = 0
-        self._changed = asyncio.Condition()
+        # No lock: between the check and taking a slot there is no await, so on one event
+        # loop it cannot be interleaved. (An `asyncio.Condition` under `wait_for` lost its
+        # lock when a timeout and a wake-up fell due together on a starved loop: CPython
+        # 3.11 raised "Lock is not acquired" or hung; found by the soak.)
+        self._released = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        async with self._changed:
-            while True:
-                now = time.monotonic()
-                while self._answered and self._answered[0] <= now - self._window:
-                    self._answered.popleft()
-                if self._open + len(self._answered) < self._calls:
-                    self._open += 1
-                    break
-                wait = self._answered[0] + self._window - now if self._answered else None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), wait)
+        while True:
+            now = time.monotonic()
+            while self._answered and self._answered[0] <= now - self._window:
+                self._answered.popleft()
+            if self._open + len(self._answered) < self._calls:
+                self._open += 1
+                break
+            wait = self._answered[0] + self._window - now if self._answered else None
+            self._released.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), wait)
         try:
             yield
         finally:
-            async with self._changed:
-                self._open -= 1
-                self._answered.append(time.monotonic())
-                self._changed.notify_all()
+            self._open -= 1
+            self._answered.append(time.monotonic())
+            self._released.set()
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,38 @@ async def test_rate_limit_is_never_exceeded(
     assert elapsed >= 2.0  # 25 calls at 10/s with a burst of one
 
 
+async def test_limiter_survives_timeouts_on_a_starved_loop() -> None:
+    """Callers give up (timeouts) while the loop is blocked now and then, so timeouts and
+    wake-ups fall due together. Every caller must get a slot or its timeout, nothing else.
+    Found by the soak: the limiter's `asyncio.Condition` under `wait_for` then raised
+    "Lock is not acquired" (a 500 to the operator, a crashed poll visit) or hung."""
+    limiter = RateLimiter(5)
+    errors: list[str] = []
+    done = asyncio.Event()
+
+    async def blocker() -> None:
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            time.sleep(0.15)  # noqa: ASYNC251 - the point: a loop starved for a while
+
+    async def caller(delay: float, patience: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            async with asyncio.timeout(patience), limiter.slot():
+                await asyncio.sleep(0.02)
+        except TimeoutError:
+            pass
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    starving = asyncio.create_task(blocker())
+    async with asyncio.timeout(60):  # a hang fails here, not at the suite's timeout
+        await asyncio.gather(*(caller(n / 200, 0.05 + (n % 10) / 20) for n in range(400)))
+    done.set()
+    await starving
+    assert errors == []
+
+
 async def test_limiter_allows_at_most_rate_calls_in_any_second() -> None:
     limiter = RateLimiter(10)
     stamps = []
