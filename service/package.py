@@ -13,6 +13,7 @@ second, and reads back its sha256 when S3's metadata does not carry it (multipar
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import queue
@@ -241,6 +242,7 @@ class _Pipe:
     """Bytes from the loop to the ZIP writer's thread, a few chunks deep (bounded memory)."""
 
     DEPTH = 4
+    POLL_SECONDS = 0.25
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -262,8 +264,24 @@ class _Pipe:
         self._queue.put_nowait(_STOP)
 
     def get(self) -> Any:
-        """The next item (thread side); raises what stopped the loop side."""
-        item = asyncio.run_coroutine_threadsafe(self._queue.get(), self._loop).result()
+        """The next item (thread side); raises what stopped the loop side.
+
+        It waits in short steps: once the loop has stopped (the process is exiting) no item
+        will ever come, and a thread blocked for ever keeps the interpreter from exiting
+        (its pool's threads are joined at exit). Found by the soak: a replica SIGTERMed
+        during a package build logged "stopped" and then never exited."""
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._queue.get(), self._loop)
+        except RuntimeError:  # the loop is closed
+            raise PackageError("package build stopped: the event loop is gone") from None
+        while True:
+            try:
+                item = future.result(timeout=self.POLL_SECONDS)
+                break
+            except concurrent.futures.TimeoutError:
+                if not self._loop.is_running():
+                    future.cancel()
+                    raise PackageError("package build stopped: the event loop is gone") from None
         if item is _STOP:
             assert self._failure is not None
             raise self._failure

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import io
 import json
+import threading
 import zipfile
 from datetime import date, timedelta
 from pathlib import Path
@@ -18,7 +19,7 @@ from ulid import ULID
 from service.archive import ArchiveStore, parse_isoformat, s3_client, utcnow
 from service.ledger import RequestRecord, stamp
 from service.metrics import Metrics
-from service.package import PackageBuilder, PackageError
+from service.package import PackageBuilder, PackageError, _Pipe
 from service.simulator.payloads import make_events
 from tests.conftest import (
     API_TOKEN,
@@ -332,3 +333,30 @@ async def test_an_archive_whose_sha256_note_was_lost_gets_it_from_the_package_bu
     )
     assert record["archive"]["sha256"] == sha256(body)
     assert "data_sha256" not in record["package"]
+
+
+@pytest.mark.filterwarnings("ignore:coroutine 'Queue.get' was never awaited")
+def test_the_zip_writers_thread_stops_when_the_event_loop_is_gone() -> None:
+    """The ZIP writer's thread waits for input from the loop. When the loop has stopped (the
+    process exits after SIGTERM) no input comes: the thread must give up, else it keeps the
+    interpreter from exiting. Found by the soak: a replica logged "stopped" and then hung."""
+    loop = asyncio.new_event_loop()
+    running = threading.Thread(target=loop.run_forever, daemon=True)
+    running.start()
+    pipe = _Pipe(loop)
+    loop.call_soon_threadsafe(loop.stop)
+    running.join(5)
+    outcome: list[BaseException | object] = []
+
+    def read() -> None:
+        try:
+            outcome.append(pipe.get())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    loop.close()
+    assert not reader.is_alive(), "the writer's thread still waits for a loop that is gone"
+    assert isinstance(outcome[0], PackageError)
