@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -344,6 +345,12 @@ class Poller:
         replica left); if that fails, the request stays scheduled until it is built."""
         try:
             package = await self._packages.ensure(record)
+            data_sha256 = package.pop("data_sha256", None)
+            if record.archive is not None and not record.archive.get("sha256"):
+                # A multipart archive's sha256 is noted in the record after the upload; if
+                # that note was lost (S3 down just then), the build, which read every byte,
+                # supplies it; an adopted package did not, so the archive is read once.
+                record.archive["sha256"] = data_sha256 or await self._archive_sha256(record)
         except ArchiveUnavailable as exc:
             record.last_error = f"package not built yet: {exc}"
             self._metrics.packages_built.labels("deferred").inc()
@@ -353,14 +360,16 @@ class Poller:
             self._metrics.packages_built.labels("failed").inc()
             log.error("package_failed", request_id=record.id, error=str(exc))
             return self._later(record, f"{outcome}_package_failed", failed=True)
-        data_sha256 = package.pop("data_sha256", None)
-        if record.archive is not None and not record.archive.get("sha256") and data_sha256:
-            # A multipart archive's sha256 is noted in the record after the upload; if that
-            # note was lost (S3 down just then), the build, which read every byte, supplies it.
-            record.archive["sha256"] = data_sha256
         record.mark_packaged(package)
         self._metrics.packages_built.labels("built").inc()
         return Visit(outcome, None)
+
+    async def _archive_sha256(self, record: RequestRecord) -> str:
+        digest = hashlib.sha256()
+        async with self._store.open(self._store.keys.archive(record.id)) as reading:
+            async for chunk in reading.chunks():
+                digest.update(chunk)
+        return digest.hexdigest()
 
     async def _resubmit(self, record: RequestRecord) -> Visit:
         """A `submitting` record: the filing never got Copernica's answer (crash or outage)."""

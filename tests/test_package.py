@@ -360,3 +360,29 @@ def test_the_zip_writers_thread_stops_when_the_event_loop_is_gone() -> None:
     loop.close()
     assert not reader.is_alive(), "the writer's thread still waits for a loop that is gone"
     assert isinstance(outcome[0], PackageError)
+
+
+async def test_an_adopted_package_with_a_lost_sha256_note_gets_it_from_the_archive(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    """As above, but the package was built by a replica that died before recording it: the
+    visit adopts the package, which says nothing about data.json, so the archive is read.
+    Found by the 300-second soak: a purged record kept `archive.sha256: null`."""
+    simulator.state.faults.lose_callback = True
+    simulator.state.config.ready_after = 3600
+    service = await make_service(POLL_INTERVAL_SECONDS="0.3", POLL_LEASE_SECONDS="5")
+    created = await filed(service, {"email": "mia@example.com"})
+    body = simulator.state.payload_bytes(created["copernica_id"])
+    left = b"PK a package left by a replica that died"
+    await store.client.put_object(
+        Bucket=store.name, Key=f"copernica/packages/{created['id']}.zip", Body=left
+    )
+    await store.client.put_object(Bucket=store.name, Key=archive_key(created["id"]), Body=body)
+
+    record = await eventually(
+        lambda: record_of(store, created["id"]),
+        lambda r: r.get("package") is not None,
+        what="the adopted package",
+    )
+    assert record["package"]["sha256"] == sha256(left)
+    assert record["archive"]["sha256"] == sha256(body)
