@@ -252,6 +252,12 @@ class Poller:
         key = self._store.keys.archive(record.id)
         head = await self._store.head(key)
         if head is None and utcnow() - parse_isoformat(record.created_at) > self._expiry:
+            if await self._close_archive(key):
+                record.mark_expired("no data before REQUEST_EXPIRY_HOURS")
+                return Visit("expired", None)
+            head = await self._store.head(key)  # the data landed just now: take it
+        if head is not None and head.get("Metadata", {}).get("closed"):
+            # Our own tombstone: an earlier visit closed the key, then lost its record write.
             record.mark_expired("no data before REQUEST_EXPIRY_HOURS")
             return Visit("expired", None)
         try:
@@ -363,6 +369,25 @@ class Poller:
         record.mark_packaged(package)
         self._metrics.packages_built.labels("built").inc()
         return Visit(outcome, None)
+
+    async def _close_archive(self, key: str) -> bool:
+        """Close an expired request's archive key with an empty tombstone (`If-None-Match`),
+        as retention does for a purged one: a callback still under way or arriving later
+        then stores nothing (its upload meets an existing key and is aborted, by itself or
+        by the janitor), so an `expired` request never gets data behind its back. False if
+        the data landed first. Found by the soak: a callback finishing as the request
+        expired left an archive that no record owned, and its uploads for ever."""
+        try:
+            await self._store.put(
+                key,
+                b"",
+                if_none_match=True,
+                metadata={"closed": "expired"},
+                content_type="application/octet-stream",
+            )
+        except PreconditionFailed:
+            return False
+        return True
 
     async def _archive_sha256(self, record: RequestRecord) -> str:
         digest = hashlib.sha256()

@@ -181,16 +181,22 @@ class Checker:
                     stored == b"" and recorded in expected,
                     f"{record['id']}: purged, object {len(stored or b'')} B, sha256 {recorded}",
                 )
-            else:
-                row.check(stored is None, f"{record['id']}: {record['status']} with an archive")
+            else:  # expired (or failed): nothing stored; expiry closes the key with a tombstone
+                row.check(
+                    stored in (None, b""),
+                    f"{record['id']}: {record['status']} with an archive of {len(stored or b'')} B",
+                )
         return row
 
     async def stray_archives(self, found: dict[str, dict[str, Any]]) -> Row:
-        row = Row("no archive object without an archived or purged request")
+        row = Row("no archive data without an archived request (tombstones: purged, expired)")
         for key in await self._keys("copernica/archive/"):
             request_id = key.rsplit("/", 1)[1].removesuffix(".json")
             status = found.get(request_id, {}).get("status")
-            row.check(status in ("archived", "purged"), f"{key}: request {status}")
+            if status in ("purged", "expired"):
+                row.check(await self._get(key) == b"", f"{key}: request {status}, not empty")
+            else:
+                row.check(status == "archived", f"{key}: request {status}")
         return row
 
     async def events(self, found: dict[str, dict[str, Any]]) -> Row:
