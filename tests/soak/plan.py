@@ -91,9 +91,9 @@ def _size(rng: random.Random, seconds: float) -> int:
     roll = rng.random()
     if roll < 0.6:
         return rng.randint(2 * KIB, 20 * KIB)
-    if roll < 0.87:
+    if roll < 0.88:
         return rng.randint(50 * KIB, MIB)
-    if roll < 0.97:
+    if roll < 0.99:
         return rng.randint(PART + MIB, 12 * MIB)
     # Big ones up to 200 MB in a full run; the 60-second run keeps them to 40 MB.
     return rng.randint(20 * MIB, int(max(40, 200 * min(1.0, seconds / 300)) * MIB))
