@@ -358,10 +358,10 @@ async def s3_proxy(s3_endpoint: str) -> AsyncIterator[TcpProxy]:
     await proxy.close()
 
 
-class ServiceProcess:
-    """The service as its own OS process (`python -m service serve`), for kill tests."""
+class Listeners:
+    """The two loopback ports of a service process and the environment that names them."""
 
-    def __init__(self, env: dict[str, str], log_path: str) -> None:
+    def __init__(self, env: dict[str, str]) -> None:
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
@@ -373,6 +373,13 @@ class ServiceProcess:
             "ADMIN_PORT": str(self.admin_port),
             "LOG_FORMAT": "json",
         }
+
+
+class ServiceProcess(Listeners):
+    """The service as its own OS process (`python -m service serve`), for kill tests."""
+
+    def __init__(self, env: dict[str, str], log_path: str) -> None:
+        super().__init__(env)
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -25,6 +25,7 @@ from tests.conftest import (
     ACCESS_TOKEN,
     API_TOKEN,
     CALLBACK_SECRET,
+    Listeners,
     TcpProxy,
     free_port,
     wait_for_port,
@@ -47,23 +48,14 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
-class Replica:
+class Replica(Listeners):
     """One replica (`python -m service serve`). Its ports stay the same across restarts
     (nginx's upstream list is fixed). A start that finds S3 unreachable is refused by the
     service (exit 2, its store check); like an orchestrator, `start` tries again."""
 
     def __init__(self, number: int, env: dict[str, str], log_path: Path) -> None:
+        super().__init__(env)
         self.number = number
-        self.port, self.admin_port = free_port(), free_port()
-        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
-        self.env = {
-            **os.environ,
-            **env,
-            "HOST": "127.0.0.1",
-            "PORT": str(self.port),
-            "ADMIN_PORT": str(self.admin_port),
-            "LOG_FORMAT": "json",
-        }
         self.log_path = log_path
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
