@@ -121,18 +121,18 @@ def tune_malloc() -> None:
 
     Adaptive, the mmap threshold rises after the first large free (up to 32 MiB); from then
     on the 8 MiB part buffers of big callbacks come from the heap, and freed ones linger in
-    it. Fixed at 4 MiB, every buffer of a part (S3 parts are at least 5 MiB) is mapped and
-    unmapped, while smaller ones (a callback held whole, botocore's 1 MiB checksum reads)
-    come from the heap: four 128 MiB callbacks at once peak at 137-140 MiB above idle, not
-    169 as with the adaptive thresholds (bench/giant_callback.py).
+    it. A fixed 1 MiB threshold maps and unmaps every such buffer: peak RSS of a 512 MiB
+    callback 120-122 MiB instead of 128-139 (bench/giant_callback.py).
 
-    Fixing one threshold leaves the trim threshold at its 128 KiB default: the heap was
-    handed back to the kernel after each callback of about 1 MB and faulted in again by the
-    next, a thousand page faults and 4 ms of system CPU per callback (bench/callbacks.py).
-    Twice the mmap threshold, as glibc's adaptive rule would set it, keeps those pages."""
+    Fixing it leaves the trim threshold at its 128 KiB default, though: the heap went back to
+    the kernel after each callback of about 1 MB and the next faulted it in again, a
+    thousand page faults and 4 ms of system CPU per callback (bench/callbacks.py). Keeping
+    8 MiB free at the top of the heap saves that; a 4 MiB mmap threshold as well would save
+    more CPU (1 MiB buffers from the heap too) but puts the package build at the edge of its
+    memory target (bench/package.py: 64 MiB above idle, against 46-57 with this)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 4 * 1024 * 1024)
+        libc.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)
         libc.mallopt(_M_TRIM_THRESHOLD, 8 * 1024 * 1024)
     except (OSError, AttributeError):
         pass
