@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .checker import Checker, table
+from .checker import Checker, audit_while_running, table
 from .plan import make_plan
 from .run import Outcome, play_faults, play_load, settle, summary
 from .stack import Stack
@@ -26,6 +26,8 @@ async def soak(seconds: float, seed: int, workdir: Path) -> bool:
     async with Stack(plan, workdir) as stack:
         print(f"stack up: 3 replicas behind nginx, moto behind a fault proxy; logs in {workdir}")
         began = time.monotonic()
+        stop_audit = asyncio.Event()
+        auditor = asyncio.create_task(audit_while_running(stack, outcome, stop_audit))
         faults = asyncio.create_task(play_faults(stack, outcome, began))
         await play_load(stack, outcome, began)
         await faults
@@ -33,6 +35,8 @@ async def soak(seconds: float, seed: int, workdir: Path) -> bool:
         print(f"load and faults done after {time.monotonic() - began:.0f} s; settling", flush=True)
         await settle(stack, outcome, within=max(90.0, plan.retention + 60, plan.expiry + 30))
         print(f"{outcome.settle_state} after {time.monotonic() - began:.0f} s", flush=True)
+        stop_audit.set()
+        await auditor
         await stack.stop_replicas()  # SIGTERM: part of what is checked
         checker = Checker(stack, outcome)
         rows = await checker.run()

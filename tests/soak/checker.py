@@ -4,6 +4,7 @@ and the processes' logs, and says for each guarantee how much it checked and wha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -83,6 +84,10 @@ class Checker:
         )
         return [item["Key"] async for page in pages for item in page.get("Contents", [])]
 
+    async def record(self, request_id: str) -> dict[str, Any] | None:
+        body = await self._get(f"copernica/requests/{request_id}.json")
+        return None if body is None else dict(json.loads(body))
+
     async def payload_sha256(self, copernica_id: str) -> str:
         if copernica_id not in self._digests:
             _size, digest = await asyncio.to_thread(self.state.payload_digest, copernica_id)
@@ -111,14 +116,17 @@ class Checker:
     async def run(self) -> list[Row]:
         now = datetime.now(UTC)
         found = await records(self.stack)
+        for record in found.values():  # what is still there is checked as it is now
+            if record["status"] == "archived" and record.get("package"):
+                await self.audit(record)
         rows = [
             self.filings(found),
             self.final(found),
             self.as_planned(found),
             await self.archives(found),
             await self.stray_archives(found),
-            await self.events(found),
-            await self.packages(found),
+            self.events(),
+            self.packages(),
             self.purged_in_time(found),
             self.purged_when_due(found, now),
             await self.purged_leave_nothing(found),
@@ -199,57 +207,74 @@ class Checker:
                 row.check(status == "archived", f"{key}: request {status}")
         return row
 
-    async def events(self, found: dict[str, dict[str, Any]]) -> Row:
-        row = Row("events: every window stored, each event once (unpurged requests)")
-        for record in found.values():
-            request = self.planned(record["id"])
-            if record["status"] != "archived" or request is None or request.events is None:
-                continue
-            stored: list[int] = []
-            for key in await self._keys(f"copernica/events/{record['id']}/"):
-                body = await self._get(key) or b""
-                stored += [json.loads(line)["data"]["id"] for line in body.splitlines()]
-            expected = self.expected_events(request)
-            complete = bool((record.get("events") or {}).get("complete"))
-            row.check(
-                complete and sorted(stored) == expected and len(set(stored)) == len(stored),
-                f"{record['id']}: {len(stored)} stored ({len(set(stored))} distinct), "
-                f"{len(expected)} expected, complete {complete}",
-            )
-        return row
+    async def event_problem(self, record: dict[str, Any]) -> str | None:
+        """What is wrong with an archived request's stored events ("" if nothing; None if it
+        asked for none)."""
+        request = self.planned(record["id"])
+        if request is None or request.events is None:
+            return None
+        stored: list[int] = []
+        for key in await self._keys(f"copernica/events/{record['id']}/"):
+            body = await self._get(key) or b""
+            stored += [json.loads(line)["data"]["id"] for line in body.splitlines()]
+        expected = self.expected_events(request)
+        complete = bool((record.get("events") or {}).get("complete"))
+        if complete and sorted(stored) == expected and len(set(stored)) == len(stored):
+            return ""
+        return (
+            f"{len(stored)} stored ({len(set(stored))} distinct), {len(expected)} expected, "
+            f"complete {complete}"
+        )
 
-    async def packages(self, found: dict[str, dict[str, Any]]) -> Row:
-        row = Row("package: data.json = archive, manifest true, sha256 as recorded")
-        for record in found.values():
-            package = record.get("package")
-            if record["status"] != "archived" or not package:
-                continue
-            body = await self._get(package["key"])
-            if body is None:
-                row.check(False, f"{record['id']}: no package object")
-                continue
-            problems = []
-            if hashlib.sha256(body).hexdigest() != package["sha256"]:
-                problems.append("zip sha256 differs from the record")
-            with zipfile.ZipFile(io.BytesIO(body)) as archive:
-                manifest = json.loads(archive.read("manifest.json"))
-                for entry in manifest["files"]:
-                    member = archive.read(entry["name"])
-                    if (len(member), hashlib.sha256(member).hexdigest()) != (
-                        entry["size"],
-                        entry["sha256"],
-                    ):
-                        problems.append(f"{entry['name']} differs from the manifest")
-                data = hashlib.sha256(archive.read("data.json")).hexdigest()
-                if data != (record.get("archive") or {}).get("sha256"):
-                    problems.append("data.json differs from the archive")
-                request = self.planned(record["id"])
-                if request is not None and request.events is not None:
-                    lines = archive.read("events.jsonl").splitlines()
-                    ids = sorted(json.loads(line)["data"]["id"] for line in lines)
-                    if ids != self.expected_events(request):
-                        problems.append("events.jsonl differs from Copernica's events")
-            row.check(not problems, f"{record['id']}: {'; '.join(problems)}")
+    async def package_problem(self, record: dict[str, Any]) -> str:
+        """What is wrong with an archived request's package ("" if nothing)."""
+        package = record["package"]
+        body = await self._get(package["key"])
+        if body is None:
+            return "no package object"
+        problems = []
+        if hashlib.sha256(body).hexdigest() != package["sha256"]:
+            problems.append("zip sha256 differs from the record")
+        with zipfile.ZipFile(io.BytesIO(body)) as archive:
+            manifest = json.loads(archive.read("manifest.json"))
+            for entry in manifest["files"]:
+                member = archive.read(entry["name"])
+                actual = (len(member), hashlib.sha256(member).hexdigest())
+                if actual != (entry["size"], entry["sha256"]):
+                    problems.append(f"{entry['name']} differs from the manifest")
+            data = hashlib.sha256(archive.read("data.json")).hexdigest()
+            if data != (record.get("archive") or {}).get("sha256"):
+                problems.append("data.json differs from the archive")
+            request = self.planned(record["id"])
+            if request is not None and request.events is not None:
+                lines = archive.read("events.jsonl").splitlines()
+                ids = sorted(json.loads(line)["data"]["id"] for line in lines)
+                if ids != self.expected_events(request):
+                    problems.append("events.jsonl differs from Copernica's events")
+        return "; ".join(problems)
+
+    async def audit(self, record: dict[str, Any]) -> None:
+        """Check an archived, packaged request's events and package now, before retention
+        purges them; kept in the outcome (the last verdict of a request counts)."""
+        verdicts = {"package": await self.package_problem(record)}
+        events = await self.event_problem(record)
+        if events is not None:
+            verdicts["events"] = events
+        self.outcome.audits[record["id"]] = verdicts
+
+    def events(self) -> Row:
+        return self._audited("events", "events: every window stored, each event once")
+
+    def packages(self) -> Row:
+        return self._audited(
+            "package", "package: data.json = archive, manifest true, sha256 as recorded"
+        )
+
+    def _audited(self, what: str, name: str) -> Row:
+        row = Row(f"{name} (checked before purging)")
+        for request_id, verdicts in self.outcome.audits.items():
+            if what in verdicts:
+                row.check(verdicts[what] == "", f"{request_id}: {verdicts[what]}")
         return row
 
     def purged_in_time(self, found: dict[str, dict[str, Any]]) -> Row:
@@ -370,3 +395,26 @@ def table(rows: list[Row]) -> str:
         first = row.violations[0].replace("|", "/")[:160] if row.violations else ""
         lines.append(f"| {row.name} | {row.checked} | {len(row.violations)} | {first} |")
     return "\n".join(lines)
+
+
+async def audit_while_running(stack: Stack, outcome: Outcome, stop: asyncio.Event) -> None:
+    """Check each package (and its events) soon after it is built, before retention purges
+    it: new packages are found by listing `packages/` (no record read for known ones). A
+    verdict taken while retention was deleting the request is dropped."""
+    seen: set[str] = set()
+    while not stop.is_set():
+        keys = await Checker(stack, outcome)._keys("copernica/packages/")
+        new = [k.rsplit("/", 1)[1].removesuffix(".zip") for k in keys]
+        checker = Checker(stack, outcome)
+        for request_id in (i for i in new if i not in seen):
+            record = await checker.record(request_id)
+            if record is None or record["status"] != "archived" or not record.get("package"):
+                continue
+            await checker.audit(record)
+            after = await checker.record(request_id)
+            if after is None or after["status"] == "purged":
+                outcome.audits.pop(request_id, None)  # purged under our feet: not a verdict
+                continue
+            seen.add(request_id)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 3.0)

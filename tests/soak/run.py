@@ -34,6 +34,8 @@ class Outcome:
     load_ended: float = 0.0
     settled: float = 0.0
     settle_state: str = ""
+    # request id -> {"package": problem, "events": problem} ("" = checked, fine)
+    audits: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def prepare(stack: Stack, request: PlannedRequest) -> None:
