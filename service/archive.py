@@ -318,13 +318,17 @@ class ArchiveStore:
         still be in progress on another replica and are left alone; the bucket's lifecycle
         rule (AbortIncompleteMultipartUpload) ends those that never finish.
         """
-        answer = await self._call("list_multipart_uploads", Prefix=self.keys.prefix)
         aborted = 0
-        for upload in answer.get("Uploads", []):
-            if await self.head(upload["Key"]) is not None:
-                await self.abort_upload(upload["Key"], upload["UploadId"])
+        for key, upload_id in await self.uploads(self.keys.prefix):
+            if await self.head(key) is not None:
+                await self.abort_upload(key, upload_id)
                 aborted += 1
         return aborted
+
+    async def uploads(self, prefix: str) -> list[tuple[str, str]]:
+        """(key, upload id) of the multipart uploads under `prefix` (the first thousand)."""
+        answer = await self._call("list_multipart_uploads", Prefix=prefix)
+        return [(u["Key"], u["UploadId"]) for u in answer.get("Uploads", [])]
 
     async def _abort_later(self, key: str, upload_id: str) -> None:
         for attempt in range(12):

@@ -48,6 +48,7 @@ from .logs import subject_hash
 from .metrics import Metrics
 from .package import PackageBuilder, PackageError
 from .retention import Retention
+from .store_check import abort_stale_probes
 
 log = structlog.get_logger(__name__)
 
@@ -144,6 +145,7 @@ class Poller:
     async def _housekeeping(self, ticks: int) -> None:
         try:
             await self._store.abort_superseded_uploads()
+            await abort_stale_probes(self._store)
             await self._census()
             # Not in the first round: a new process first gets on with what is due.
             if self._backfill is not None and ticks > JANITOR_EVERY_TICKS:

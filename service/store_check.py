@@ -14,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable
+from datetime import timedelta
 
 from ulid import ULID
 
-from .archive import ArchiveStore, ArchiveUnavailable, NotFound, PreconditionFailed
+from .archive import ArchiveStore, ArchiveUnavailable, NotFound, PreconditionFailed, utcnow
 
 # How long start-up waits for an S3 that does not answer before it gives up.
 REACH_ATTEMPTS, REACH_PAUSE_SECONDS = 5, 1.0
+STALE_PROBE = timedelta(minutes=1)
 
 
 class UnsafeStore(Exception):
@@ -32,6 +34,34 @@ async def prove_store(store: ArchiveStore) -> None:
     UnsafeStore naming what is wrong."""
     await _reach(store)
     key = f"{store.keys.prefix}startup-probe/{ULID()}"
+    try:
+        await _prove(store, key)
+    except ArchiveUnavailable as exc:  # S3 went away half-way: refused the same way
+        raise UnsafeStore(
+            f"S3 bucket {store.bucket!r} became unreachable during the start-up check ({exc})"
+        ) from None
+    with contextlib.suppress(ArchiveUnavailable):
+        await abort_stale_probes(store)
+
+
+async def abort_stale_probes(store: ArchiveStore) -> int:
+    """Abort probe uploads of starts that died half-way (killed, or S3 gone mid-probe); a
+    probe takes a second, so one older than a minute (its key is a ULID) is dead. Called at
+    start-up and by the poller's housekeeping. Found by the soak."""
+    aborted = 0
+    for key, upload_id in await store.uploads(f"{store.keys.prefix}startup-probe/"):
+        try:
+            started = ULID.from_str(key.rsplit("/", 1)[1]).datetime
+        except ValueError:
+            continue
+        if utcnow() - started > STALE_PROBE:
+            with contextlib.suppress(NotFound):
+                await store.abort_upload(key, upload_id)
+            aborted += 1
+    return aborted
+
+
+async def _prove(store: ArchiveStore, key: str) -> None:
     try:
         try:
             etag = await store.put(key, b"probe", if_none_match=True)
@@ -59,7 +89,8 @@ async def prove_store(store: ArchiveStore) -> None:
                 "If-None-Match: * on CompleteMultipartUpload (an existing object was replaced)",
             )
         finally:
-            await store.abort_upload(key, upload_id)
+            with contextlib.suppress(ArchiveUnavailable, NotFound):
+                await store.abort_upload(key, upload_id)  # else a later start aborts it
     finally:
         with contextlib.suppress(ArchiveUnavailable, NotFound):
             await store.delete(key)  # a probe object left behind is harmless

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from ulid import ULID
 
+from service.archive import utcnow
 from tests.conftest import (
     ACCESS_TOKEN,
     API_TOKEN,
@@ -29,10 +32,31 @@ CONDITIONS = ("If-None-Match", "If-Match")
 @pytest.fixture
 async def careless_s3(s3_endpoint: str) -> AsyncIterator[str]:
     """moto behind an HTTP proxy that drops conditional headers from every request."""
+    async for url in _proxy(s3_endpoint, drop=CONDITIONS):
+        yield url
+
+
+@pytest.fixture
+async def s3_gone_at_multipart(s3_endpoint: str) -> AsyncIterator[str]:
+    """moto behind a proxy that hangs up on every CreateMultipartUpload: S3 goes away half-way
+    through the start-up check."""
+    async for url in _proxy(s3_endpoint, hang_up=lambda r: "uploads" in r.query):
+        yield url
+
+
+async def _proxy(
+    s3_endpoint: str,
+    drop: tuple[str, ...] = (),
+    hang_up: Callable[[web.Request], bool] = lambda _request: False,
+) -> AsyncIterator[str]:
     session = aiohttp.ClientSession(auto_decompress=False)
 
     async def forward(request: web.Request) -> web.StreamResponse:
-        headers = {k: v for k, v in request.headers.items() if k not in CONDITIONS and k != "Host"}
+        if hang_up(request):
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response(status=599)
+        headers = {k: v for k, v in request.headers.items() if k not in drop and k != "Host"}
         async with session.request(
             request.method,
             s3_endpoint + request.path_qs,
@@ -123,3 +147,32 @@ async def test_a_store_with_conditional_writes_passes_and_leaves_nothing(
     await make_service()  # started: the proof passed against moto
     assert await store.keys("startup-probe/") == []
     assert await store.uploads() == []
+
+
+async def test_s3_going_away_during_the_check_is_refused_in_one_line(
+    s3_gone_at_multipart: str, store: Bucket
+) -> None:
+    """Found by the soak: S3 unreachable half-way through the check crashed the start with a
+    plain-text traceback instead of the one-line refusal."""
+    code, err = await serve(store.name, s3_gone_at_multipart)
+
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert "became unreachable during the start-up check" in line
+
+
+async def test_a_probe_upload_left_by_a_dead_start_is_aborted(
+    make_service: ServiceFactory, store: Bucket
+) -> None:
+    """A replica killed half-way through its check leaves the probe's multipart upload; the
+    next start aborts it once it is a minute old (found by the soak)."""
+    old = ULID.from_datetime(utcnow() - timedelta(minutes=5))
+    fresh = ULID()  # another replica's check, under way right now: left alone
+    for probe in (old, fresh):
+        await store.client.create_multipart_upload(
+            Bucket=store.name, Key=f"copernica/startup-probe/{probe}"
+        )
+
+    await make_service()
+
+    assert [u["Key"] for u in await store.uploads()] == [f"copernica/startup-probe/{fresh}"]
