@@ -54,7 +54,7 @@ soak: install nginx
 	$(PY) -m tests.soak --seconds $${SOAK_SECONDS:-300} $${SOAK_SEED:+--seed $$SOAK_SEED}
 
 # Removes each conditional write (If-Match, If-None-Match) in turn from a scratch copy of the
-# checkout and runs the tests that guard it: every one must go red. About 2 minutes.
+# checkout and runs the tests that guard it: every one must go red. 2-4 minutes.
 mutate: install
 	$(PY) -m tests.mutate
 

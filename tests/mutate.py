@@ -158,7 +158,7 @@ MUTATIONS = (
     Mutation(
         "(i) start-up probe: If-None-Match on the second PutObject",
         "service/store_check.py",
-        "prove_store",
+        "_prove",
         r'b"second", if_none_match=True',
         'b"second"',
         (
@@ -170,7 +170,7 @@ MUTATIONS = (
     Mutation(
         "(j) start-up probe: If-Match with a stale ETag",
         "service/store_check.py",
-        "prove_store",
+        "_prove",
         r"""b"changed", if_match=f'"\{etag\.strip\(chr\(34\)\)\}x"'""",
         'b"changed"',
         (
@@ -179,12 +179,23 @@ MUTATIONS = (
         ),
         "a probe, not a guarantee: without it the service refuses every store",
     ),
+    Mutation(
+        "(k) If-None-Match on an expired request's tombstone (Poller._close_archive)",
+        "service/poller.py",
+        "Poller._close_archive",
+        r"\n\s*if_none_match=True,",
+        "",
+        (
+            "tests/test_poller.py"
+            "::test_closing_an_expired_requests_key_never_replaces_data_that_landed",
+        ),
+    ),
 )
 
 # Conditional writes in service/ deliberately left out, and why.
 NOT_MUTATED = (
     (
-        "service/store_check.py prove_store: the probe's first PutObject (If-None-Match)",
+        "service/store_check.py _prove: the probe's first PutObject (If-None-Match)",
         "writes a fresh key: on a store that honours conditions, removing it changes nothing",
     ),
 )

@@ -144,6 +144,21 @@ async def test_never_ready_request_expires(
     assert (await service.show(created["id"]))["status"] == "expired"
 
 
+async def test_closing_an_expired_requests_key_never_replaces_data_that_landed(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    """Expiry closes the archive key with a tombstone only if the key is free: data that
+    landed between the visit's look and its tombstone is kept (and the request archived)."""
+    simulator.state.config.ready_after = 3600
+    service = await make_service(POLL_INTERVAL_SECONDS="600")
+    created = await filed(service, {"email": "lev@example.com"})
+    body = simulator.state.payload_bytes(created["copernica_id"])
+    await store.client.put_object(Bucket=store.name, Key=archive_key(created["id"]), Body=body)
+
+    assert await service.app[POLLER]._close_archive(archive_key(created["id"])) is False
+    assert await store.read(archive_key(created["id"])) == body
+
+
 async def test_filing_during_copernica_outage_is_resubmitted_later(
     make_service: ServiceFactory, simulator: Simulator, store: Bucket
 ) -> None:
