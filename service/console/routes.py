@@ -338,12 +338,9 @@ async def requests_page(request: web.Request, session: Signed) -> web.Response:
 
 
 async def request_page(request: web.Request, session: Signed) -> web.Response:
-    try:
-        record = await request.app[CONSOLE].operator.current(request.match_info["id"])
-    except ArchiveUnavailable:
-        return _unavailable(request, session)
-    if record is None:
-        return _no_such_request(request, session)
+    record = await _current(request, session)
+    if isinstance(record, web.Response):
+        return record
     notices = {
         "filed": "The request was filed.",
         "extended": f"The deadline was extended; it is now {record.deadline.due_by}.",
@@ -393,6 +390,15 @@ def _no_such_request(request: web.Request, session: Signed) -> web.Response:
     )
 
 
+async def _current(request: web.Request, session: Signed) -> RequestRecord | web.Response:
+    """The request the URL names as it is now, or the page saying why it cannot be shown."""
+    try:
+        record = await request.app[CONSOLE].operator.current(request.match_info["id"])
+    except ArchiveUnavailable:
+        return _unavailable(request, session)
+    return _no_such_request(request, session) if record is None else record
+
+
 async def extend(request: web.Request, session: Signed) -> web.Response:
     console = request.app[CONSOLE]
     request_id = request.match_info["id"]
@@ -416,12 +422,9 @@ async def extend(request: web.Request, session: Signed) -> web.Response:
     if record is not None:
         log.info("deadline_extended", request_id=request_id, months=months, via="console")
         return _redirect(f"/ui/requests/{request_id}?done=extended")
-    try:
-        current = await console.operator.current(request_id)
-    except ArchiveUnavailable:
-        return _unavailable(request, session)
-    if current is None:
-        return _no_such_request(request, session)
+    current = await _current(request, session)
+    if isinstance(current, web.Response):
+        return current
     return _request_view(
         request,
         session,
@@ -495,12 +498,9 @@ async def _package_refused(
         return _unavailable(request, session)
     if refused.status == 404:
         return _no_such_request(request, session)
-    try:
-        record = await request.app[CONSOLE].operator.current(request.match_info["id"])
-    except ArchiveUnavailable:
-        return _unavailable(request, session)
-    if record is None:
-        return _no_such_request(request, session)
+    record = await _current(request, session)
+    if isinstance(record, web.Response):
+        return record
     problem = f"The package cannot be handed out: {refused.message}."
     return _request_view(request, session, record, status=refused.status, problem=problem)
 
