@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from service.logs import configure_logging  # noqa: E402
 from service.simulator import SIM_STATE, SimulatorConfig, create_simulator_app  # noqa: E402
 from service.simulator.payloads import make_events  # noqa: E402
 from tests.browser import chromium  # noqa: E402
+from tests.conftest import free_port, wait_for_port  # noqa: E402
 
 API_TOKEN = "console-screenshots"  # noqa: S105 - a throwaway stack: made-up secrets
 BUCKET = "copernica-archive"
@@ -52,23 +51,6 @@ REQUESTS: list[tuple[dict[str, Any], int, str]] = [
     ({"subprofile": 4410}, 2, "ready"),
     ({"email": "sem.de.boer@example.com"}, 1, "ready"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
 
 
 async def start(app: web.Application, port: int) -> web.AppRunner:
