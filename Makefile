@@ -45,6 +45,7 @@ bench: install nginx
 	$(PY) bench/poller.py
 	$(PY) bench/replicas.py
 	$(PY) bench/package.py
+	$(PY) bench/listing.py
 
 # The combined-fault soak: three replicas behind nginx, moto behind a fault proxy, the
 # simulator, a seeded schedule of faults, then an invariant checker over S3 and the simulator.

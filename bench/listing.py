@@ -1,0 +1,107 @@
+"""CPU of one S3 LIST of a thousand keys: botocore's default client against the service's.
+
+The poller lists its markers (`due/`, `deadlines/`) every tick and every housekeeping round,
+and the console lists to show a page: a LIST's cost is botocore parsing the XML answer. Its
+default timestamp parser (dateutil) took more than half of it; the service's client parses
+S3's two timestamp formats with the standard library (`service.archive.s3_timestamp`).
+Both clients read the same listing from the same moto, alternately, in one process.
+
+    .venv/bin/python bench/listing.py [--keys 1000] [--rounds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from aiobotocore.session import get_session
+
+from bench.stack import CREDENTIALS, append_results, free_port, wait_for
+from service.archive import s3_client
+from service.config import Settings
+
+BUCKET = "bench"
+
+
+async def cpu_per_list(client: Any, keys: int, rounds: int) -> float:
+    started = time.process_time()
+    for _ in range(rounds):
+        answer = await client.list_objects_v2(Bucket=BUCKET, Prefix="due/", MaxKeys=keys)
+        assert len(answer["Contents"]) == keys
+    return (time.process_time() - started) / rounds
+
+
+async def run(keys: int, rounds: int) -> None:
+    os.environ.update(CREDENTIALS)
+    port = free_port()
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(port)
+        async with AsyncExitStack() as stack:
+            default = await stack.enter_async_context(
+                get_session().create_client("s3", endpoint_url=endpoint)
+            )
+            settings = Settings.from_env(
+                {
+                    "ARCHIVE_BUCKET": BUCKET,
+                    "S3_ENDPOINT_URL": endpoint,
+                    "COPERNICA_ACCESS_TOKEN": "x",
+                    "CALLBACK_SECRET": "x" * 32,
+                    "API_TOKEN": "x" * 16,
+                }
+            )
+            ours = await stack.enter_async_context(s3_client(settings))
+            await default.create_bucket(Bucket=BUCKET)
+            gate = asyncio.Semaphore(32)
+
+            async def put(k: int) -> None:
+                async with gate:
+                    key = f"due/2026-11-25T00:00:{k % 60:02d}Z/01JDCK{k:020d}"
+                    await default.put_object(Bucket=BUCKET, Key=key, Body=b"")
+
+            await asyncio.gather(*(put(k) for k in range(keys)))
+            # Alternate, so a drift of the machine's load weighs on both alike.
+            totals = {"botocore default": 0.0, "service client": 0.0}
+            for _ in range(2):
+                for name, client in (("botocore default", default), ("service client", ours)):
+                    totals[name] += await cpu_per_list(client, keys, rounds) / 2
+    finally:
+        moto.terminate()
+        moto.wait()
+    base, new = totals["botocore default"], totals["service client"]
+    lines = [
+        f"| client | CPU ms per LIST of {keys} keys |",
+        "| --- | --- |",
+        f"| botocore default (dateutil timestamps) | {base * 1000:.1f} |",
+        f"| service (`s3_timestamp`) | {new * 1000:.1f} |",
+        "",
+        f"The service's client: {new / base:.2f}x the CPU ({rounds * 2} LISTs each, alternated).",
+    ]
+    print("\n".join(lines))
+    append_results("S3 LIST", lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    asyncio.run(run(args.keys, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
