@@ -48,6 +48,15 @@ _STAMP = "%Y%m%dT%H%M%S.%fZ"
 REPLICA = f"{socket.gethostname()}-{os.getpid()}-{str(ULID())[-6:]}"
 
 
+def _created_before(request_id: str, horizon: datetime) -> bool:
+    """Whether a record key's request id (a ULID) was made before `horizon`; a key that is
+    not a ULID counts as old, so the backfill reads it rather than skip it."""
+    try:
+        return bool(ULID.from_str(request_id).datetime < horizon)
+    except ValueError:
+        return True
+
+
 def stamp(moment: datetime) -> str:
     """A time as a string that sorts like the time (schedule keys are listed in order)."""
     return moment.strftime(_STAMP)
@@ -455,27 +464,36 @@ class Ledger:
             return record
         raise RecordConflict(request_id)
 
-    async def backfill(self, cursor: str, limit: int = 200) -> str | None:
+    async def backfill(self, cursor: str, horizon: datetime, limit: int = 200) -> str | None:
         """Records written before deadlines and packages existed get `received_on` (their
         creation day), a deadline marker, and, if archived, a visit of the poller to build
         their package. One page per call; None when all are done, which a marker object
-        remembers, so later processes skip it with one HEAD. Only records without a deadline
-        marker are read: every record filed since has one until it is answered."""
+        remembers, so later processes skip it with one HEAD.
+
+        Only records created before `horizon` (the caller's start: everything filed since was
+        filed by this release) and without a deadline marker are read. Record keys are ULIDs,
+        in creation order, so the pass ends at the first newer one: on a bucket with no older
+        record it ends with its first LIST, however many requests are filed meanwhile. A
+        record an earlier release still files after that (replicas of both releases running
+        side by side) is read with its creation day all the same; only its marker is missing.
+        """
         done = f"{self._store.keys.prefix}migrations/received-on.done"
         if not cursor and await self._store.head(done) is not None:
             return None
         prefix = self._store.keys.record("")[: -len(".json")]
         start_after = prefix + cursor + ".json" if cursor else ""
         keys = await self._store.list_keys(prefix, start_after=start_after, limit=limit)
-        indexed = {
-            item.key.rsplit("/", 1)[1]
-            async for item in self._store.objects(f"{self._store.keys.prefix}deadlines/")
-        }
-        for key in keys:
-            request_id = key[len(prefix) : -len(".json")]
-            if request_id not in indexed:
-                await self._backfill_one(key, request_id)
-        if len(keys) < limit:
+        older = [key for key in keys if _created_before(key[len(prefix) : -len(".json")], horizon)]
+        if older:
+            indexed = {
+                item.key.rsplit("/", 1)[1]
+                async for item in self._store.objects(f"{self._store.keys.prefix}deadlines/")
+            }
+            for key in older:
+                request_id = key[len(prefix) : -len(".json")]
+                if request_id not in indexed:
+                    await self._backfill_one(key, request_id)
+        if len(older) < len(keys) or len(keys) < limit:
             await self._store.put(done, b"", content_type="application/octet-stream")
             return None
         return keys[-1][len(prefix) : -len(".json")]

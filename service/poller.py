@@ -88,6 +88,7 @@ class Poller:
         self._packages = packages
         self._retention = retention
         self._backfill: str | None = ""  # backfill cursor (Ledger.backfill); None once done
+        self._started = utcnow()  # records filed since are this release's: no backfill
         self._ledger = ledger
         self._copernica = copernica
         self._events = events
@@ -149,7 +150,7 @@ class Poller:
             await self._census()
             # Not in the first round: a new process first gets on with what is due.
             if self._backfill is not None and ticks > JANITOR_EVERY_TICKS:
-                self._backfill = await self._ledger.backfill(self._backfill)
+                self._backfill = await self._ledger.backfill(self._backfill, self._started)
             await self._retention.sweep(utcnow())
         except (ArchiveUnavailable, RecordConflict) as exc:
             log.warning("poll_housekeeping_failed", error=str(exc))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -233,12 +234,8 @@ async def test_bad_list_filters_are_400(service: Service, query: str) -> None:
     assert answer["error"]
 
 
-async def test_a_record_from_before_deadlines_is_read_with_its_creation_day(
-    make_service: ServiceFactory, store: Bucket
-) -> None:
-    """Records written by the previous release have no received_on: their creation day is
-    used, and the poller's backfill puts them in the deadline index."""
-    created = datetime.now(UTC) - timedelta(days=40)
+async def put_legacy_record(store: Bucket, created: datetime) -> str:
+    """A record as the release before deadlines wrote it (no received_on); its id."""
     request_id = str(ULID.from_datetime(created))
     legacy = {
         "id": request_id,
@@ -265,6 +262,16 @@ async def test_a_record_from_before_deadlines_is_read_with_its_creation_day(
         Key=f"copernica/requests/{request_id}.json",
         Body=json.dumps(legacy).encode(),
     )
+    return request_id
+
+
+async def test_a_record_from_before_deadlines_is_read_with_its_creation_day(
+    make_service: ServiceFactory, store: Bucket
+) -> None:
+    """Records written by the previous release have no received_on: their creation day is
+    used, and the poller's backfill puts them in the deadline index."""
+    created = datetime.now(UTC) - timedelta(days=40)
+    request_id = await put_legacy_record(store, created)
     service = await make_service(POLL_INTERVAL_SECONDS="0.2")
 
     shown = await service.show(request_id)
@@ -282,3 +289,39 @@ async def test_a_record_from_before_deadlines_is_read_with_its_creation_day(
         lambda record: record.get("received_on") == created.date().isoformat(),
         what="received_on written into the record",
     )
+
+
+async def test_the_backfill_reads_only_records_from_before_its_start(
+    make_service: ServiceFactory, store: Bucket
+) -> None:
+    """Records filed since the process started are this release's: the backfill ends at the
+    first of them, in its first page, and reads none (here 250, more than a page of 200; in
+    place before the service starts, their ids made a minute later)."""
+    created = datetime.now(UTC) - timedelta(days=40)
+    legacy_id = await put_legacy_record(store, created)
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    newer = {}
+    for _ in range(250):
+        request_id = str(ULID.from_datetime(later))
+        newer[request_id] = json.dumps({"id": request_id, "received_on": "2026-11-25"}).encode()
+    await asyncio.gather(
+        *(
+            store.client.put_object(
+                Bucket=store.name, Key=f"{store.prefix}requests/{request_id}.json", Body=body
+            )
+            for request_id, body in newer.items()
+        )
+    )
+    service = await make_service(POLL_INTERVAL_SECONDS="0.2")
+    await eventually(
+        lambda: store.keys("migrations/"),
+        lambda keys: keys == [f"{store.prefix}migrations/received-on.done"],
+        what="the backfill done",
+    )
+    assert (await record_of(store, legacy_id))["received_on"] == created.date().isoformat()
+    reads = await metric(
+        service, "receiver_s3_request_duration_seconds_count", operation="get_object"
+    )
+    assert reads < 20  # the legacy record and a few others; not 250
+    for request_id, body in newer.items():
+        assert await store.read(f"{store.prefix}requests/{request_id}.json") == body
