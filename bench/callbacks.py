@@ -4,16 +4,17 @@ The floor (bench/floor.py) reads the same body and does one bare `put_object` to
 local S3, with payload signing off as the service's client (botocore's default over https).
 The load comes from this process (a separate one from the servers), bounded in count. For
 each body size and concurrency it prints req/s, CPU seconds per callback of the server
-process, p50/p99 latency, and the service/floor ratios. Each row runs in two halves in the
-order service, floor, floor, service, so a drift of the shared machine's load during a row
-weighs on both sides alike.
+process, p50/p99 latency, and the ratios. Three sides take turns in a row: the service, the
+floor and the checked floor (floor.py's /checked: the floor plus the SHA-256 and the full
+JSON validation no receiver can skip), up to eight turns each, in the order service, floor,
+checked, then the reverse, so a drift of the shared machine's load weighs on all alike.
 
 A replica also runs its poller: a tick's LIST of `due/` every 10 s, housekeeping (listing
 every open request for /metrics) every 100 s. Their CPU is not the callbacks', and in a
-half of a second it can double a row's. The replica's own /metrics tell: a service half in
-which it made any S3 call other than the callbacks' one write each (and, for the earlier
-URL form, their record reads) is measured again with fresh requests, up to five times;
-"halves again" counts those. What a LIST costs is measured apart (bench/listing.py).
+turn of a fraction of a second it can double a row's. The replica's own /metrics tell: a
+service turn in which it made any S3 call other than the callbacks' one write each (and,
+for the earlier URL form, their record reads) is measured again with fresh requests, up to
+five times; "turns again" counts those. What a LIST costs is measured apart (bench/listing.py).
 
 The callbacks go to the `report` addresses the service gave Copernica when it filed the
 requests, read back from the simulator: the production path
@@ -55,13 +56,14 @@ from service.callback_urls import callback_url
 from service.config import Secret
 
 SUBJECT = "bench@example.com"
-SIZES = {"2 KB": (2_000, 240), "1 MB": (1_000_000, 64), "20 MB": (20_000_000, 12)}
+SIZES = {"2 KB": (2_000, 480), "1 MB": (1_000_000, 256), "20 MB": (20_000_000, 16)}
+SLICES = 8  # turns per side in a row at most (even: as many in first place as in last)
 CONCURRENCY = (1, 16, 64)
 WARM, COLD, EARLIER = "warm", "cold", "cold, earlier URL"
 # The earlier URL form only where the previous release's README measured it.
 EARLIER_AT = {("2 KB", 16), ("1 MB", 16)}
 PART_BYTES = 8 * 1024 * 1024  # the service's default S3_PART_BYTES
-MEASURE_ATTEMPTS = 5  # a service half disturbed by the poller is measured again, this often
+MEASURE_ATTEMPTS = 5  # a service turn disturbed by the poller is measured again, this often
 TARGETS = {  # (size, replicas): (least throughput ratio, most CPU ratio)
     ("2 KB", WARM): (0.9, 1.3),
     ("2 KB", COLD): (0.9, 1.3),
@@ -84,6 +86,7 @@ class Row:
     concurrency: int
     ratio: float
     cpu_ratio: float
+    checked_ratio: float  # the checked floor's CPU over the bare floor's
     text: str
 
 
@@ -100,7 +103,7 @@ async def s3_calls(http: aiohttp.ClientSession, admin_url: str) -> dict[str, flo
 
 
 def others(before: dict[str, float], after: dict[str, float], how: str) -> float:
-    """S3 calls in a half that no callback made: the replica's poller was at work (a tick's
+    """S3 calls in a turn that no callback made: the replica's poller was at work (a tick's
     LIST of `due/`, housekeeping, a visit)."""
     own = {"put_object"} | ({"get_object"} if how == EARLIER else set())
     return sum(after[op] - before.get(op, 0.0) for op in after if op not in own)
@@ -152,10 +155,10 @@ async def measure(
     body: bytes,
     n: int,
     concurrency: int,
-) -> tuple[float, float, str, int]:
-    """One row: n callbacks to the replica and n bodies to the floor, in halves (ABBA); and
-    how many service halves were measured again because the replica's poller made S3 calls
-    during them (their CPU is not the callbacks')."""
+) -> tuple[Row, int]:
+    """One row: n callbacks each to the replica, the floor and the checked floor, in turns;
+    and how many service turns were measured again because the replica's poller made S3
+    calls during them (their CPU is not the callbacks')."""
 
     async def addresses(count: int) -> list[str]:
         reports = await file_requests(http, stack, count)
@@ -163,8 +166,8 @@ async def measure(
             return [callback_url(replica.url, Secret(stack.secret), rid) for rid in reports]
         return [report.replace(stack.url, replica.url, 1) for report in reports.values()]
 
-    async def service_half(urls: list[str]) -> tuple[float, float, list[float], int]:
-        """(seconds, CPU, latencies, halves discarded) of one clean half."""
+    async def service_turn(urls: list[str]) -> tuple[float, float, list[float], int]:
+        """(seconds, CPU, latencies, turns discarded) of one undisturbed turn."""
         for attempt in range(MEASURE_ATTEMPTS):
             before = await s3_calls(http, replica.admin_url)
             cpu_before = cpu_seconds(replica.proc.pid)
@@ -182,26 +185,35 @@ async def measure(
     urls = await addresses(n)
     base = f"http://127.0.0.1:{floor_port}"
     floor_urls = [f"{base}/put/f{time.time_ns()}-{k}" for k in range(n)]
-    half = n // 2
-    took = floor_took = service_cpu = floor_cpu = 0.0
+    checked_urls = [f"{base}/checked/c{time.time_ns()}-{k}" for k in range(n)]
+    took = service_cpu = 0.0
     lat: list[float] = []
-    floor_lat: list[float] = []
+    floors = {"f": [0.0, 0.0, []], "c": [0.0, 0.0, []]}  # seconds, CPU, latencies
     discarded = 0
-    halves = [("s", urls[:half]), ("f", floor_urls[:half])]
-    halves += [("f", floor_urls[half:]), ("s", urls[half:])]
-    for side, part in halves:
+    # Slices in the order service, floor, checked floor, then the reverse, and so on: each
+    # side runs as often first as last, and many short turns average out the machine's drift.
+    slices = max(2, min(SLICES, n // concurrency) // 2 * 2)  # each turn at full concurrency
+    step = n // slices
+    sliced = {"s": urls, "f": floor_urls, "c": checked_urls}
+    turns = [
+        (side, sliced[side][i * step : (i + 1) * step])
+        for i in range(slices)
+        for side in ("s", "f", "c")[:: 1 if i % 2 == 0 else -1]
+    ]
+    for side, part in turns:
         if side == "s":
-            seconds, cpu, latencies, again = await service_half(part)
+            seconds, cpu, latencies, again = await service_turn(part)
             took, service_cpu, lat = took + seconds, service_cpu + cpu, lat + latencies
             discarded += again
         else:
             cpu_before = cpu_seconds(floor.pid)
             seconds, latencies = await drive(http, part, body, concurrency)
-            floor_took, floor_cpu = (
-                floor_took + seconds,
-                floor_cpu + cpu_seconds(floor.pid) - cpu_before,
-            )
-            floor_lat += latencies
+            totals = floors[side]
+            totals[0] += seconds
+            totals[1] += cpu_seconds(floor.pid) - cpu_before
+            totals[2] += latencies
+    floor_took, floor_cpu, floor_lat = floors["f"]
+    checked_cpu = floors["c"][1] / n
     service_cpu, floor_cpu = service_cpu / n, floor_cpu / n
     multipart = "— | —"
     if len(body) > PART_BYTES:
@@ -209,13 +221,16 @@ async def measure(
         parts_took, _ = await drive(http, parts_urls, body, concurrency)
         multipart = f"{n / parts_took:.1f} | {parts_took / took:.2f}"
     ratio, cpu_ratio = floor_took / took, service_cpu / max(floor_cpu, 1e-9)
+    checked_ratio = checked_cpu / max(floor_cpu, 1e-9)
     text = (
         f"{n / took:.1f} | {n / floor_took:.1f} | {ratio:.2f} | "
         f"{service_cpu * 1000:.1f} | {floor_cpu * 1000:.1f} | {cpu_ratio:.2f} | "
+        f"{checked_cpu * 1000:.1f} | {checked_ratio:.2f} | "
+        f"{service_cpu / max(checked_cpu, 1e-9):.2f} | "
         f"{pct(lat, 50):.0f}/{pct(lat, 99):.0f} | "
         f"{pct(floor_lat, 50):.0f}/{pct(floor_lat, 99):.0f} | {discarded} | {multipart} |"
     )
-    return ratio, cpu_ratio, text, discarded
+    return Row("", "", concurrency, ratio, cpu_ratio, checked_ratio, text), discarded
 
 
 def verdicts(rows: list[Row]) -> list[str]:
@@ -236,6 +251,8 @@ def verdicts(rows: list[Row]) -> list[str]:
         cpus = [r.cpu_ratio for r in covered]
         ok &= max(cpus) <= most
         parts.append(f"CPU {' / '.join(f'{x:.2f}' for x in cpus)}x (target <= {most})")
+        checked = " / ".join(f"{r.checked_ratio:.2f}" for r in covered)
+        parts.append(f"the checked floor's CPU {checked}x")
         conc = "/".join(str(r.concurrency) for r in covered)
         lines.append(
             f"- {size} {replicas}, concurrency {conc}: {'; '.join(parts)}: "
@@ -265,9 +282,10 @@ async def run(quick: bool, sizes: list[str]) -> None:
     replicas[EARLIER] = replicas[COLD]
     rows = [
         "| size | replica | conc | service req/s | floor req/s | ratio | service CPU ms/cb | "
-        "floor CPU ms/cb | CPU ratio | service p50/p99 ms | floor p50/p99 ms | "
-        "halves again | bare multipart req/s | ratio to it |",
-        "|" + " --- |" * 14,
+        "floor CPU ms/cb | CPU ratio | checked floor CPU ms/cb | checked/floor | "
+        "service/checked | service p50/p99 ms | floor p50/p99 ms | "
+        "turns again | bare multipart req/s | ratio to it |",
+        "|" + " --- |" * 17,
     ]
     measured: list[Row] = []
     discarded = 0
@@ -285,7 +303,7 @@ async def run(quick: bool, sizes: list[str]) -> None:
                 for concurrency in CONCURRENCY:
                     ways = [WARM, COLD] + ([EARLIER] if (name, concurrency) in EARLIER_AT else [])
                     for how in ways:
-                        ratio, cpu_ratio, text, again = await measure(
+                        row, again = await measure(
                             stack,
                             http,
                             replicas[how],
@@ -296,7 +314,9 @@ async def run(quick: bool, sizes: list[str]) -> None:
                             max(count, concurrency),
                             concurrency,
                         )
-                        measured.append(Row(name, how, concurrency, ratio, cpu_ratio, text))
+                        row.size, row.replicas = name, how
+                        measured.append(row)
+                        text = row.text
                         discarded += again
                         rows.append(f"| {name} | {how} | {concurrency} | {text}")
                         print(rows[-1], flush=True)
@@ -306,7 +326,7 @@ async def run(quick: bool, sizes: list[str]) -> None:
         "",
         "Targets (issue 13), ratios to the floor by concurrency:",
         *verdicts(measured),
-        f"- {discarded} service halves measured again: the replica's poller made S3 calls "
+        f"- {discarded} service turns measured again: the replica's poller made S3 calls "
         "during them (a tick's LIST, housekeeping); each callback made exactly one S3 write",
         f"- whole run {time.perf_counter() - started:.0f} s",
     ]

@@ -2,6 +2,11 @@
 
 - `POST /put/{key}`: a bare aiohttp handler that reads the body and does one bare aiobotocore
   `put_object` to the same S3 endpoint (the floor of issue 7);
+- `POST /checked/{key}`: the bare handler plus the work no receiver that keeps the exact
+  bytes and refuses invalid JSON can skip: a SHA-256 of the body (sent as its S3 checksum, in
+  place of botocore's CRC32, as the service does) and a full JSON validation (simdjson, the
+  service's checker for a body of one part). The service against it shows its own overhead;
+  the checked floor against the bare one, what the required work costs on this machine;
 - `POST /multipart/{key}`: streams the body into a bare multipart upload with the service's
   part size and two parts in flight (no hash, no check, no conditions): what archiving a body
   larger than one part costs at the least without holding it whole in memory.
@@ -15,10 +20,13 @@ plain http, as botocore does over https), so the comparison is of the work, not 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import simdjson
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from aiohttp import web
@@ -33,6 +41,26 @@ async def put(request: web.Request) -> web.Response:
     body = await request.read()
     client: Any = request.app[S3]
     await client.put_object(Bucket=request.app["bucket"], Key=request.match_info["key"], Body=body)
+    return web.json_response({"status": "stored", "size": len(body)})
+
+
+PARSER = simdjson.Parser()
+
+
+async def checked(request: web.Request) -> web.Response:
+    body = await request.read()
+    digest = hashlib.sha256(body).digest()
+    try:
+        PARSER.parse(body)
+    except ValueError:
+        return web.json_response({"error": "invalid JSON"}, status=422)
+    client: Any = request.app[S3]
+    await client.put_object(
+        Bucket=request.app["bucket"],
+        Key=request.match_info["key"],
+        Body=body,
+        ChecksumSHA256=base64.b64encode(digest).decode(),
+    )
     return web.json_response({"status": "stored", "size": len(body)})
 
 
@@ -90,6 +118,7 @@ def main() -> None:
     app[PART] = part_bytes
     app.cleanup_ctx.append(client)
     app.router.add_post("/put/{key}", put)
+    app.router.add_post("/checked/{key}", checked)
     app.router.add_post("/multipart/{key}", multipart)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 

@@ -145,7 +145,11 @@ class Intake:
         other = (
             signed_digest.new() if signed_digest and signed_digest.algorithm != "sha256" else None
         )
-        check = PayloadCheck(self._max_token, whole_bytes=self._store.part_bytes)
+        # The check reads a body of one part whole from the upload's buffer at the end: no
+        # chunk is kept twice.
+        check = PayloadCheck(
+            self._max_token, whole_bytes=self._store.part_bytes, buffered=lambda: upload.buffered
+        )
         size = 0
         while chunk:
             size += len(chunk)
@@ -173,8 +177,7 @@ class Intake:
             return await self._quarantine(
                 request, upload, chunk, stream, size, digest, received_at, check.error or "invalid"
             )
-        # A body smaller than a part is all in the upload's buffer: checked there, no copy.
-        result = check.finish(None if upload.multipart else upload.buffered)
+        result = check.finish()
         if result.verdict is Verdict.NOT_AVAILABLE:
             return Receipt(Outcome.NOT_READY, size=size, request=request)
         if result.verdict is Verdict.INVALID:

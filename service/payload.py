@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,17 +135,27 @@ class _Events:
 class PayloadCheck:
     """Feed the body in chunks; `finish()` gives the verdict. Raises nothing to the caller.
 
-    Below `whole_bytes` the chunks are only kept (the caller holds the same bytes for its
-    single PUT, so this costs no copy) and checked at once in `finish`; past that the check
-    streams, and `failed` turns true as soon as the body is known to be invalid.
+    Below `whole_bytes` the body is checked at once in `finish`; past that the check streams,
+    and `failed` turns true as soon as the body is known to be invalid. A caller that buffers
+    the body itself (for its single PUT) passes `buffered`, which gives the bytes fed so far:
+    the check then keeps no chunk of its own, and each chunk can be freed as soon as the
+    caller copied it (one copy of the body in memory, not two). Without it the check keeps
+    the chunks until `finish`.
     """
 
-    def __init__(self, max_token_bytes: int, whole_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        max_token_bytes: int,
+        whole_bytes: int = 0,
+        buffered: Callable[[], bytes | bytearray] | None = None,
+    ) -> None:
         self._events = _Events()
         self._yajl: Any = None  # made when first needed: most bodies never need it
         self._max_token = max_token_bytes
         self._since_event = 0
-        self._held: list[bytes] | None = [] if whole_bytes > 0 else None
+        self._whole = whole_bytes > 0  # still below whole_bytes: checked whole at the end
+        self._held: list[bytes] = []
+        self._buffered = buffered
         self._held_bytes = 0
         self._whole_bytes = whole_bytes
         self.error: str | None = None
@@ -160,16 +171,22 @@ class PayloadCheck:
         return self.error is not None
 
     def feed(self, chunk: bytes) -> None:
-        held = self._held
-        if held is not None:
-            held.append(chunk)
+        """The next chunk; with `buffered`, call it before the caller buffers the chunk."""
+        if self._whole:
             self._held_bytes += len(chunk)
-            if self._held_bytes >= self._whole_bytes:
-                # Too large to check whole: stream from here on, starting with what is held.
-                self._held = None
-                for part in held:
+            if self._buffered is None:
+                self._held.append(chunk)
+            if self._held_bytes < self._whole_bytes:
+                return
+            # Too large to check whole: stream from here on, starting with what came before.
+            self._whole = False
+            earlier = self._held if self._buffered is None else [bytes(self._buffered())]
+            self._held = []
+            for part in earlier:
+                if part:  # an empty chunk would tell yajl the body ended
                     self._stream(part)
-            return
+            if self._buffered is None:
+                return  # the chunk was among the held ones
         self._stream(chunk)
 
     def _stream(self, chunk: bytes) -> None:
@@ -193,11 +210,14 @@ class PayloadCheck:
         if self._since_event > self._max_token:
             self.error = f"a single JSON token is larger than {self._max_token} bytes"
 
-    def finish(self, whole: bytes | bytearray | None = None) -> Result:
-        """The verdict. `whole` may pass the body held by the caller, saving a copy."""
-        held, self._held = self._held, None
-        if held is not None:
-            if whole is None or len(whole) != self._held_bytes:
+    def finish(self) -> Result:
+        """The verdict."""
+        if self._whole:
+            self._whole = False
+            held, self._held = self._held, []
+            if self._buffered is not None:
+                whole = self._buffered()
+            else:
                 whole = held[0] if len(held) == 1 else b"".join(held)
             decided = _whole_verdict(whole)
             if decided is not None:

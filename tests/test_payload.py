@@ -23,14 +23,24 @@ MIB = 1024 * 1024
 
 
 def judge(body: bytes, chunk: int = 7, max_token: int = 4 * MIB) -> Result:
+    """The verdict, the same every way the check can run: streamed through yajl; whole by
+    simdjson, from chunks it kept or from the caller's buffer (as the intake runs it); and
+    switching from whole to streamed half-way, either way."""
     results = []
-    for whole_bytes in (0, len(body) + 1):  # streamed through yajl; held whole for simdjson
-        check = PayloadCheck(max_token, whole_bytes=whole_bytes)
-        for i in range(0, len(body), chunk):
-            check.feed(body[i : i + chunk])
-        results.append(check.finish())
-    streamed, whole = results
-    assert whole == streamed, (body[:200], whole, streamed)
+    for whole_bytes in (0, len(body) + 1, len(body) // 2 + 1):
+        for from_caller in (False, True):
+            buffer = bytearray()
+            check = PayloadCheck(
+                max_token,
+                whole_bytes=whole_bytes,
+                buffered=(lambda: buffer) if from_caller else None,  # noqa: B023
+            )
+            for i in range(0, len(body), chunk):
+                check.feed(body[i : i + chunk])
+                buffer += body[i : i + chunk]
+            results.append(check.finish())
+    streamed = results[0]
+    assert all(result == streamed for result in results), (body[:200], results)
     return streamed
 
 
