@@ -262,7 +262,7 @@ def verdicts(rows: list[Row]) -> list[str]:
 
 
 async def run(quick: bool, sizes: list[str]) -> None:
-    stack = Stack(service_env={"SHUTDOWN_DRAIN_SECONDS": "0"}).start()
+    stack = Stack(service_env={"SHUTDOWN_DRAIN_SECONDS": "0", "POLL_INTERVAL_SECONDS": "3600"}).start()
     floor_port = free_port()
     floor = stack.spawn(
         ["bench/floor.py", str(floor_port), stack.endpoint, stack.bucket], port=floor_port

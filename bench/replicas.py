@@ -7,12 +7,14 @@
    tests/test_nginx.py does) to one replica, and through nginx to two replicas. The requests
    are real: a separate *filer* replica files them through the operator API
    (`POST /v1/data-requests`) while the simulator holds them back (ready in an hour, so it
-   never delivers a callback itself); then the filer stops, so no measured replica remembers
-   any addressee: every callback reads the request record, as one does that arrives later or
-   at another replica. For each way and concurrency: req/s, p50/p99, CPU per callback summed
-   over every service process, nginx (master and worker) and moto (and, apart, this load
-   generator), how many cores that kept busy, moto's own share of a core, and S3 calls per
-   callback (the replicas' /metrics, listings excepted); then 2 replicas / 1 replica and
+   never delivers a callback itself); then the filer stops, and the callbacks go to the
+   `report` addresses it gave Copernica (read back from the simulator), with the measured
+   replicas' address in place of the public one: the production path, whose subject digest
+   and token are in the address, so no replica reads a record. For each way and
+   concurrency: req/s, p50/p99, CPU per callback summed over every service process, nginx
+   (master and worker) and moto (and, apart, this load generator), how many cores that kept
+   busy, moto's own share of a core, and S3 calls per callback (the replicas' /metrics,
+   listings excepted); then 2 replicas / 1 replica and
    nginx / direct ratios. Every answer must be 200, and at the end the archive prefix must
    hold exactly one object per request.
 2. **Startup.** `python -m service serve` (the same settings) is spawned several times; the
@@ -46,8 +48,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.callbacks import drive, s3_calls
 from bench.stack import ROOT, Stack, append_results, cpu_seconds, free_port, sized_body
 from deploy.local_nginx import Nginx
-from service.callbacks import callback_url
-from service.config import Secret
 
 DEFAULT_COUNT = 300
 ROUNDS = 2
@@ -142,10 +142,12 @@ def small_body(size: int = BODY_BYTES) -> bytes:
     return sized_body(SUBJECT, size)
 
 
-async def file_requests(http: aiohttp.ClientSession, stack: Stack, n: int) -> list[str]:
+async def file_requests(http: aiohttp.ClientSession, stack: Stack, n: int) -> dict[str, str]:
+    """File n requests through the filer; {request id: the `report` address it gave
+    Copernica}, as the simulator recorded it."""
     gate = asyncio.Semaphore(FILING_CONCURRENCY)
 
-    async def one() -> str:
+    async def one() -> tuple[str, str]:
         async with (
             gate,
             http.post(
@@ -155,9 +157,19 @@ async def file_requests(http: aiohttp.ClientSession, stack: Stack, n: int) -> li
             ) as answer,
         ):
             assert answer.status == 202, await answer.text()
-            return str((await answer.json())["id"])
+            created = await answer.json()
+            return str(created["id"]), str(created["copernica_id"])
 
-    return list(await asyncio.gather(*(one() for _ in range(n))))
+    filed = await asyncio.gather(*(one() for _ in range(n)))
+    async with http.get(f"http://127.0.0.1:{stack.sim_port}/_sim/state") as answer:
+        known = (await answer.json())["requests"]
+    return {request_id: known[cid]["report"] for request_id, cid in filed}
+
+
+async def replica_s3_calls(http: aiohttp.ClientSession, admin_url: str) -> float:
+    """A replica's S3 calls so far, listings excepted."""
+    calls = await s3_calls(http, admin_url)
+    return sum(count for operation, count in calls.items() if operation != "list_objects_v2")
 
 
 def archive_ids(stack: Stack) -> list[str]:
@@ -178,14 +190,15 @@ def archive_ids(stack: Stack) -> list[str]:
 async def measure(
     http: aiohttp.ClientSession,
     row: Row,
-    secret: str,
+    base: str,
     target: str,
     replicas: list[str],
     counted: dict[str, list[int]],
-    ids: list[str],
+    reports: list[str],
 ) -> None:
-    """One round: a callback for each of `ids` through `target`, added to `row`."""
-    urls = [callback_url(target, Secret(secret), request_id) for request_id in ids]
+    """One round: a callback to each of the `reports` addresses (public base URL `base`)
+    through `target`, added to `row`."""
+    urls = [report.replace(base, target, 1) for report in reports]
 
     async def healthz() -> None:
         async with http.get(f"{target}/healthz") as answer:
@@ -195,15 +208,15 @@ async def measure(
     # Warm the connections (client to nginx, nginx to the replicas) before the clock starts.
     for _ in range(2):
         await asyncio.gather(*(healthz() for _ in range(row.concurrency)))
-    calls_before = sum([await s3_calls(http, url) for url in replicas])
+    calls_before = sum([await replica_s3_calls(http, url) for url in replicas])
     before = {part: total_cpu(pids) for part, pids in counted.items()}
     load_before, machine_before = time.process_time(), machine_cpu()
     took, latencies = await drive(http, urls, small_body(), row.concurrency)
     cpu = {part: total_cpu(pids) - before[part] for part, pids in counted.items()}
     cpu["load"] = time.process_time() - load_before
     cpu["machine"] = machine_cpu() - machine_before
-    row.calls += sum([await s3_calls(http, url) for url in replicas]) - calls_before
-    row.add(len(ids), took, latencies, cpu)
+    row.calls += sum([await replica_s3_calls(http, url) for url in replicas]) - calls_before
+    row.add(len(reports), took, latencies, cpu)
 
 
 def scaling_tables(rows: list[Row]) -> list[str]:
@@ -320,12 +333,13 @@ async def scaling(stack: Stack, count: int, workdir: Path) -> list[str]:
         timeout=aiohttp.ClientTimeout(total=300), connector=aiohttp.TCPConnector(limit=200)
     ) as http:
         started = time.perf_counter()
-        ids = await file_requests(http, stack, n * len(WAYS) * len(CONCURRENCY))
+        reports = await file_requests(http, stack, n * len(WAYS) * len(CONCURRENCY))
+        ids = list(reports)
         log(
             f"filed {len(ids)} requests through the filer replica in "
             f"{time.perf_counter() - started:.1f} s"
         )
-    # The filer stops: the measured replicas remember no addressee (a cold callback).
+    # The filer stops: the measured replicas neither filed nor polled (cold callbacks).
     stack.stop_service()
     ports, admin_ports = [free_port(), free_port()], [free_port(), free_port()]
     replicas = [
@@ -340,7 +354,7 @@ async def scaling(stack: Stack, count: int, workdir: Path) -> list[str]:
     admin_urls = [f"http://127.0.0.1:{port}" for port in admin_ports]
     moto = stack.procs[0]
     rows: list[Row] = []
-    unused = list(ids)
+    unused = list(reports.values())
     async with aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=300), connector=aiohttp.TCPConnector(limit=200)
     ) as http:
@@ -364,7 +378,7 @@ async def scaling(stack: Stack, count: int, workdir: Path) -> list[str]:
                         }
                         target = proxy.url if proxy else urls[0]
                         await measure(
-                            http, by_way[way], stack.secret, target, admin_urls, counted, batch
+                            http, by_way[way], stack.url, target, admin_urls, counted, batch
                         )
                     finally:
                         if proxy is not None:
@@ -390,8 +404,9 @@ async def scaling(stack: Stack, count: int, workdir: Path) -> list[str]:
         "",
         f"- Each way and concurrency: {n} callbacks of {len(small_body())} bytes in {ROUNDS} "
         f"rounds (ways alternating), every answer 200. {len(ids)} requests were filed through "
-        "the API (`POST /v1/data-requests`, a filer replica stopped before the load, so every "
-        "callback reads its request record); the archive prefix then held exactly "
+        "the API (`POST /v1/data-requests`, a filer replica stopped before the load; each "
+        "callback to the `report` address it gave Copernica); the archive prefix then held "
+        "exactly "
         f"{len(stored)} objects, one per request. CPU from /proc/PID/stat; nginx = master + "
         "worker (worker_processes 1, as in tests/test_nginx.py); replicas = both service "
         "processes, the idle one too; machine = /proc/stat, every process on it. CPU is read "
