@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import subprocess
 import sys
 import time
 from contextlib import AsyncExitStack
@@ -25,39 +23,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiobotocore.session import get_session
 
-from bench.stack import CREDENTIALS, append_results, free_port, wait_for
+from bench.stack import Stack, append_results
 from service.archive import s3_client
 from service.config import Settings
 
-BUCKET = "bench"
 
-
-async def cpu_per_list(client: Any, keys: int, rounds: int) -> float:
+async def cpu_per_list(client: Any, bucket: str, keys: int, rounds: int) -> float:
     started = time.process_time()
     for _ in range(rounds):
-        answer = await client.list_objects_v2(Bucket=BUCKET, Prefix="due/", MaxKeys=keys)
+        answer = await client.list_objects_v2(Bucket=bucket, Prefix="due/", MaxKeys=keys)
         assert len(answer["Contents"]) == keys
     return (time.process_time() - started) / rounds
 
 
 async def run(keys: int, rounds: int) -> None:
-    os.environ.update(CREDENTIALS)
-    port = free_port()
-    moto = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
+    local = Stack().start(service=False)  # moto, with the bucket made, and the simulator
+    endpoint, bucket = local.endpoint, local.bucket
     try:
-        wait_for(port)
         async with AsyncExitStack() as stack:
             default = await stack.enter_async_context(
                 get_session().create_client("s3", endpoint_url=endpoint)
             )
             settings = Settings.from_env(
                 {
-                    "ARCHIVE_BUCKET": BUCKET,
+                    "ARCHIVE_BUCKET": bucket,
                     "S3_ENDPOINT_URL": endpoint,
                     "COPERNICA_ACCESS_TOKEN": "x",
                     "CALLBACK_SECRET": "x" * 32,
@@ -65,23 +54,21 @@ async def run(keys: int, rounds: int) -> None:
                 }
             )
             ours = await stack.enter_async_context(s3_client(settings))
-            await default.create_bucket(Bucket=BUCKET)
             gate = asyncio.Semaphore(32)
 
             async def put(k: int) -> None:
                 async with gate:
                     key = f"due/2026-11-25T00:00:{k % 60:02d}Z/01JDCK{k:020d}"
-                    await default.put_object(Bucket=BUCKET, Key=key, Body=b"")
+                    await default.put_object(Bucket=bucket, Key=key, Body=b"")
 
             await asyncio.gather(*(put(k) for k in range(keys)))
             # Alternate, so a drift of the machine's load weighs on both alike.
             totals = {"botocore default": 0.0, "service client": 0.0}
             for _ in range(2):
                 for name, client in (("botocore default", default), ("service client", ours)):
-                    totals[name] += await cpu_per_list(client, keys, rounds) / 2
+                    totals[name] += await cpu_per_list(client, bucket, keys, rounds) / 2
     finally:
-        moto.terminate()
-        moto.wait()
+        local.stop()
     base, new = totals["botocore default"], totals["service client"]
     lines = [
         f"| client | CPU ms per LIST of {keys} keys |",

@@ -142,30 +142,6 @@ def small_body(size: int = BODY_BYTES) -> bytes:
     return sized_body(SUBJECT, size)
 
 
-async def file_requests(http: aiohttp.ClientSession, stack: Stack, n: int) -> dict[str, str]:
-    """File n requests through the filer; {request id: the `report` address it gave
-    Copernica}, as the simulator recorded it."""
-    gate = asyncio.Semaphore(FILING_CONCURRENCY)
-
-    async def one() -> tuple[str, str]:
-        async with (
-            gate,
-            http.post(
-                f"{stack.admin_url}/v1/data-requests",
-                json={"email": SUBJECT},
-                headers={"Authorization": f"Bearer {stack.api}"},
-            ) as answer,
-        ):
-            assert answer.status == 202, await answer.text()
-            created = await answer.json()
-            return str(created["id"]), str(created["copernica_id"])
-
-    filed = await asyncio.gather(*(one() for _ in range(n)))
-    async with http.get(f"http://127.0.0.1:{stack.sim_port}/_sim/state") as answer:
-        known = (await answer.json())["requests"]
-    return {request_id: known[cid]["report"] for request_id, cid in filed}
-
-
 async def replica_s3_calls(http: aiohttp.ClientSession, admin_url: str) -> float:
     """A replica's S3 calls so far, listings excepted."""
     calls = await s3_calls(http, admin_url)
@@ -333,7 +309,9 @@ async def scaling(stack: Stack, count: int, workdir: Path) -> list[str]:
         timeout=aiohttp.ClientTimeout(total=300), connector=aiohttp.TCPConnector(limit=200)
     ) as http:
         started = time.perf_counter()
-        reports = await file_requests(http, stack, n * len(WAYS) * len(CONCURRENCY))
+        reports = await stack.file_requests(
+            http, SUBJECT, n * len(WAYS) * len(CONCURRENCY), concurrency=FILING_CONCURRENCY
+        )
         ids = list(reports)
         log(
             f"filed {len(ids)} requests through the filer replica in "

@@ -3,6 +3,7 @@ loopback, and readings of a process's CPU time and memory from /proc."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -167,21 +168,30 @@ class Stack:
         self.stop_service()
         return self.start_service(env)
 
-    async def file_requests(self, http: Any, subject: str, n: int) -> dict[str, str]:
-        """File n requests for `subject` through the service's API; {request id: the `report`
-        address it gave Copernica}, as the simulator recorded it."""
-        cids = {}
-        for _ in range(n):
-            async with http.post(
-                f"{self.admin_url}/v1/data-requests",
-                json={"email": subject},
-                headers={"Authorization": f"Bearer {self.api}"},
-            ) as answer:
+    async def file_requests(
+        self, http: Any, subject: str, n: int, concurrency: int = 1
+    ) -> dict[str, str]:
+        """File n requests for `subject` through the service's API, `concurrency` at a time;
+        {request id: the `report` address it gave Copernica}, as the simulator recorded it."""
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one() -> tuple[str, str]:
+            async with (
+                gate,
+                http.post(
+                    f"{self.admin_url}/v1/data-requests",
+                    json={"email": subject},
+                    headers={"Authorization": f"Bearer {self.api}"},
+                ) as answer,
+            ):
+                assert answer.status == 202, await answer.text()
                 created = await answer.json()
-            cids[created["id"]] = created["copernica_id"]
+                return str(created["id"]), str(created["copernica_id"])
+
+        filed = await asyncio.gather(*(one() for _ in range(n)))
         async with http.get(f"http://127.0.0.1:{self.sim_port}/_sim/state") as answer:
             known = (await answer.json())["requests"]
-        return {rid: known[cid]["report"] for rid, cid in cids.items()}
+        return {rid: known[cid]["report"] for rid, cid in filed}
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

@@ -483,20 +483,20 @@ class Ledger:
         prefix = self._store.keys.record("")[: -len(".json")]
         start_after = prefix + cursor + ".json" if cursor else ""
         keys = await self._store.list_keys(prefix, start_after=start_after, limit=limit)
-        older = [key for key in keys if _created_before(key[len(prefix) : -len(".json")], horizon)]
+        ids = [key[len(prefix) : -len(".json")] for key in keys]
+        older = [request_id for request_id in ids if _created_before(request_id, horizon)]
         if older:
             indexed = {
                 item.key.rsplit("/", 1)[1]
                 async for item in self._store.objects(f"{self._store.keys.prefix}deadlines/")
             }
-            for key in older:
-                request_id = key[len(prefix) : -len(".json")]
+            for request_id in older:
                 if request_id not in indexed:
-                    await self._backfill_one(key, request_id)
-        if len(older) < len(keys) or len(keys) < limit:
+                    await self._backfill_one(self._store.keys.record(request_id), request_id)
+        if len(older) < len(ids) or len(ids) < limit:
             await self._store.put(done, b"", content_type="application/octet-stream")
             return None
-        return keys[-1][len(prefix) : -len(".json")]
+        return ids[-1]
 
     async def _backfill_one(self, key: str, request_id: str) -> None:
         stored = await self._store.get(key)

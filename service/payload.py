@@ -156,7 +156,7 @@ class PayloadCheck:
         self._whole = whole_bytes > 0  # still below whole_bytes: checked whole at the end
         self._held: list[bytes] = []
         self._buffered = buffered
-        self._held_bytes = 0
+        self._fed_bytes = 0
         self._whole_bytes = whole_bytes
         self.error: str | None = None
 
@@ -173,10 +173,10 @@ class PayloadCheck:
     def feed(self, chunk: bytes) -> None:
         """The next chunk; with `buffered`, call it before the caller buffers the chunk."""
         if self._whole:
-            self._held_bytes += len(chunk)
+            self._fed_bytes += len(chunk)
             if self._buffered is None:
                 self._held.append(chunk)
-            if self._held_bytes < self._whole_bytes:
+            if self._fed_bytes < self._whole_bytes:
                 return
             # Too large to check whole: stream from here on, starting with what came before.
             self._whole = False

@@ -55,8 +55,7 @@ async def abort_stale_probes(store: ArchiveStore) -> int:
         except ValueError:
             continue
         if utcnow() - started > STALE_PROBE:
-            with contextlib.suppress(NotFound):
-                await store.abort_upload(key, upload_id)
+            await store.abort_upload(key, upload_id)
             aborted += 1
     return aborted
 
@@ -89,8 +88,9 @@ async def _prove(store: ArchiveStore, key: str) -> None:
                 "If-None-Match: * on CompleteMultipartUpload (an existing object was replaced)",
             )
         finally:
-            with contextlib.suppress(ArchiveUnavailable, NotFound):
-                await store.abort_upload(key, upload_id)  # else a later start aborts it
+            # Never raises: an upload already gone is fine, and one S3 would not abort now is
+            # retried in the background (or by a later start's abort_stale_probes).
+            await store.abort_upload(key, upload_id)
     finally:
         with contextlib.suppress(ArchiveUnavailable, NotFound):
             await store.delete(key)  # a probe object left behind is harmless

@@ -259,7 +259,7 @@ async def put_legacy_record(store: Bucket, created: datetime) -> str:
     }
     await store.client.put_object(
         Bucket=store.name,
-        Key=f"copernica/requests/{request_id}.json",
+        Key=f"{store.prefix}requests/{request_id}.json",
         Body=json.dumps(legacy).encode(),
     )
     return request_id

@@ -403,9 +403,10 @@ async def audit_while_running(stack: Stack, outcome: Outcome, stop: asyncio.Even
     verdict taken while retention was deleting the request is dropped."""
     seen: set[str] = set()
     while not stop.is_set():
-        keys = await Checker(stack, outcome)._keys("copernica/packages/")
-        new = [k.rsplit("/", 1)[1].removesuffix(".zip") for k in keys]
+        # Anew each round: it maps our requests to the simulator's as they are now.
         checker = Checker(stack, outcome)
+        keys = await checker._keys("copernica/packages/")
+        new = [k.rsplit("/", 1)[1].removesuffix(".zip") for k in keys]
         for request_id in (i for i in new if i not in seen):
             record = await checker.record(request_id)
             if record is None or record["status"] != "archived" or not record.get("package"):
