@@ -25,7 +25,10 @@ requests, read back from the simulator: the production path
 same S3: "warm" rows send to the replica that filed the requests, "cold" rows to a second
 one that neither filed nor polled them. "cold, earlier URL" rows send the address of the
 previous release (`/callbacks/datarequest/{id}/{token}`, still valid) to the second
-replica: its subject check reads the request record.
+replica: its subject check reads the request record. "cold, repeat" rows deliver each
+callback a second time, to the second replica, after the first replica archived it: the
+repeat streams again and ends in a 412 on the conditional write (200 to Copernica, no second
+object); the row shows what that costs, and the notes how many of its S3 calls were 412s.
 
 Bodies larger than one S3 part are also compared with a bare multipart upload of the same
 bytes (floor.py's /multipart: same part size, two parts in flight, no checks): the service
@@ -62,9 +65,11 @@ SUBJECT = "bench@example.com"
 SIZES = {"2 KB": (2_000, 480), "1 MB": (1_000_000, 256), "20 MB": (20_000_000, 16)}
 SLICES = 8  # turns per side in a row at most (even: as many in first place as in last)
 CONCURRENCY = (1, 16, 64)
-WARM, COLD, EARLIER = "warm", "cold", "cold, earlier URL"
-# The earlier URL form only where the previous release's README measured it.
+WARM, COLD, EARLIER, REPEAT = "warm", "cold", "cold, earlier URL", "cold, repeat"
+# The earlier URL form only where the previous release's README measured it; repeat
+# deliveries at one concurrency per size.
 EARLIER_AT = {("2 KB", 16), ("1 MB", 16)}
+REPEAT_AT = {("2 KB", 16), ("1 MB", 16), ("20 MB", 16)}
 PART_BYTES = 8 * 1024 * 1024  # the service's default S3_PART_BYTES
 MEASURE_ATTEMPTS = 5  # a service turn disturbed by the poller is measured again, this often
 TARGETS = {  # (size, replicas): (least throughput ratio, most CPU ratio)
@@ -91,18 +96,34 @@ class Row:
     cpu_ratio: float
     checked_ratio: float  # the checked floor's CPU over the bare floor's
     text: str
+    calls: float = 0.0  # S3 calls per callback, LISTs aside
+    refused: float = 0.0  # of them answered 412 (a repeat's conditional write)
+
+
+PRECONDITION_FAILED = "precondition_failed"
 
 
 async def s3_calls(http: aiohttp.ClientSession, admin_url: str) -> dict[str, float]:
-    """The replica's S3 calls so far, by operation (from its /metrics)."""
+    """The replica's S3 calls so far, by operation, and (under PRECONDITION_FAILED) how many
+    of them S3 refused with 412 (from its /metrics)."""
     async with http.get(f"{admin_url}/metrics") as answer:
         text = await answer.text()
-    calls: dict[str, float] = {}
+    calls: dict[str, float] = {PRECONDITION_FAILED: 0.0}
     for line in text.splitlines():
         if line.startswith("receiver_s3_request_duration_seconds_count{"):
             operation = line.split('operation="', 1)[1].split('"', 1)[0]
-            calls[operation] = calls.get(operation, 0.0) + float(line.rsplit(" ", 1)[1])
+            count = float(line.rsplit(" ", 1)[1])
+            calls[operation] = calls.get(operation, 0.0) + count
+            if f'outcome="{PRECONDITION_FAILED}"' in line:
+                calls[PRECONDITION_FAILED] += count
     return calls
+
+
+def s3_calls_between(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """(S3 calls, LISTs aside; of them refused with 412) between two readings."""
+    ops = [op for op in after if op != PRECONDITION_FAILED]
+    calls = sum(after[op] - before.get(op, 0.0) for op in ops) - others(before, after)
+    return calls, after[PRECONDITION_FAILED] - before[PRECONDITION_FAILED]
 
 
 def others(before: dict[str, float], after: dict[str, float]) -> float:
@@ -157,19 +178,27 @@ async def measure(
     body: bytes,
     n: int,
     concurrency: int,
+    first_to: Replica | None = None,
 ) -> tuple[Row, int]:
     """One row: n callbacks each to the replica, the floor and the checked floor, in turns;
     and how many service turns were measured again because the replica's poller made S3
-    calls during them (their CPU is not the callbacks')."""
+    calls during them (their CPU is not the callbacks'). With `first_to`, every callback
+    was delivered and archived there first, untimed: the row measures the repeats."""
 
     async def addresses(count: int) -> list[str]:
         reports = await file_requests(http, stack, count)
+        if first_to is not None:
+            firsts = [report.replace(stack.url, first_to.url, 1) for report in reports.values()]
+            await drive(http, firsts, body, concurrency)
         if how == EARLIER:
             return [callback_url(replica.url, Secret(stack.secret), rid) for rid in reports]
         return [report.replace(stack.url, replica.url, 1) for report in reports.values()]
 
-    async def service_turn(urls: list[str]) -> tuple[float, float, list[float], int, float]:
-        """(seconds, CPU, latencies, turns discarded, S3 calls) of one undisturbed turn."""
+    async def service_turn(
+        urls: list[str],
+    ) -> tuple[float, float, list[float], int, tuple[float, float]]:
+        """(seconds, CPU, latencies, turns discarded, (S3 calls, 412s)) of one undisturbed
+        turn."""
         for attempt in range(MEASURE_ATTEMPTS):
             before = await s3_calls(http, replica.admin_url)
             cpu_before = cpu_seconds(replica.proc.pid)
@@ -177,8 +206,7 @@ async def measure(
             cpu = cpu_seconds(replica.proc.pid) - cpu_before
             after = await s3_calls(http, replica.admin_url)
             if not others(before, after) or attempt == MEASURE_ATTEMPTS - 1:
-                calls = sum(after.values()) - sum(before.values()) - others(before, after)
-                return seconds, cpu, latencies, attempt, calls
+                return seconds, cpu, latencies, attempt, s3_calls_between(before, after)
             urls = await addresses(len(urls))
         raise AssertionError("unreachable")
 
@@ -197,7 +225,7 @@ async def measure(
     urls = await addresses(n)
     floor_urls = [f"{base}/put/f{time.time_ns()}-{k}" for k in range(n)]
     checked_urls = [f"{base}/checked/c{time.time_ns()}-{k}" for k in range(n)]
-    took = service_cpu = s3 = 0.0
+    took = service_cpu = s3 = refused = 0.0
     lat: list[float] = []
     floors = {"f": [0.0, 0.0, []], "c": [0.0, 0.0, []]}  # seconds, CPU, latencies
     discarded = 0
@@ -213,10 +241,10 @@ async def measure(
     ]
     for side, part in turns:
         if side == "s":
-            seconds, cpu, latencies, again, calls = await service_turn(part)
+            seconds, cpu, latencies, again, (calls, refusals) = await service_turn(part)
             took, service_cpu, lat = took + seconds, service_cpu + cpu, lat + latencies
             discarded += again
-            s3 += calls
+            s3, refused = s3 + calls, refused + refusals
         else:
             cpu_before = cpu_seconds(floor.pid)
             seconds, latencies = await drive(http, part, body, concurrency)
@@ -243,7 +271,8 @@ async def measure(
         f"{pct(floor_lat, 50):.0f}/{pct(floor_lat, 99):.0f} | {s3 / n:.1f} | {discarded} | "
         f"{multipart} |"
     )
-    return Row("", "", concurrency, ratio, cpu_ratio, checked_ratio, text), discarded
+    row = Row("", "", concurrency, ratio, cpu_ratio, checked_ratio, text, s3 / n, refused / n)
+    return row, discarded
 
 
 def verdicts(rows: list[Row]) -> list[str]:
@@ -266,6 +295,13 @@ def verdicts(rows: list[Row]) -> list[str]:
         parts.append(f"CPU {' / '.join(f'{x:.2f}' for x in cpus)}x (target <= {most})")
         checked = " / ".join(f"{r.checked_ratio:.2f}" for r in covered)
         parts.append(f"the checked floor's CPU {checked}x")
+        if max(r.checked_ratio for r in covered) > most:
+            parts.append(
+                f"the required work alone (the checked floor) is over {most}x here; "
+                f"the service against it: "
+                + " / ".join(f"{r.cpu_ratio / r.checked_ratio:.2f}" for r in covered)
+                + "x"
+            )
         conc = "/".join(str(r.concurrency) for r in covered)
         lines.append(
             f"- {size} {replicas}, concurrency {conc}: {'; '.join(parts)}: "
@@ -295,7 +331,7 @@ async def run(quick: bool, sizes: list[str]) -> None:
         WARM: Replica(stack.service, stack.url, stack.admin_url),
         COLD: Replica(second, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"),
     }
-    replicas[EARLIER] = replicas[COLD]
+    replicas[EARLIER] = replicas[REPEAT] = replicas[COLD]
     rows = [
         "| size | replica | conc | service req/s | floor req/s | ratio | service CPU ms/cb | "
         "floor CPU ms/cb | CPU ratio | checked floor CPU ms/cb | checked/floor | "
@@ -318,6 +354,7 @@ async def run(quick: bool, sizes: list[str]) -> None:
                 body = sized_body(SUBJECT, size)
                 for concurrency in CONCURRENCY:
                     ways = [WARM, COLD] + ([EARLIER] if (name, concurrency) in EARLIER_AT else [])
+                    ways += [REPEAT] if (name, concurrency) in REPEAT_AT else []
                     for how in ways:
                         row, again = await measure(
                             stack,
@@ -329,6 +366,7 @@ async def run(quick: bool, sizes: list[str]) -> None:
                             body,
                             max(count, concurrency),
                             concurrency,
+                            first_to=replicas[WARM] if how == REPEAT else None,
                         )
                         row.size, row.replicas = name, how
                         measured.append(row)
@@ -342,6 +380,18 @@ async def run(quick: bool, sizes: list[str]) -> None:
         "",
         "Targets (issue 13), ratios to the floor by concurrency:",
         *verdicts(measured),
+        *(
+            f"- {r.size} {r.replicas}, concurrency {r.concurrency}: {r.calls:.1f} S3 calls "
+            f"per callback, {r.refused:.1f} of them answered 412"
+            + (
+                " (the whole body streamed, then its conditional write refused)"
+                if SIZES[r.size][0] <= PART_BYTES
+                else " (none: the HEAD before the first part found the archive, and the rest "
+                "of the body was not read)"
+            )
+            for r in measured
+            if r.replicas == REPEAT
+        ),
         f"- {discarded} service turns measured again: the replica's poller listed during "
         "them (a tick, housekeeping); S3 calls/cb counts the kept turns' calls, LISTs aside",
         f"- whole run {time.perf_counter() - started:.0f} s",
