@@ -35,7 +35,7 @@ bytes (floor.py's /multipart: same part size, two parts in flight, no checks): t
 must not hold such a body whole, so that is the least it can do.
 
 Targets (issue 13): 2 KB warm and cold >= 0.9x the floor's throughput and <= 1.3x its CPU;
-1 MB <= 1.3x its CPU. About 16 minutes on 2 cores (`--quick`: about 5).
+1 MB <= 1.3x its CPU. About 10 minutes on 2 cores (`--quick`: about 4); 13-16 on a slower machine.
 
     .venv/bin/python bench/callbacks.py [--quick] [--sizes "1 MB"]
 
