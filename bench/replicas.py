@@ -45,7 +45,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.callbacks import drive, s3_calls
+from bench.callbacks import drive, s3_calls, s3_calls_between
 from bench.stack import ROOT, Stack, append_results, cpu_seconds, free_port, sized_body
 from deploy.local_nginx import Nginx
 
@@ -144,8 +144,8 @@ def small_body(size: int = BODY_BYTES) -> bytes:
 
 async def replica_s3_calls(http: aiohttp.ClientSession, admin_url: str) -> float:
     """A replica's S3 calls so far, listings excepted."""
-    calls = await s3_calls(http, admin_url)
-    return sum(count for operation, count in calls.items() if operation != "list_objects_v2")
+    calls, _ = s3_calls_between({}, await s3_calls(http, admin_url))
+    return calls
 
 
 def archive_ids(stack: Stack) -> list[str]:
