@@ -26,9 +26,10 @@ same S3: "warm" rows send to the replica that filed the requests, "cold" rows to
 one that neither filed nor polled them. "cold, earlier URL" rows send the address of the
 previous release (`/callbacks/datarequest/{id}/{token}`, still valid) to the second
 replica: its subject check reads the request record. "cold, repeat" rows deliver each
-callback a second time, to the second replica, after the first replica archived it: the
-repeat streams again and ends in a 412 on the conditional write (200 to Copernica, no second
-object); the row shows what that costs, and the notes how many of its S3 calls were 412s.
+callback a second time, to the second replica, after the first replica archived it (200 to
+Copernica, no second object): a body of one part streams again and its conditional write
+ends in a 412; a larger one stops at its first part, whose HEAD finds the archive. The row
+shows what that costs, and the notes how many of its S3 calls were 412s.
 
 Bodies larger than one S3 part are also compared with a bare multipart upload of the same
 bytes (floor.py's /multipart: same part size, two parts in flight, no checks): the service
@@ -125,8 +126,9 @@ def others(before: Calls, after: Calls) -> float:
 
 def s3_calls_between(before: Calls, after: Calls) -> tuple[float, float]:
     """(S3 calls, LISTs aside; of them answered 412) between two readings."""
-    calls = sum(n - before.get(k, 0.0) for k, n in after.items()) - others(before, after)
-    refused = sum(n - before.get(k, 0.0) for k, n in after.items() if k[1] == PRECONDITION_FAILED)
+    delta = {key: n - before.get(key, 0.0) for key, n in after.items()}
+    calls = sum(n for (op, _), n in delta.items() if not op.startswith("list_"))
+    refused = sum(n for (_, outcome), n in delta.items() if outcome == PRECONDITION_FAILED)
     return calls, refused
 
 
