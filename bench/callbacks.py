@@ -59,8 +59,8 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.stack import Stack, append_results, cpu_seconds, free_port, sized_body, wait_for
-from service.callback_urls import callback_url
 from service.config import Secret
+from service.intake.urls import callback_url
 
 SUBJECT = "bench@example.com"
 SIZES = {"2 KB": (2_000, 480), "1 MB": (1_000_000, 256), "20 MB": (20_000_000, 16)}

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.floor import UNSIGNED
 from bench.package import SEED, SUBJECT, group, group_count
 from bench.stack import Stack, append_results, cpu_seconds, memory_kib, wait_for
-from service.simulator import PayloadSpec, payload_chunks
+from service.simulator.payloads import PayloadSpec, payload_chunks
 
 PART = 8 * 1024 * 1024
 MIB = 1024 * 1024

@@ -3,7 +3,7 @@
 The poller lists its markers (`due/`, `deadlines/`) every tick and every housekeeping round,
 and the console lists to show a page: a LIST's cost is botocore parsing the XML answer. Its
 default timestamp parser (dateutil) took more than half of it; the service's client parses
-S3's two timestamp formats with the standard library (`service.archive.s3_timestamp`).
+S3's two timestamp formats with the standard library (`service.storage.s3.s3_timestamp`).
 Both clients read the same listing from the same moto, alternately, in one process.
 
     .venv/bin/python bench/listing.py [--keys 1000] [--rounds 30]
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aiobotocore.session import get_session
 
 from bench.stack import Stack, append_results
-from service.archive import s3_client
 from service.config import Settings
+from service.storage.s3 import s3_client
 
 
 async def cpu_per_list(client: Any, bucket: str, keys: int, rounds: int) -> float:

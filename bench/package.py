@@ -170,10 +170,11 @@ async def seed(env: dict[str, str], mib: float, string_mib: float) -> dict[str, 
     request record (status archived) beside it."""
     from ulid import ULID
 
-    from service.archive import ArchiveStore, isoformat, s3_client, utcnow
+    from service.clock import isoformat, utcnow
     from service.config import Settings
-    from service.ledger import RequestRecord
     from service.metrics import Metrics
+    from service.requests.ledger import RequestRecord
+    from service.storage.s3 import ArchiveStore, s3_client
 
     settings = Settings.from_env(env, dotenv=None)
     request_id = str(ULID())
@@ -242,15 +243,15 @@ def _reset_peak() -> tuple[int, int]:
 
 
 def child(case: str, request_id: str, target: str) -> None:
-    from service.__main__ import tune_malloc
+    from service.cli.main import tune_malloc
 
     tune_malloc()  # as the service does at start
-    from service.archive import ArchiveStore, s3_client
+    from service.answer.package import PackageBuilder
     from service.config import Settings
-    from service.ledger import RequestRecord
     from service.logs import configure_logging
     from service.metrics import Metrics
-    from service.package import PackageBuilder
+    from service.requests.ledger import RequestRecord
+    from service.storage.s3 import ArchiveStore, s3_client
 
     settings = Settings.from_env(dotenv=None)
     configure_logging(settings, sys.stderr)  # stdout carries the result
@@ -349,9 +350,9 @@ async def check_package(
 ) -> list[str]:
     """Download the package (streamed to a file), then check it member by member; the
     problems found (none: an empty list)."""
-    from service.archive import ArchiveStore, s3_client
     from service.config import Settings
     from service.metrics import Metrics
+    from service.storage.s3 import ArchiveStore, s3_client
 
     settings = Settings.from_env(env, dotenv=None)
     problems: list[str] = []

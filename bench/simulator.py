@@ -25,7 +25,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.simulator import SIM_STATE, SimState, SimulatorConfig, create_simulator_app
+from service.simulator.app import SIM_STATE, SimState, SimulatorConfig, create_simulator_app
 
 
 class RecordingState(SimState):

@@ -221,7 +221,7 @@ def sized_body(subject: str, size: int) -> bytes:
     """A valid callback body for `subject` of about `size` bytes (exactly, when small): the
     simulator's payloads (whole MIME messages, at least 11 KB), or one short item padded."""
     if size >= 20_000:
-        from service.simulator import PayloadSpec, payload_bytes
+        from service.simulator.payloads import PayloadSpec, payload_bytes
 
         return payload_bytes(PayloadSpec("email", subject, "1", size))
     item = {"type": "open", "time": "2026-01-01 00:00:00", "ip": "198.51.100.7", "note": ""}

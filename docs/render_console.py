@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))  # for tests.browser
 from service.app import create_app, create_public_app  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.logs import configure_logging  # noqa: E402
-from service.simulator import SIM_STATE, SimulatorConfig, create_simulator_app  # noqa: E402
+from service.simulator.app import SIM_STATE, SimulatorConfig, create_simulator_app  # noqa: E402
 from service.simulator.payloads import make_events  # noqa: E402
 from tests.browser import chromium  # noqa: E402
 from tests.conftest import free_port, wait_for_port  # noqa: E402

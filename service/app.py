@@ -14,22 +14,22 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from .api import Health, OperatorApi, bearer_middleware
-from .archive import ArchiveStore, s3_client
-from .callback_urls import ROUTE, ROUTE_BY_ID
-from .callbacks import CallbackReceiver, CallbackView
-from .config import Settings
-from .console import CONSOLE, Console, setup_console
-from .copernica import CopernicaClient
-from .filing import Filing
-from .intake import Intake
-from .ledger import Ledger
-from .metrics import Metrics
-from .package import PackageBuilder
-from .poller import Poller
-from .retention import Retention
-from .signatures import KeyStore, SignatureVerifier
-from .store_check import prove_store
+from service.answer.package import PackageBuilder
+from service.answer.retention import Retention
+from service.collect.filing import Filing
+from service.collect.poller import Poller
+from service.config import Settings
+from service.copernica.client import CopernicaClient
+from service.intake.body import Intake
+from service.intake.callback import CallbackReceiver, CallbackView
+from service.intake.signatures import KeyStore, SignatureVerifier
+from service.intake.urls import ROUTE, ROUTE_BY_ID
+from service.metrics import Metrics
+from service.requests.ledger import Ledger
+from service.storage.proof import prove_store
+from service.storage.s3 import ArchiveStore, s3_client
+from service.web.api import Health, OperatorApi, bearer_middleware
+from service.web.console.routes import CONSOLE, Console, setup_console
 
 log = structlog.get_logger(__name__)
 

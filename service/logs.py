@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 
-from .config import Settings
+from service.config import Settings
 
 _LEVELS = {
     "debug": logging.DEBUG,

@@ -23,9 +23,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from service.app import create_app, create_public_app
-from service.callbacks import callback_url
 from service.config import Settings
-from service.simulator import SIM_STATE, SimState, SimulatorConfig, create_simulator_app
+from service.intake.callback import callback_url
+from service.simulator.app import SIM_STATE, SimState, SimulatorConfig, create_simulator_app
 
 # Any credentials do for the local S3; set before any client is made.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")

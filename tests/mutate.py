@@ -70,7 +70,7 @@ class Outcome:
 MUTATIONS = (
     Mutation(
         "(a) If-None-Match on a streamed upload's single PutObject",
-        "service/archive.py",
+        "service/storage/s3.py",
         "StreamedUpload.commit",
         r"\n\s*if_none_match=True,",
         "",
@@ -82,7 +82,7 @@ MUTATIONS = (
     ),
     Mutation(
         "(b) If-None-Match on CompleteMultipartUpload",
-        "service/archive.py",
+        "service/storage/s3.py",
         "ArchiveStore.complete_upload",
         r'\n\s*IfNoneMatch="\*",',
         "",
@@ -94,7 +94,7 @@ MUTATIONS = (
     ),
     Mutation(
         "(c) If-Match on a record update (Ledger.save)",
-        "service/ledger.py",
+        "service/requests/ledger.py",
         "Ledger.save",
         r",\s*if_match=etag",
         "",
@@ -106,7 +106,7 @@ MUTATIONS = (
     ),
     Mutation(
         "(d) If-None-Match on record creation (Ledger.create)",
-        "service/ledger.py",
+        "service/requests/ledger.py",
         "Ledger.create",
         r",\s*if_none_match=True",
         "",
@@ -117,7 +117,7 @@ MUTATIONS = (
     ),
     Mutation(
         "(e) If-None-Match on the Idempotency-Key claim",
-        "service/filing.py",
+        "service/collect/filing.py",
         "Filing._claim_key",
         r",\s*if_none_match=True",
         "",
@@ -128,7 +128,7 @@ MUTATIONS = (
     ),
     Mutation(
         "(f) If-None-Match on an events window (S3Sink.write)",
-        "service/event_archive.py",
+        "service/collect/events.py",
         "S3Sink.write",
         r"\n\s*if_none_match=True,",
         "",
@@ -136,7 +136,7 @@ MUTATIONS = (
     ),
     Mutation(
         "(g) ArchiveStore.put passes If-None-Match on",
-        "service/archive.py",
+        "service/storage/s3.py",
         "ArchiveStore.put",
         r'extra\["IfNoneMatch"\] = "\*"',
         "pass",
@@ -148,7 +148,7 @@ MUTATIONS = (
     ),
     Mutation(
         "(h) ArchiveStore.put passes If-Match on",
-        "service/archive.py",
+        "service/storage/s3.py",
         "ArchiveStore.put",
         r'extra\["IfMatch"\] = if_match',
         "pass",
@@ -157,7 +157,7 @@ MUTATIONS = (
     ),
     Mutation(
         "(i) start-up probe: If-None-Match on the second PutObject",
-        "service/store_check.py",
+        "service/storage/proof.py",
         "_prove",
         r'b"second", if_none_match=True',
         'b"second"',
@@ -169,7 +169,7 @@ MUTATIONS = (
     ),
     Mutation(
         "(j) start-up probe: If-Match with a stale ETag",
-        "service/store_check.py",
+        "service/storage/proof.py",
         "_prove",
         r"""b"changed", if_match=f'"\{etag\.strip\(chr\(34\)\)\}x"'""",
         'b"changed"',
@@ -181,7 +181,7 @@ MUTATIONS = (
     ),
     Mutation(
         "(k) If-None-Match on an expired request's tombstone (Poller._close_archive)",
-        "service/poller.py",
+        "service/collect/poller.py",
         "Poller._close_archive",
         r"\n\s*if_none_match=True,",
         "",
@@ -195,7 +195,7 @@ MUTATIONS = (
 # Conditional writes in service/ deliberately left out, and why.
 NOT_MUTATED = (
     (
-        "service/store_check.py _prove: the probe's first PutObject (If-None-Match)",
+        "service/storage/proof.py _prove: the probe's first PutObject (If-None-Match)",
         "writes a fresh key: on a store that honours conditions, removing it changes nothing",
     ),
 )

@@ -11,7 +11,7 @@ import pytest
 from ulid import ULID
 
 from service.app import hash_key
-from service.callback_urls import callback_url
+from service.intake.urls import callback_url
 from service.logs import subject_digest
 from tests.conftest import (
     ACCESS_TOKEN,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.callback_urls import callback_url, token_valid
 from service.config import Secret
+from service.intake.urls import callback_url, token_valid
 from tests.conftest import CALLBACK_SECRET, Bucket, ServiceFactory, Simulator
 from tests.support import EMAIL, archive_key, metric_counts, payload, pending_request
 

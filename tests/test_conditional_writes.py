@@ -32,13 +32,13 @@ from aiohttp import web
 from ulid import ULID
 
 from service.app import COPERNICA, LEDGER, METRICS, POLLER, STORE, hash_key
-from service.archive import ArchiveStore, PreconditionFailed, s3_client
-from service.event_archive import S3Sink
-from service.events import Window
-from service.filing import Filing, _key_hash, parse_new_request
-from service.ledger import Ledger, RequestRecord
+from service.collect.events import S3Sink
+from service.collect.filing import Filing, _key_hash, parse_new_request
+from service.copernica.events import Window
 from service.metrics import Metrics
-from service.simulator import SIM_STATE, SimulatorConfig, create_simulator_app
+from service.requests.ledger import Ledger, RequestRecord
+from service.simulator.app import SIM_STATE, SimulatorConfig, create_simulator_app
+from service.storage.s3 import ArchiveStore, PreconditionFailed, s3_client
 from tests.conftest import (
     ACCESS_TOKEN,
     Bucket,

@@ -17,11 +17,11 @@ from playwright.async_api import Page, expect
 from ulid import ULID
 from yarl import URL
 
-from service.archive import isoformat
+from service.clock import isoformat
 from service.config import Secret
-from service.console.session import SESSION, SESSION_SECONDS, Sessions, set_cookie
-from service.deadlines import due_by
-from service.ledger import RequestRecord
+from service.requests.deadline import due_by
+from service.requests.ledger import RequestRecord
+from service.web.console.session import SESSION, SESSION_SECONDS, Sessions, set_cookie
 from tests.browser import chromium
 from tests.conftest import API_TOKEN, Bucket, Service, ServiceFactory, Simulator, sha256
 from tests.support import eventually, filed, metric, metric_counts, wait_until_packaged

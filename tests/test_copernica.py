@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from service.copernica import (
+from service.copernica.client import (
     Backoff,
     CopernicaClient,
     CopernicaError,
@@ -18,8 +18,8 @@ from service.copernica import (
     RateLimiter,
     Readiness,
 )
+from service.copernica.subject import Subject
 from service.metrics import Metrics
-from service.payload import Subject
 from tests.conftest import ACCESS_TOKEN, Simulator, make_settings
 from tests.support import eventually
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from ulid import ULID
 
-from service.deadlines import Deadline, ExtensionRefused, due_by
+from service.requests.deadline import Deadline, ExtensionRefused, due_by
 from tests.conftest import Bucket, Service, ServiceFactory, Simulator
 from tests.support import eventually, metric, record_of
 

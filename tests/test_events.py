@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.events import (
+from service.copernica.events import (
     EventsInputError,
     Source,
     Window,
@@ -25,7 +25,7 @@ from service.events import (
     plan,
     window_limit,
 )
-from service.simulator import make_events
+from service.simulator.payloads import make_events
 from tests.conftest import (
     ACCESS_TOKEN,
     Bucket,

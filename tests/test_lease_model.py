@@ -55,14 +55,15 @@ from hypothesis.stateful import (
 )
 from ulid import ULID
 
-from service.archive import ArchiveStore, PreconditionFailed, parse_isoformat, s3_client, utcnow
+from service.answer.package import PackageBuilder
+from service.answer.retention import Retention
+from service.clock import parse_isoformat, utcnow
+from service.collect.filing import FILING_OWNER
+from service.collect.poller import Poller, Visit
 from service.config import Settings
-from service.filing import FILING_OWNER
-from service.ledger import Ledger, RequestRecord, stamp
 from service.metrics import Metrics
-from service.package import PackageBuilder
-from service.poller import Poller, Visit
-from service.retention import Retention
+from service.requests.ledger import Ledger, RequestRecord, stamp
+from service.storage.s3 import ArchiveStore, PreconditionFailed, s3_client
 from tests.conftest import make_settings
 
 T = TypeVar("T")

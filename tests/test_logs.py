@@ -13,8 +13,8 @@ from collections.abc import Callable
 import aiohttp
 import structlog
 
-from service.callbacks import callback_url
 from service.config import Secret
+from service.intake.callback import callback_url
 from service.logs import configure_logging
 from tests.conftest import (
     ACCESS_TOKEN,

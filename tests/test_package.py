@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 from ulid import ULID
 
-from service.archive import ArchiveStore, parse_isoformat, s3_client, utcnow
-from service.ledger import RequestRecord, stamp
+from service.answer.package import PackageBuilder, PackageError, _Pipe
+from service.clock import parse_isoformat, utcnow
 from service.metrics import Metrics
-from service.package import PackageBuilder, PackageError, _Pipe
+from service.requests.ledger import RequestRecord, stamp
 from service.simulator.payloads import make_events
+from service.storage.s3 import ArchiveStore, s3_client
 from tests.conftest import (
     API_TOKEN,
     Bucket,

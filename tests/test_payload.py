@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.ledger import Addressee, Ledger, RequestRecord
-from service.payload import (
+from service.intake.payload import (
     MAX_DEPTH,
     PayloadCheck,
     Result,
     Verdict,
     is_plain_not_available,
 )
+from service.requests.ledger import Addressee, Ledger, RequestRecord
 
 MIB = 1024 * 1024
 

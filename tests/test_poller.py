@@ -7,7 +7,7 @@ import json
 import pytest
 
 from service.app import POLLER
-from service.archive import utcnow
+from service.clock import utcnow
 from tests.conftest import Bucket, ServiceFactory, Simulator, sha256
 from tests.support import (
     archive_key,

@@ -18,7 +18,13 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp import web
 
-from service.report import CELL_CHARS, MESSAGE_CAP, ROW_CAP, ReportBuilder, ReportContext
+from service.answer.report.build import (
+    CELL_CHARS,
+    MESSAGE_CAP,
+    ROW_CAP,
+    ReportBuilder,
+    ReportContext,
+)
 from service.simulator.payloads import PayloadSpec, make_events, payload_bytes, payload_chunks
 from tests.browser import chromium
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
-from service.archive import ArchiveStore, parse_isoformat, s3_client, utcnow
-from service.ledger import Ledger
+from service.answer.retention import Retention
+from service.clock import parse_isoformat, utcnow
 from service.metrics import Metrics
-from service.retention import Retention
+from service.requests.ledger import Ledger
+from service.storage.s3 import ArchiveStore, s3_client
 from tests.conftest import Bucket, ServiceFactory, Simulator, make_settings
 from tests.support import (
     archive_key,

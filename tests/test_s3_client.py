@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from botocore.utils import parse_timestamp
 
-from service.archive import s3_client, s3_timestamp
+from service.storage.s3 import s3_client, s3_timestamp
 from tests.conftest import Bucket, make_settings
 
 

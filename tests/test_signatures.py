@@ -24,7 +24,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from service.simulator import SIM_STATE, SimulatorConfig, create_simulator_app
+from service.simulator.app import SIM_STATE, SimulatorConfig, create_simulator_app
 from tests.conftest import (
     ACCESS_TOKEN,
     Bucket,

@@ -26,21 +26,23 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.simulator import (
+from service.simulator.app import (
     SIM_STATE,
-    PayloadSpec,
     SimState,
     SimulatorConfig,
     SubjectPlan,
     create_simulator_app,
+    subject_key,
+)
+from service.simulator.payloads import (
+    CHUNK,
+    PayloadSpec,
     make_events,
     payload_bytes,
     payload_chunks,
     payload_digest,
     payload_size,
-    subject_key,
 )
-from service.simulator.payloads import CHUNK
 from tests.conftest import sha256
 from tests.support import eventually
 
@@ -851,7 +853,7 @@ async def test_waiting_deliveries_are_cancelled_when_the_app_stops(
 async def test_run_simulator_serves_standalone(http: aiohttp.ClientSession) -> None:
     port = closed_port()
     script = (
-        "from service.simulator import run_simulator; "
+        "from service.simulator.app import run_simulator; "
         f"run_simulator('127.0.0.1', {port}, 'standalone', ready_after=0)"
     )
     proc = await asyncio.create_subprocess_exec(

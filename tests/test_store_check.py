@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from ulid import ULID
 
-from service.archive import utcnow
+from service.clock import utcnow
 from tests.conftest import (
     ACCESS_TOKEN,
     API_TOKEN,

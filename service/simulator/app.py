@@ -37,7 +37,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from yarl import URL
 
-from .payloads import PayloadSpec, payload_bytes, payload_chunks, payload_digest, payload_size
+from service.simulator.payloads import (
+    PayloadSpec,
+    payload_bytes,
+    payload_chunks,
+    payload_digest,
+    payload_size,
+)
 
 NOT_AVAILABLE = "Data not available (yet)"
 _EMAIL = re.compile(r"^[^@\s/]+@[^@\s/]+\.[^@\s/]+$")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import aiohttp
 
-from service.callbacks import callback_url
 from service.config import Secret
-from service.simulator import PayloadSpec, payload_bytes
+from service.intake.callback import callback_url
+from service.simulator.payloads import PayloadSpec, payload_bytes
 from tests.conftest import (
     CALLBACK_SECRET,
     Bucket,

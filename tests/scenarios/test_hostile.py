@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from service.callbacks import callback_url
 from service.config import Secret
+from service.intake.callback import callback_url
 from tests.conftest import (
     CALLBACK_SECRET,
     Bucket,

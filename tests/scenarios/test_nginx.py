@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 
 from deploy.local_nginx import Nginx
-from service.callbacks import callback_url
 from service.config import Secret
-from service.simulator import PayloadSpec, payload_bytes
+from service.intake.callback import callback_url
+from service.simulator.payloads import PayloadSpec, payload_bytes
 from tests.conftest import CALLBACK_SECRET, Bucket, ServiceProcess, Simulator, free_port
 from tests.support import MIB, archive_key, eventually, file_request
 

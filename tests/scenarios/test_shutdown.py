@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 
-from service.callbacks import callback_url
 from service.config import Secret
-from service.simulator import PayloadSpec, payload_bytes
+from service.intake.callback import callback_url
+from service.simulator.payloads import PayloadSpec, payload_bytes
 from tests.conftest import CALLBACK_SECRET, Bucket, ServiceProcess, Simulator, sha256
 from tests.support import MIB, archive_key, eventually, file_request, text_of
 

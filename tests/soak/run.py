@@ -12,7 +12,8 @@ from typing import Any
 
 import aiohttp
 
-from service.simulator import SubjectPlan, make_events, subject_key
+from service.simulator.app import SubjectPlan, subject_key
+from service.simulator.payloads import make_events
 from tests.conftest import API_TOKEN
 
 from .plan import COPERNICA_TIMEOUT, MIB, Fault, Plan, PlannedRequest

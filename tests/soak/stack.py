@@ -20,7 +20,7 @@ from aiobotocore.session import get_session
 from aiohttp import web
 
 from deploy.local_nginx import Nginx
-from service.simulator import SIM_STATE, SimState, SimulatorConfig, create_simulator_app
+from service.simulator.app import SIM_STATE, SimState, SimulatorConfig, create_simulator_app
 from tests.conftest import (
     ACCESS_TOKEN,
     API_TOKEN,

@@ -1,0 +1,396 @@
+"""The access package: report, exact data, events and manifest in one ZIP, streamed into S3.
+
+`packages/{id}.zip` holds `data.json` (the archive's exact bytes), `events.jsonl` (when events
+were asked), `report.html` (for the data subject, see `report.py`) and `manifest.json` (each
+file's name, size and sha256). It is built in one pass and in bounded memory whatever the
+archive's size: the archive streams from S3 through a streamed ZIP writer (stream-zip) into a
+multipart upload, while the same bytes feed the report's incremental parser. The upload is
+created with `If-None-Match: *`, so a package is written once: a replica that finds one
+already there (it crashed after the upload, or lost a race) adopts it instead of building a
+second, and reads back its sha256 when S3's metadata does not carry it (multipart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import queue
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any
+
+import structlog
+from isal import isal_zlib
+from stream_zip import ZIP_32, ZIP_64, stream_zip
+
+from service.answer.report.build import ReportBuilder, ReportContext
+from service.clock import isoformat, utcnow
+from service.requests.ledger import RequestRecord
+from service.storage.s3 import AlreadyArchived, ArchiveStore, NotFound
+
+log = structlog.get_logger(__name__)
+
+CONTENT_TYPE = "application/zip"
+# Deflate by ISA-L (isal) at its level 1: standard deflate streams, about 150 MiB/s on
+# MIME-heavy JSON where zlib's level 1 does 21-28 MiB/s (bench/package.py); base64
+# attachments of compressed files barely shrink whatever the level.
+COMPRESS_LEVEL = 1
+ZIP_CHUNK_BYTES = 1024 * 1024
+# Beyond this the ZIP needs its 64-bit form (sizes and offsets of the classic form are 32-bit).
+ZIP32_LIMIT = 4_000_000_000
+_MODE = stat.S_IFREG | 0o644
+
+
+class PackageError(Exception):
+    """The package cannot be built from what is stored (e.g. the archive does not match its
+    recorded sha256); nothing was written."""
+
+
+@dataclass
+class _Member:
+    """One file of the package, hashed as it streams past."""
+
+    name: str
+    size: int = 0
+    digest: Any = field(default_factory=hashlib.sha256)
+
+    def add(self, chunk: bytes) -> bytes:
+        self.size += len(chunk)
+        self.digest.update(chunk)
+        return chunk
+
+    def entry(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "sha256": self.digest.hexdigest()}
+
+
+def package_filename(request_id: str) -> str:
+    return f"access-package-{request_id}.zip"
+
+
+class PackageBuilder:
+    """Builds (or adopts) the access package of one archived request."""
+
+    def __init__(self, store: ArchiveStore, controller: str | None) -> None:
+        self._store = store
+        self._controller = controller
+
+    async def ensure(self, record: RequestRecord) -> dict[str, Any]:
+        """The package's facts `{key, sha256, size, built_at}`: built now, or the one found.
+        A package built now also says its data.json's sha256 (`data_sha256`)."""
+        key = self._store.keys.package(record.id)
+        if await self._store.head(key) is None:
+            try:
+                built = await self._build(record, key)
+            except AlreadyArchived:
+                built = None
+            if built is not None:
+                return built
+        return await self.adopt(key)
+
+    async def adopt(self, key: str) -> dict[str, Any]:
+        """Facts of a package already in S3, its sha256 read back if S3 does not keep it."""
+        head = await self._store.head(key)
+        if head is None:
+            raise NotFound(key)
+        sha256 = head.get("Metadata", {}).get("sha256")
+        size = int(head["ContentLength"])
+        if not sha256:
+            digest = hashlib.sha256()
+            async with self._store.open(key) as reading:
+                async for chunk in reading.chunks():
+                    digest.update(chunk)
+            sha256 = digest.hexdigest()
+        log.info("package_adopted", key=key, size=size)
+        return {
+            "key": key,
+            "sha256": sha256,
+            "size": size,
+            "built_at": isoformat(head["LastModified"]),
+        }
+
+    async def _build(self, record: RequestRecord, key: str) -> dict[str, Any] | None:
+        """Stream the ZIP into S3; None if another writer's package won the race.
+
+        The loop does the I/O: `_feed` reads the archive and the events windows from S3
+        into a small queue, and the upload takes the ZIP's chunks. The CPU work (deflate,
+        hashes, the report's parser, rendering) runs on a thread of the build's own: the
+        sync `stream_zip` pulls from the queue. (stream-zip's own async wrapper would hold a
+        thread of the loop's shared default executor per build, blocked on the loop; a few
+        builds at once then starve everything else that needs that executor.)
+        """
+        built_at = utcnow()
+        archive_key = self._store.keys.archive(record.id)
+        head = await self._store.head(archive_key)
+        if head is None:
+            raise PackageError(f"no archive object for request {record.id}")
+        windows = []
+        if record.events is not None:
+            folder = self._store.keys.events(record.id, "")[: -len(".jsonl")]
+            windows = [item async for item in self._store.objects(folder)]
+        loop = asyncio.get_running_loop()
+        pipe = _Pipe(loop)
+        contents = _Contents(
+            record,
+            ReportBuilder(self._context(record, built_at)),
+            built_at,
+            pipe,
+            data_size=int(head["ContentLength"]),
+            events_size=sum(w.size for w in windows) if record.events is not None else None,
+        )
+        upload = self._store.upload(
+            key, {"request-id": record.id, "built-at": isoformat(built_at)}, CONTENT_TYPE
+        )
+        whole = _Member("package")
+        feeder = asyncio.create_task(self._feed(archive_key, [w.key for w in windows], pipe))
+        pool = ThreadPoolExecutor(1, thread_name_prefix="package")
+        try:
+            chunks = iter(
+                stream_zip(
+                    contents.members(),
+                    chunk_size=ZIP_CHUNK_BYTES,
+                    get_compressobj=_deflater,
+                )
+            )
+            while (chunk := await loop.run_in_executor(pool, _next, chunks)) is not None:
+                await upload.write(whole.add(chunk))
+            await feeder
+            created = await upload.commit(
+                {"sha256": whole.digest.hexdigest(), "size": str(whole.size)}
+            )
+        finally:
+            feeder.cancel()
+            pipe.close()  # a writer thread still waiting for bytes stops
+            pool.shutdown(wait=False)
+            await upload.abort()
+        if not created:
+            return None
+        log.info(
+            "package_built",
+            request_id=record.id,
+            size=whole.size,
+            sha256=whole.digest.hexdigest()[:12],
+            files=len(contents.files),
+        )
+        data = next(f for f in contents.files if f.name == "data.json")
+        return {
+            "key": key,
+            "sha256": whole.digest.hexdigest(),
+            "size": whole.size,
+            "built_at": isoformat(built_at),
+            "data_sha256": data.digest.hexdigest(),  # of the archive, read whole to build it
+        }
+
+    async def _feed(self, archive_key: str, window_keys: list[str], pipe: _Pipe) -> None:
+        """The package's inputs in order: the archive's chunks, then each events window."""
+        try:
+            async with self._store.open(archive_key) as reading:
+                async for chunk in reading.chunks():
+                    await pipe.put(chunk)
+            await pipe.put(_END)
+            for key in window_keys:
+                stored = await self._store.get(key)
+                if stored is None:
+                    raise PackageError(f"events window {key} disappeared while packaging")
+                await pipe.put(stored.body)
+            await pipe.put(_END)
+        except BaseException as exc:
+            pipe.fail(exc)
+            raise
+
+    def _context(self, record: RequestRecord, built_at: datetime) -> ReportContext:
+        events = record.events
+        label = (
+            record.subject_id
+            if record.subject_type == "email"
+            else f"{record.subject_type} {record.subject_id}"
+        )
+        return ReportContext(
+            request_id=record.id,
+            subject_type=record.subject_type,
+            subject_label=label,
+            controller=self._controller,
+            received_on=record.deadline.received_on,
+            due_by=record.deadline.due_by,
+            generated_at=built_at,
+            events_range=(
+                (date.fromisoformat(events["since"]), date.fromisoformat(events["until"]))
+                if events
+                else None
+            ),
+        )
+
+
+_END = object()  # the end of one input in the pipe
+
+
+def _next(chunks: Iterator[bytes]) -> bytes | None:
+    return next(chunks, None)
+
+
+class _Pipe:
+    """Bytes from the loop to the ZIP writer's thread, a few chunks deep (bounded memory)."""
+
+    DEPTH = 4
+    POLL_SECONDS = 0.25
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(self.DEPTH)
+        self._failure: BaseException | None = None
+
+    async def put(self, item: Any) -> None:
+        await self._queue.put(item)
+
+    def fail(self, exc: BaseException) -> None:
+        self._failure = exc
+        self.close()
+
+    def close(self) -> None:
+        """Wake a waiting reader with the failure (or a cancellation) in place of bytes."""
+        self._failure = self._failure or PackageError("package build stopped")
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(_STOP)
+
+    def get(self) -> Any:
+        """The next item (thread side); raises what stopped the loop side.
+
+        It waits in short steps: once the loop has stopped (the process is exiting) no item
+        will ever come, and a thread blocked for ever keeps the interpreter from exiting
+        (its pool's threads are joined at exit). Found by the soak: a replica SIGTERMed
+        during a package build logged "stopped" and then never exited."""
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._queue.get(), self._loop)
+        except RuntimeError:  # the loop is closed
+            raise PackageError("package build stopped: the event loop is gone") from None
+        while True:
+            try:
+                item = future.result(timeout=self.POLL_SECONDS)
+                break
+            except concurrent.futures.TimeoutError:
+                if not self._loop.is_running():
+                    future.cancel()
+                    raise PackageError("package build stopped: the event loop is gone") from None
+        if item is _STOP:
+            assert self._failure is not None
+            raise self._failure
+        return item
+
+    def until_end(self) -> Iterator[bytes]:
+        while (item := self.get()) is not _END:
+            yield item
+
+
+_STOP = object()
+
+
+class _Contents:
+    """The package's files as stream-zip's members, made on the writer thread: each file is
+    hashed as it passes, the data and events feed the report, and the manifest comes last."""
+
+    def __init__(
+        self,
+        record: RequestRecord,
+        report: ReportBuilder,
+        built_at: datetime,
+        pipe: _Pipe,
+        *,
+        data_size: int,
+        events_size: int | None,
+    ) -> None:
+        self._record = record
+        self._report = report
+        self._built_at = built_at
+        self._pipe = pipe
+        self._method = ZIP_64 if data_size + (events_size or 0) > ZIP32_LIMIT else ZIP_32
+        self._has_events = events_size is not None
+        self.files: list[_Member] = []
+
+    def members(self) -> Iterator[Any]:
+        modified = self._built_at.replace(tzinfo=None)
+        method = self._method
+        yield ("data.json", modified, _MODE, method, self._data())
+        if self._has_events:
+            yield ("events.jsonl", modified, _MODE, method, self._events())
+        else:
+            assert self._pipe.get() is _END  # no windows: the events input is empty
+        html = self._file("report.html").add(self._report.render())
+        yield ("report.html", modified, _MODE, method, iter([html]))
+        record = self._record
+        manifest = {
+            "request_id": record.id,
+            "subject_type": record.subject_type,
+            "received_on": record.deadline.received_on.isoformat(),
+            "due_by": record.deadline.due_by.isoformat(),
+            "built_at": isoformat(self._built_at),
+            "files": [f.entry() for f in self.files],
+        }
+        body = json.dumps(manifest, indent=2).encode() + b"\n"
+        yield ("manifest.json", modified, _MODE, method, iter([body]))
+
+    def _file(self, name: str) -> _Member:
+        member = _Member(name)
+        self.files.append(member)
+        return member
+
+    def _data(self) -> Iterator[bytes]:
+        """The archive's exact bytes, checked against the sha256 recorded when it was taken."""
+        member = self._file("data.json")
+        with _Beside(self._report.feed) as feed:
+            for chunk in self._pipe.until_end():
+                feed(chunk)
+                yield member.add(chunk)
+        expected = (self._record.archive or {}).get("sha256")
+        if expected and expected != member.digest.hexdigest():
+            raise PackageError(
+                f"archive of {self._record.id} does not match its recorded sha256; not packaged"
+            )
+
+    def _events(self) -> Iterator[bytes]:
+        """Every stored month window in order (keys are window start days): JSON Lines."""
+        member = self._file("events.jsonl")
+        for body in self._pipe.until_end():
+            lines = body.splitlines()
+            self._report.add_events([json.loads(line) for line in lines if line.strip()])
+            yield member.add(body)
+
+
+def _deflater() -> Any:
+    """A raw deflate stream (no zlib header), as a ZIP member holds it."""
+    return isal_zlib.compressobj(COMPRESS_LEVEL, isal_zlib.DEFLATED, -15)
+
+
+class _Beside:
+    """Runs `work` on each chunk in a thread of its own, a couple of chunks behind, so the
+    report's parsing overlaps the deflate (ISA-L works without the GIL); whatever `work`
+    raised is raised on leaving."""
+
+    def __init__(self, work: Callable[[bytes], None], depth: int = 2) -> None:
+        self._work = work
+        self._queue: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="package-report", daemon=True)
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._failure is None:
+                try:
+                    self._work(chunk)
+                except BaseException as exc:  # raised in the caller's thread on leaving
+                    self._failure = exc
+
+    def __enter__(self) -> Callable[[bytes], None]:
+        self._thread.start()
+        return self._queue.put
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._failure is not None and exc_info[0] is None:
+            raise self._failure

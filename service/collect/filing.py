@@ -1,0 +1,338 @@
+"""Filing data requests: validate, record first (`submitting`), then ask Copernica.
+
+The record exists before Copernica is called, so a crash in between leaves a `submitting`
+record to recover rather than a request nobody knows about. An `Idempotency-Key` maps to one
+request id through an object created with `If-None-Match: *`: a retried POST finds the first
+request instead of filing a second one at Copernica.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any
+
+import structlog
+from ulid import ULID
+
+from service.clock import isoformat, utcnow
+from service.collect.events import lookback, request_windows
+from service.config import Settings
+from service.copernica.client import Backoff, CopernicaClient, CopernicaError, CopernicaUnavailable
+from service.copernica.events import EventsInputError, add_months, parse_day, plan
+from service.copernica.subject import Subject
+from service.intake.urls import callback_url
+from service.logs import subject_hash
+from service.metrics import Metrics
+from service.requests.deadline import DeadlineInputError, parse_received_on
+from service.requests.ledger import REPLICA, Ledger, RecordConflict, RequestRecord, Status, stamp
+from service.storage.s3 import ArchiveStore, NotFound, PreconditionFailed
+
+log = structlog.get_logger(__name__)
+
+# Pragmatic address check: one @, no whitespace or control characters, a dotted domain.
+_EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f.]+$")
+# The operator waits for the answer: a short retry budget here; `submitting` records that
+# did not get through are for the poller to resubmit.
+_FILING_BACKOFF = Backoff(attempts=3, base=0.5, cap=4.0)
+FILING_OWNER = f"{REPLICA}/filing"
+
+
+class InvalidRequest(ValueError):
+    """The operator's request is malformed; the message says how. Nothing was filed."""
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+class IdempotencyInProgress(Exception):
+    """A request with this Idempotency-Key is being filed right now; retry shortly."""
+
+
+# An events range is fetched in month windows, one Copernica call each: ten years is 120.
+MAX_EVENTS_YEARS = 10
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    subject: Subject
+    fingerprint: str
+    events: dict[str, str] | None = None  # {"since", "until"} asked for with the request
+    received_on: date | None = None  # None: today
+
+
+def parse_new_request(body: Any) -> NewRequest:
+    """Exactly one of email / profile / subprofile, each well formed."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("body must be a JSON object")
+    kinds = [k for k in ("email", "profile", "subprofile") if k in body]
+    if len(kinds) != 1:
+        raise InvalidRequest("give exactly one of 'email', 'profile', 'subprofile'")
+    unknown = set(body) - {"email", "profile", "subprofile", "events", "received_on"}
+    if unknown:
+        raise InvalidRequest(f"unknown member(s): {', '.join(sorted(unknown))}")
+    events = _events_range(body["events"]) if "events" in body else None
+    today = utcnow().date()
+    try:
+        received_on = parse_received_on(body.get("received_on", today.isoformat()), today)
+    except DeadlineInputError as exc:
+        raise InvalidRequest(str(exc)) from None
+    kind = kinds[0]
+    value = body[kind]
+    if kind == "email":
+        if not isinstance(value, str) or len(value) > 254 or not _EMAIL.match(value.strip()):
+            raise InvalidRequest("'email' must be an e-mail address")
+        subject_id = value.strip()
+    else:
+        if isinstance(value, bool) or not (
+            (isinstance(value, int) and value > 0)
+            or (isinstance(value, str) and value.isdigit() and int(value) > 0)
+        ):
+            raise InvalidRequest(f"'{kind}' must be a positive integer id")
+        subject_id = str(int(value))
+    identity = f"{kind}:{subject_id.casefold()}:{json.dumps(events, sort_keys=True)}"
+    if "received_on" in body:
+        identity += f":{received_on}"
+    fingerprint = hashlib.sha256(identity.encode()).hexdigest()
+    return NewRequest(Subject(kind, subject_id), fingerprint, events, received_on)
+
+
+def _events_range(value: Any) -> dict[str, str]:
+    """`{"since": "YYYY-MM-DD", "until": "YYYY-MM-DD"}`; `until` (exclusive) defaults to
+    tomorrow, so today's events are included."""
+    if not isinstance(value, dict) or "since" not in value or set(value) - {"since", "until"}:
+        raise InvalidRequest('\'events\' must be {"since": "YYYY-MM-DD"[, "until": ...]}')
+    try:
+        since = parse_day(value["since"], "events.since")
+        until = (
+            parse_day(value["until"], "events.until")
+            if value.get("until")
+            else utcnow().date() + timedelta(days=1)
+        )
+        if until > add_months(since, 12 * MAX_EVENTS_YEARS):
+            raise EventsInputError(
+                f"events range {since} to {until} is longer than {MAX_EVENTS_YEARS} years; "
+                "ask for a shorter range"
+            )
+        plan(since, until)
+    except EventsInputError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return {"since": since.isoformat(), "until": until.isoformat()}
+
+
+class Filing:
+    """Creates request records and files them with Copernica."""
+
+    def __init__(
+        self,
+        store: ArchiveStore,
+        ledger: Ledger,
+        copernica: CopernicaClient,
+        settings: Settings,
+        metrics: Metrics,
+        hash_key: bytes,
+    ) -> None:
+        self._store = store
+        self._ledger = ledger
+        self._copernica = copernica
+        self._settings = settings
+        self._metrics = metrics
+        self._hash_key = hash_key
+        # Longest a filing can take: every try timing out, plus the pauses between them.
+        self._filing_budget = (
+            _FILING_BACKOFF.attempts * settings.copernica_timeout_seconds
+            + _FILING_BACKOFF.attempts * _FILING_BACKOFF.cap
+        )
+
+    async def file(self, new: NewRequest, idempotency_key: str | None) -> RequestRecord:
+        request_id = str(ULID())
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            return await self._file(new, idempotency_key, request_id)
+
+    async def _file(
+        self, new: NewRequest, idempotency_key: str | None, request_id: str
+    ) -> RequestRecord:
+        if idempotency_key is not None:
+            first_id = await self._claim_key(idempotency_key, new, request_id)
+            if first_id != request_id:
+                found = await self._ledger.get(first_id)
+                if found is not None:
+                    return found[0]
+                # The first filer has claimed the key but not yet written its record: it is
+                # still at work, or it died in between (then, after its lease would have run
+                # out, this request takes over its id).
+                if utcnow() - ULID.from_str(first_id).datetime < timedelta(
+                    seconds=self._filing_budget
+                ):
+                    raise IdempotencyInProgress(idempotency_key)
+                request_id = first_id
+        record = RequestRecord(
+            id=request_id,
+            subject_type=new.subject.type,
+            subject_id=new.subject.id,
+            report=self._settings.public_base_url is not None,
+            idempotency_key=_key_hash(self._hash_key, idempotency_key) if idempotency_key else None,
+            next_poll_at=stamp(utcnow() + timedelta(seconds=self._settings.poll_interval_seconds)),
+            events=self._events_of(new),
+            received_on=(new.received_on or utcnow().date()).isoformat(),
+        )
+        # The markers go first: a crash after them leaves a marker without a record (dropped
+        # when met), never a record the poller or the deadline index does not know about.
+        assert record.next_poll_at is not None
+        await self._ledger.schedule(record.id, record.next_poll_at)
+        await self._ledger.open_deadline(record.id, record.deadline.due_by)
+        # While we file, the poller keeps off (our lease); if we crash, the lease runs out and
+        # the poller finds a `submitting` record to file again.
+        record.take_lease(FILING_OWNER, self._filing_budget)
+        try:
+            etag = await self._ledger.create(record)
+        except PreconditionFailed:
+            # Two retries of a dead filer's key took over at once: the other one files it.
+            found = await self._ledger.get(request_id)
+            if found is None:
+                raise
+            return found[0]
+        await self.call_copernica(record)
+        record.lease = None
+        try:
+            await self._ledger.save(record, etag)
+        except PreconditionFailed:
+            # Copernica (or its rate limit) kept us past our lease, and a poller took the
+            # request over: it files a `submitting` record again. The request is in the
+            # ledger either way; keep our answer if the takeover has none yet.
+            return await self._overtaken(record)
+        return record
+
+    async def _overtaken(self, ours: RequestRecord) -> RequestRecord:
+        def settle(current: RequestRecord) -> bool:
+            if current.status is not Status.SUBMITTING:
+                return False  # the takeover got Copernica's answer: it stands
+            if ours.status is Status.PENDING and ours.copernica_id is not None:
+                current.mark_pending(ours.copernica_id)
+            elif ours.status is Status.FAILED and ours.last_error is not None:
+                current.mark_failed(ours.last_error)
+            else:
+                return False
+            return True
+
+        log.warning("filing_overtaken", request_id=ours.id, status=ours.status)
+        current = await self._ledger.update(ours.id, settle)
+        if current is None:
+            raise RecordConflict(ours.id)
+        return current
+
+    def _events_of(self, new: NewRequest) -> dict[str, Any] | None:
+        """What events to archive with the data: asked for, or EVENTS_LOOKBACK_DAYS."""
+        asked = new.events
+        if asked is None and self._settings.events_lookback_days > 0:
+            asked = lookback(utcnow().date(), self._settings.events_lookback_days)
+        if asked is None:
+            return None
+        return {
+            **asked,
+            "windows": len(request_windows(asked)),
+            "stored": 0,
+            "events": 0,
+            "complete": False,
+        }
+
+    async def call_copernica(self, record: RequestRecord) -> None:
+        """Ask Copernica for the data; the record says how it went (pending, failed, or not)."""
+        settings = self._settings
+        report = None
+        if settings.public_base_url and settings.callback_secret:
+            report = callback_url(
+                settings.public_base_url,
+                settings.callback_secret,
+                record.id,
+                self._ledger.subject_digest_of(record),
+            )
+        record.attempts += 1
+        outcome = "pending"
+        try:
+            record.mark_pending(
+                await self._copernica.create_datarequest(
+                    record.subject, report, backoff=_FILING_BACKOFF
+                )
+            )
+        except CopernicaError as exc:
+            record.mark_failed(str(exc))
+            outcome = "failed"
+        except CopernicaUnavailable as exc:
+            record.last_error, outcome = str(exc), "retry"
+        self._metrics.requests_filed.labels(outcome).inc()
+        log.info(
+            "datarequest_filed",
+            request_id=record.id,
+            subject=subject_hash(self._hash_key, record.subject_type, record.subject_id),
+            status=record.status,
+            copernica_id=record.copernica_id,
+            error=record.last_error,
+        )
+
+    async def _claim_key(self, key: str, new: NewRequest, request_id: str) -> str:
+        """The request id this key stands for: ours if we are first, else the first one's."""
+        object_key = self._store.keys.idempotency(_key_hash(self._hash_key, key))
+        claim = json.dumps({"request_id": request_id, "fingerprint": new.fingerprint}).encode()
+        try:
+            await self._store.put(object_key, claim, if_none_match=True)
+            return request_id
+        except PreconditionFailed:
+            stored = await self._store.get(object_key)
+            if stored is None:
+                raise NotFound(object_key) from None
+            first = json.loads(stored.body)
+            if first["fingerprint"] != new.fingerprint:
+                raise IdempotencyConflict(key) from None
+            return str(first["request_id"])
+
+
+def _key_hash(hash_key: bytes, idempotency_key: str) -> str:
+    return hmac.new(
+        hash_key, b"idempotency:" + idempotency_key.encode(), hashlib.sha256
+    ).hexdigest()
+
+
+def describe(record: RequestRecord, today: date | None = None) -> dict[str, Any]:
+    """The operator's view of a request (no raw subject: it stays in the record)."""
+    today = today or utcnow().date()
+    deadline = record.deadline
+    return {
+        "id": record.id,
+        "status": record.status,
+        "subject_type": record.subject_type,
+        "copernica_id": record.copernica_id,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        "attempts": record.attempts,
+        "last_error": record.last_error,
+        "archive": record.archive,
+        "events": record.events,
+        "received_on": deadline.received_on.isoformat(),
+        "due_by": deadline.due_by.isoformat(),
+        "days_left": deadline.days_left(today),
+        "overdue": deadline.overdue(today),
+        "extension": record.extension,
+        "package": record.package,
+        "answered_at": record.answered_at,
+        "purged_at": record.purged_at,
+    }
+
+
+def archive_from_head(head: dict[str, Any], bucket: str, key: str) -> dict[str, Any]:
+    """Archive facts read back from the object's metadata (the callback path writes no record)."""
+    meta = head.get("Metadata", {})
+    modified = head.get("LastModified")
+    return {
+        "bucket": bucket,
+        "key": key,
+        "sha256": meta.get("sha256"),
+        "size": int(head.get("ContentLength", 0)),
+        "source": meta.get("source"),
+        "received_at": meta.get("received-at") or (isoformat(modified) if modified else None),
+    }

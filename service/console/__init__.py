@@ -1,6 +1,0 @@
-"""The operator console: server-rendered pages for the privacy team on the admin listener
-(`/ui/`), signed in with the API token; plain HTML forms and CSS, no script."""
-
-from .routes import CONSOLE, Console, setup_console
-
-__all__ = ["CONSOLE", "Console", "setup_console"]

@@ -1,0 +1,127 @@
+"""The start-up proof that the bucket is one this service may run on.
+
+Exactly-once rests on conditional writes: `If-None-Match: *` on PutObject and on
+CompleteMultipartUpload (an archive, a package, a window is written once), `If-Match` on
+PutObject (a record changes only from the version read). Not every S3-compatible store honours
+them; one that silently ignores them would let two replicas overwrite each other's archive or
+record without anybody noticing. So before serving, each replica writes a probe object under
+`{prefix}startup-probe/` and checks that each condition is refused with 412 when it should be;
+a missing or unwritable bucket is refused the same way, by name. About ten S3 calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from datetime import timedelta
+
+from ulid import ULID
+
+from service.clock import utcnow
+from service.storage.s3 import ArchiveStore, ArchiveUnavailable, NotFound, PreconditionFailed
+
+# How long start-up waits for an S3 that does not answer before it gives up.
+REACH_ATTEMPTS, REACH_PAUSE_SECONDS = 5, 1.0
+STALE_PROBE = timedelta(minutes=1)
+
+
+class UnsafeStore(Exception):
+    """The bucket cannot be used; the message is the one line an operator needs."""
+
+
+async def prove_store(store: ArchiveStore) -> None:
+    """Return if the bucket exists, can be written and honours conditional writes; else
+    UnsafeStore naming what is wrong."""
+    await _reach(store)
+    key = f"{store.keys.prefix}startup-probe/{ULID()}"
+    try:
+        await _prove(store, key)
+    except ArchiveUnavailable as exc:  # S3 went away half-way: refused the same way
+        raise UnsafeStore(
+            f"S3 bucket {store.bucket!r} became unreachable during the start-up check ({exc})"
+        ) from None
+    with contextlib.suppress(ArchiveUnavailable):
+        await abort_stale_probes(store)
+
+
+async def abort_stale_probes(store: ArchiveStore) -> int:
+    """Abort probe uploads of starts that died half-way (killed, or S3 gone mid-probe); a
+    probe takes a second, so one older than a minute (its key is a ULID) is dead. Called at
+    start-up and by the poller's housekeeping. Found by the soak."""
+    aborted = 0
+    for key, upload_id in await store.uploads(f"{store.keys.prefix}startup-probe/"):
+        try:
+            started = ULID.from_str(key.rsplit("/", 1)[1]).datetime
+        except ValueError:
+            continue
+        if utcnow() - started > STALE_PROBE:
+            await store.abort_upload(key, upload_id)
+            aborted += 1
+    return aborted
+
+
+async def _prove(store: ArchiveStore, key: str) -> None:
+    try:
+        try:
+            etag = await store.put(key, b"probe", if_none_match=True)
+        except (NotFound, PreconditionFailed, ArchiveUnavailable) as exc:
+            raise UnsafeStore(
+                f"S3 bucket {store.bucket!r} cannot be written ({exc}); check ARCHIVE_BUCKET "
+                "and the credentials' permissions"
+            ) from None
+        await _refused(
+            store.put(key, b"second", if_none_match=True),
+            store,
+            "If-None-Match: * on PutObject (an existing object was overwritten)",
+        )
+        await _refused(
+            store.put(key, b"changed", if_match=f'"{etag.strip(chr(34))}x"'),
+            store,
+            "If-Match on PutObject (a write with a stale ETag went through)",
+        )
+        upload_id = await store.create_upload(key, "application/octet-stream", {})
+        try:
+            part = await store.upload_part(key, upload_id, 1, b"part")
+            await _refused(
+                store.complete_upload(key, upload_id, [{"PartNumber": 1, "ETag": part}]),
+                store,
+                "If-None-Match: * on CompleteMultipartUpload (an existing object was replaced)",
+            )
+        finally:
+            # Never raises: an upload already gone is fine, and one S3 would not abort now is
+            # retried in the background (or by a later start's abort_stale_probes).
+            await store.abort_upload(key, upload_id)
+    finally:
+        with contextlib.suppress(ArchiveUnavailable, NotFound):
+            await store.delete(key)  # a probe object left behind is harmless
+
+
+async def _reach(store: ArchiveStore) -> None:
+    for attempt in range(REACH_ATTEMPTS):
+        try:
+            await store.head_bucket()
+            return
+        except NotFound:
+            raise UnsafeStore(
+                f"S3 bucket {store.bucket!r} does not exist (check ARCHIVE_BUCKET and "
+                "S3_ENDPOINT_URL / the AWS region)"
+            ) from None
+        except ArchiveUnavailable as exc:
+            if attempt == REACH_ATTEMPTS - 1:
+                raise UnsafeStore(
+                    f"S3 bucket {store.bucket!r} is unreachable or refuses access ({exc})"
+                ) from None
+            await asyncio.sleep(REACH_PAUSE_SECONDS)
+
+
+async def _refused(write: Awaitable[object], store: ArchiveStore, condition: str) -> None:
+    """The conditional write must fail with 412; anything else means the store is unsafe."""
+    try:
+        await write
+    except PreconditionFailed:
+        return
+    raise UnsafeStore(
+        f"S3 bucket {store.bucket!r} does not honour conditional writes: {condition}; "
+        "exactly-once archiving depends on them, refusing to start"
+    )

@@ -1,0 +1,387 @@
+"""Operator routes (`/v1/*`, bearer token), health, readiness and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+import time
+from datetime import date, timedelta
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.answer.package import CONTENT_TYPE, package_filename
+from service.clock import isoformat, utcnow
+from service.collect.filing import (
+    Filing,
+    IdempotencyConflict,
+    IdempotencyInProgress,
+    InvalidRequest,
+    archive_from_head,
+    describe,
+    parse_new_request,
+)
+from service.config import Secret, Settings
+from service.intake.urls import ULID_PATTERN
+from service.metrics import Metrics
+from service.requests.deadline import DeadlineInputError, ExtensionRefused, parse_extension
+from service.requests.ledger import (
+    STATUSES,
+    Ledger,
+    RecordConflict,
+    RequestClosed,
+    RequestRecord,
+    Status,
+)
+from service.storage.s3 import ArchiveStore, ArchiveUnavailable, NotFound
+
+log = structlog.get_logger(__name__)
+
+MAX_PAGE = 1000
+DEADLINE_CURSOR = re.compile(r"^\d{4}-\d{2}-\d{2}/[0-9A-HJKMNP-TV-Z]{26}$")
+
+
+def bearer_middleware(token: Secret) -> Any:
+    """`/v1/*` needs `Authorization: Bearer <API_TOKEN>`, compared in constant time."""
+    expected = f"Bearer {token.reveal()}".encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/v1/") or request.path == "/v1":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.json_response(
+                    {"error": "missing or wrong bearer token"},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="copernica-receiver"'},
+                )
+        request_id = request.match_info.get("id")
+        if request_id is None or not ULID_PATTERN.match(request_id):
+            return await handler(request)
+        # Every line written while answering carries the request id.
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            return await handler(request)
+
+    return middleware
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class OperatorApi:
+    def __init__(
+        self,
+        filing: Filing,
+        ledger: Ledger,
+        store: ArchiveStore,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        self._filing = filing
+        self._ledger = ledger
+        self._store = store
+        self._link_seconds = settings.package_link_seconds
+        self._metrics = metrics
+
+    async def create(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json(loads=json.loads)
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "body must be JSON")
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
+            return _error(400, "Idempotency-Key must be 1-255 printable characters")
+        try:
+            new = parse_new_request(body)
+            record = await self._filing.file(new, key)
+        except InvalidRequest as exc:
+            return _error(400, str(exc))
+        except IdempotencyConflict:
+            return _error(422, "Idempotency-Key was used before with a different request")
+        except IdempotencyInProgress:
+            return web.json_response(
+                {"error": "a request with this Idempotency-Key is being filed; retry"},
+                status=409,
+                headers={"Retry-After": "2"},
+            )
+        except ArchiveUnavailable:
+            return _unavailable()
+        return web.json_response(describe(record), status=202)
+
+    async def show(self, request: web.Request) -> web.Response:
+        request_id = request.match_info["id"]
+        if not ULID_PATTERN.match(request_id):
+            return _error(404, "no such request")
+        try:
+            record = await self.current(request_id)
+        except ArchiveUnavailable:
+            return _unavailable()
+        if record is None:
+            return _error(404, "no such request")
+        return web.json_response(describe(record))
+
+    async def current(self, request_id: str) -> RequestRecord | None:
+        """A request's record as the operator should see it (None: no such request)."""
+        found = await self._ledger.get(request_id)
+        if found is None:
+            return None
+        return await self._reconcile(found[0])
+
+    async def _reconcile(self, record: RequestRecord) -> RequestRecord:
+        """The callback path writes only the archive object: fold it into the record on read."""
+        if record.status is not Status.PENDING or not record.events_complete:
+            return record  # with events asked for, the poller decides when all is stored
+        key = self._store.keys.archive(record.id)
+        head = await self._store.head(key)
+        if head is None:
+            return record
+        info = archive_from_head(head, self._store.bucket, key)
+
+        def change(current: RequestRecord) -> bool:
+            if current.status is not Status.PENDING:
+                return False
+            current.mark_archived(info)
+            return True
+
+        try:
+            updated = await self._ledger.update(record.id, change)
+        except RecordConflict:
+            updated = None
+        if updated is None:
+            record.mark_archived(info)
+            return record
+        return updated
+
+    async def list(self, request: web.Request) -> web.Response:
+        """A page of requests: by id (creation), or with `overdue=true` / `due_before=DAY`
+        the requests not yet answered by due date (from the deadline index)."""
+        query = request.query
+        status = query.get("status")
+        if status is not None and status not in STATUSES:
+            return _error(400, f"status must be one of {', '.join(STATUSES)}")
+        try:
+            limit = int(query.get("limit", "100"))
+        except ValueError:
+            return _error(400, "limit must be an integer")
+        if not 1 <= limit <= MAX_PAGE:
+            return _error(400, f"limit must be between 1 and {MAX_PAGE}")
+        overdue = query.get("overdue")
+        if overdue not in (None, "true", "false"):
+            return _error(400, "overdue must be true or false")
+        due_before: date | None = None
+        if "due_before" in query:
+            try:
+                due_before = date.fromisoformat(query["due_before"])
+            except ValueError:
+                return _error(400, "due_before must be a day as YYYY-MM-DD")
+        today = utcnow().date()
+        cursor = query.get("cursor", "")
+        by_deadline = overdue == "true" or due_before is not None
+        if cursor and not (DEADLINE_CURSOR if by_deadline else ULID_PATTERN).match(cursor):
+            return _error(400, "cursor is not valid")
+        try:
+            if by_deadline:
+                horizon = min(d for d in (due_before, today if overdue else None) if d)
+                records, next_cursor = await self._ledger.open_by_deadline(
+                    horizon, limit=limit, cursor=cursor
+                )
+                records = [r for r in records if status is None or r.status == status]
+            else:
+                keep = None
+                if overdue == "false":
+                    keep = lambda r: not r.deadline.overdue(today)  # noqa: E731
+                records, next_cursor = await self._ledger.page(
+                    status=status, limit=limit, cursor=cursor, keep=keep
+                )
+        except ArchiveUnavailable:
+            return _unavailable()
+        return web.json_response(
+            {"items": [describe(r, today) for r in records], "next_cursor": next_cursor}
+        )
+
+    async def extend(self, request: web.Request) -> web.Response:
+        """`{"months": 1|2, "reason": "..."}`: the deadline moves, two months at most in all."""
+        request_id = request.match_info["id"]
+        if not ULID_PATTERN.match(request_id):
+            return _error(404, "no such request")
+        try:
+            body = await request.json(loads=json.loads)
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "body must be JSON")
+        try:
+            months, reason = parse_extension(body)
+            record = await self._ledger.extend(request_id, months, reason)
+        except DeadlineInputError as exc:
+            return _error(400, str(exc))
+        except (ExtensionRefused, RequestClosed) as exc:
+            return _error(409, str(exc))
+        except (ArchiveUnavailable, RecordConflict):
+            return _unavailable()
+        if record is None:
+            return _error(404, "no such request")
+        log.info("deadline_extended", request_id=request_id, months=months)
+        return web.json_response(describe(record))
+
+    async def package(self, request: web.Request) -> web.StreamResponse:
+        """The access package as a download (`ETag` = its sha256); the first complete one
+        answers the request."""
+        try:
+            record = await self.packaged(request.match_info["id"])
+        except PackageRefused as refused:
+            return _refusal(refused)
+        except ArchiveUnavailable:
+            return _unavailable()
+        try:
+            return await self.send_package(request, record)
+        except PackageRefused as refused:
+            return _refusal(refused)
+
+    async def package_link(self, request: web.Request) -> web.Response:
+        """A presigned GET of the package, valid PACKAGE_LINK_SECONDS."""
+        try:
+            record = await self.packaged(request.match_info["id"])
+            link = await self.link(record)
+        except PackageRefused as refused:
+            return _refusal(refused)
+        except ArchiveUnavailable:
+            return _unavailable()
+        return web.json_response(link)
+
+    # -- handing out, shared with the operator console ------------------------------------
+
+    async def packaged(self, request_id: str) -> RequestRecord:
+        """The record of a request whose package can be handed out; PackageRefused (404,
+        409, 410) says why not."""
+        if not ULID_PATTERN.match(request_id):
+            raise PackageRefused(404, "no such request")
+        found = await self._ledger.get(request_id)
+        if found is None:
+            raise PackageRefused(404, "no such request")
+        record = found[0]
+        if record.status is Status.PURGED:
+            raise PackageRefused(410, f"deleted at {record.purged_at} (RETENTION_DAYS)")
+        if record.package is None:
+            raise PackageRefused(409, f"the package is not built yet (status {record.status})")
+        return record
+
+    async def send_package(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
+        """Stream the package of `record` (from `packaged`) as the answer to `request`; a
+        complete download answers the access request. PackageRefused before the first byte;
+        a failure mid-stream cuts the download short (it then fails its sha256 check)."""
+        assert record.package is not None
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": CONTENT_TYPE,
+                "ETag": f'"{record.package["sha256"]}"',
+                "Content-Disposition": f'attachment; filename="{package_filename(record.id)}"',
+            }
+        )
+        try:
+            async with self._store.open(record.package["key"]) as reading:
+                response.content_length = reading.size
+                await response.prepare(request)
+                async for chunk in reading.chunks():
+                    await response.write(chunk)
+        except NotFound:
+            raise PackageRefused(
+                409, "the package is recorded but not in storage (being purged?)"
+            ) from None
+        except ArchiveUnavailable:
+            if response.prepared:
+                raise  # mid-stream: the download is cut short and fails its sha256 check
+            raise PackageRefused(503, "storage unavailable, try again") from None
+        await response.write_eof()
+        await self._answered(record.id, "download")
+        return response
+
+    async def link(self, record: RequestRecord) -> dict[str, str]:
+        """A presigned GET of the package of `record` (from `packaged`), valid
+        PACKAGE_LINK_SECONDS: `{url, expires_at, sha256}`; it answers the access request."""
+        assert record.package is not None
+        url = await self._store.presigned_get(
+            record.package["key"], self._link_seconds, package_filename(record.id)
+        )
+        await self._answered(record.id, "link")
+        expires = utcnow() + timedelta(seconds=self._link_seconds)
+        return {"url": url, "expires_at": isoformat(expires), "sha256": record.package["sha256"]}
+
+    async def _answered(self, request_id: str, way: str) -> None:
+        """The first hand-out answers the access request: `answered_at`, and the request
+        leaves the deadline index."""
+        self._metrics.packages_handed_out.labels(way).inc()
+        now = isoformat(utcnow())
+        first: list[bool] = []
+
+        def change(record: RequestRecord) -> bool:
+            first[:] = [record.mark_answered(now)]
+            return first[0]
+
+        try:
+            record = await self._ledger.update(request_id, change)
+            if record is not None and first and first[0]:
+                await self._ledger.close_deadline(request_id, record.deadline.due_by)
+                log.info("request_answered", request_id=request_id, way=way)
+        except (ArchiveUnavailable, RecordConflict) as exc:
+            # The subject has the package; the next hand-out records it.
+            log.warning("answered_not_recorded", request_id=request_id, error=str(exc))
+
+
+class PackageRefused(Exception):
+    """The package cannot be handed out: an HTTP status and a sentence saying why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _refusal(refused: PackageRefused) -> web.Response:
+    return _unavailable() if refused.status == 503 else _error(refused.status, refused.message)
+
+
+def _unavailable() -> web.Response:
+    return web.json_response(
+        {"error": "storage unavailable, try again"}, status=503, headers={"Retry-After": "5"}
+    )
+
+
+class Health:
+    """Liveness, readiness (S3 reachable, not draining) and the Prometheus endpoint."""
+
+    _READY_CACHE_SECONDS = 1.0
+    _READY_TIMEOUT_SECONDS = 2.0
+
+    def __init__(self, store: ArchiveStore, metrics: Metrics) -> None:
+        self._store = store
+        self._metrics = metrics
+        self.draining = False
+        self._checked_at = 0.0
+        self._reachable = False
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        now = time.monotonic()
+        if now - self._checked_at > self._READY_CACHE_SECONDS:
+            # A probe must answer quickly; an S3 that does not answer in time is not reachable.
+            try:
+                async with asyncio.timeout(self._READY_TIMEOUT_SECONDS):
+                    self._reachable = await self._store.reachable()
+            except TimeoutError:
+                self._reachable = False
+            self._checked_at = time.monotonic()
+        if not self._reachable:
+            return web.json_response({"status": "s3 unreachable"}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self._metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
