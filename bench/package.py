@@ -173,7 +173,7 @@ async def seed(env: dict[str, str], mib: float, string_mib: float) -> dict[str, 
     from service.clock import isoformat, utcnow
     from service.config import Settings
     from service.metrics import Metrics
-    from service.requests.ledger import RequestRecord
+    from service.requests.records import RequestRecord
     from service.storage.s3 import ArchiveStore, s3_client
 
     settings = Settings.from_env(env, dotenv=None)
@@ -250,7 +250,7 @@ def child(case: str, request_id: str, target: str) -> None:
     from service.config import Settings
     from service.logs import configure_logging
     from service.metrics import Metrics
-    from service.requests.ledger import RequestRecord
+    from service.requests.records import RequestRecord
     from service.storage.s3 import ArchiveStore, s3_client
 
     settings = Settings.from_env(dotenv=None)

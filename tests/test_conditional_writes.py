@@ -36,7 +36,8 @@ from service.collect.events import S3Sink
 from service.collect.filing import Filing, _key_hash, parse_new_request
 from service.copernica.events import Window
 from service.metrics import Metrics
-from service.requests.ledger import Ledger, RequestRecord
+from service.requests.ledger import Ledger
+from service.requests.records import RequestRecord
 from service.simulator.app import SIM_STATE, SimulatorConfig, create_simulator_app
 from service.storage.s3 import ArchiveStore, PreconditionFailed, s3_client
 from tests.conftest import (

@@ -20,7 +20,7 @@ from yarl import URL
 from service.clock import isoformat
 from service.config import Secret
 from service.requests.deadline import due_by
-from service.requests.ledger import RequestRecord
+from service.requests.records import RequestRecord
 from service.web.console.session import SESSION, SESSION_SECONDS, Sessions, set_cookie
 from tests.browser import chromium
 from tests.conftest import API_TOKEN, Bucket, Service, ServiceFactory, Simulator, sha256

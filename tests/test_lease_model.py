@@ -62,7 +62,8 @@ from service.collect.filing import FILING_OWNER
 from service.collect.poller import Poller, Visit
 from service.config import Settings
 from service.metrics import Metrics
-from service.requests.ledger import Ledger, RequestRecord, stamp
+from service.requests.ledger import Ledger, stamp
+from service.requests.records import RequestRecord
 from service.storage.s3 import ArchiveStore, PreconditionFailed, s3_client
 from tests.conftest import make_settings
 

@@ -17,7 +17,8 @@ from service.intake.payload import (
     Verdict,
     is_plain_not_available,
 )
-from service.requests.ledger import Addressee, Ledger, RequestRecord
+from service.requests.ledger import Addressee, Ledger
+from service.requests.records import RequestRecord
 
 MIB = 1024 * 1024
 

@@ -31,7 +31,7 @@ from stream_zip import ZIP_32, ZIP_64, stream_zip
 
 from service.answer.report.build import ReportBuilder, ReportContext
 from service.clock import isoformat, utcnow
-from service.requests.ledger import RequestRecord
+from service.requests.records import RequestRecord
 from service.storage.s3 import AlreadyArchived, ArchiveStore, NotFound
 
 log = structlog.get_logger(__name__)

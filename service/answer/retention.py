@@ -21,7 +21,8 @@ import structlog
 from service.clock import isoformat, parse_isoformat
 from service.logs import subject_digest
 from service.metrics import Metrics
-from service.requests.ledger import Ledger, RequestRecord, Status
+from service.requests.ledger import Ledger
+from service.requests.records import RequestRecord, Status
 from service.storage.s3 import ArchiveStore
 
 log = structlog.get_logger(__name__)

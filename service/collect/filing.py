@@ -29,7 +29,8 @@ from service.intake.urls import callback_url
 from service.logs import subject_hash
 from service.metrics import Metrics
 from service.requests.deadline import DeadlineInputError, parse_received_on
-from service.requests.ledger import REPLICA, Ledger, RecordConflict, RequestRecord, Status, stamp
+from service.requests.ledger import Ledger, RecordConflict, stamp
+from service.requests.records import REPLICA, RequestRecord, Status
 from service.storage.s3 import ArchiveStore, NotFound, PreconditionFailed
 
 log = structlog.get_logger(__name__)

@@ -45,15 +45,8 @@ from service.copernica.events import Source
 from service.intake.body import BodyBrokeOff, BodyStalled, Intake, Outcome
 from service.logs import subject_hash
 from service.metrics import Metrics
-from service.requests.ledger import (
-    REPLICA,
-    Ledger,
-    RecordConflict,
-    RequestRecord,
-    Status,
-    parse_stamp,
-    stamp,
-)
+from service.requests.ledger import Ledger, RecordConflict, parse_stamp, stamp
+from service.requests.records import REPLICA, RequestRecord, Status
 from service.storage.proof import abort_stale_probes
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable, PreconditionFailed
 

@@ -22,7 +22,8 @@ from service.clock import isoformat, utcnow
 from service.config import Settings
 from service.intake.payload import PayloadCheck, Verdict, is_plain_not_available
 from service.intake.signatures import BodyDigest
-from service.requests.ledger import Addressee, Ledger, RecordConflict, RequestRecord
+from service.requests.ledger import Addressee, Ledger, RecordConflict
+from service.requests.records import RequestRecord
 from service.storage.s3 import AlreadyArchived, ArchiveStore, ArchiveUnavailable, StreamedUpload
 
 log = structlog.get_logger(__name__)

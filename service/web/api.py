@@ -29,14 +29,8 @@ from service.config import Secret, Settings
 from service.intake.urls import ULID_PATTERN
 from service.metrics import Metrics
 from service.requests.deadline import DeadlineInputError, ExtensionRefused, parse_extension
-from service.requests.ledger import (
-    STATUSES,
-    Ledger,
-    RecordConflict,
-    RequestClosed,
-    RequestRecord,
-    Status,
-)
+from service.requests.ledger import Ledger, RecordConflict, RequestClosed
+from service.requests.records import STATUSES, RequestRecord, Status
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable, NotFound
 
 log = structlog.get_logger(__name__)

@@ -25,7 +25,8 @@ from service.collect.filing import Filing, IdempotencyConflict, IdempotencyInPro
 from service.config import Settings
 from service.metrics import Metrics
 from service.requests.deadline import DeadlineInputError, ExtensionRefused, parse_extension
-from service.requests.ledger import STATUSES, Ledger, RecordConflict, RequestClosed, RequestRecord
+from service.requests.ledger import Ledger, RecordConflict, RequestClosed
+from service.requests.records import STATUSES, RequestRecord
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable
 from service.web.api import OperatorApi, PackageRefused
 from service.web.console.package_report import ReportUnreadable, read_report

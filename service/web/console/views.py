@@ -15,7 +15,8 @@ from typing import Any
 from service.clock import parse_isoformat
 from service.collect.filing import InvalidRequest, NewRequest, parse_new_request
 from service.requests.deadline import MAX_EXTENSION_MONTHS
-from service.requests.ledger import STATUSES, Ledger, RequestRecord
+from service.requests.ledger import Ledger
+from service.requests.records import STATUSES, RequestRecord
 
 PAGE_SIZE = 50
 SOON_DAYS = 7
