@@ -14,7 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests.browser
 
-from service.answer.report.build import ReportBuilder, ReportContext  # noqa: E402
+from service.answer.report.builder import ReportBuilder  # noqa: E402
+from service.answer.report.context import ReportContext  # noqa: E402
 from service.simulator.payloads import PayloadSpec, make_events, payload_chunks  # noqa: E402
 from tests.browser import chromium  # noqa: E402
 

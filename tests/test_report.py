@@ -18,13 +18,9 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp import web
 
-from service.answer.report.build import (
-    CELL_CHARS,
-    MESSAGE_CAP,
-    ROW_CAP,
-    ReportBuilder,
-    ReportContext,
-)
+from service.answer.report.builder import ReportBuilder
+from service.answer.report.caps import CELL_CHARS, MESSAGE_CAP, ROW_CAP
+from service.answer.report.context import ReportContext
 from service.simulator.payloads import PayloadSpec, make_events, payload_bytes, payload_chunks
 from tests.browser import chromium
 

@@ -29,7 +29,8 @@ import structlog
 from isal import isal_zlib
 from stream_zip import ZIP_32, ZIP_64, stream_zip
 
-from service.answer.report.build import ReportBuilder, ReportContext
+from service.answer.report.builder import ReportBuilder
+from service.answer.report.context import ReportContext
 from service.clock import isoformat, utcnow
 from service.requests.records import RequestRecord
 from service.storage.s3 import AlreadyArchived, ArchiveStore, NotFound

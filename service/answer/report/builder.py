@@ -1,0 +1,63 @@
+"""The data subject's report, the public entry: the archive's exact bytes (in chunks of any
+size) and the event windows in, one self-contained HTML page out, saying in plain words what
+an access request found (SPEC "Answering the access request").
+
+The walk (`walk.py`) turns bytes into items, the findings (`findings.py`) count and keep
+them under the caps (`caps.py`), the view model (`view.py`) puts them in words and the
+template `templates/report.html.j2` lays them out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jinja2
+
+from service.answer.report.context import ReportContext
+from service.answer.report.findings import Findings
+from service.answer.report.view import report_view
+from service.answer.report.walk import FEED_BLOCK, ArchiveWalker
+
+_ENVIRONMENT = jinja2.Environment(
+    loader=jinja2.PackageLoader("service.answer.report", "templates"),
+    autoescape=True,  # every value from the payload is escaped; nothing is marked safe
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_ENVIRONMENT.filters["num"] = lambda n: f"{n:,}"
+
+
+class ReportBuilder:
+    """Feed the archive's bytes in order, add the events, then render the HTML report."""
+
+    def __init__(self, context: ReportContext, *, block_bytes: int = FEED_BLOCK) -> None:
+        self.context = context
+        self._findings = Findings()
+        self._walker = ArchiveWalker(
+            self._findings.item, self._findings.group_edge, block_bytes=block_bytes
+        )
+
+    def feed(self, chunk: bytes) -> None:
+        """The next bytes of the archive, any size (see `ArchiveWalker.feed`)."""
+        self._walker.feed(chunk)
+
+    def add_events(self, events: list[dict[str, Any]]) -> None:
+        """One month window of normalised events ({"event", "time", "data"})."""
+        self._findings.add_events(events)
+
+    def render(self) -> bytes:
+        """The report as UTF-8 HTML. Call once, after the last chunk and events."""
+        self._walker.close()
+        view = report_view(self.context, self._findings, self._walker)
+        # Rendered piece by piece: render() would first list every one of the template's
+        # outputs (millions for a full report) and then hold the text and its bytes at once.
+        out = bytearray()
+        pieces: list[str] = []
+        for piece in _ENVIRONMENT.get_template("report.html.j2").generate(report=view):
+            pieces.append(piece)
+            if len(pieces) >= 4096:
+                out += "".join(pieces).encode("utf-8", "replace")
+                pieces.clear()
+        out += "".join(pieces).encode("utf-8", "replace")
+        return bytes(out)
