@@ -17,7 +17,9 @@ from aiohttp import web
 from service.answer.package import PackageBuilder
 from service.answer.retention import Retention
 from service.collect.filing import Filing
-from service.collect.poller import Poller
+from service.collect.housekeeping import Housekeeping
+from service.collect.visits import Poller
+from service.collect.work import RequestWork
 from service.config import Settings
 from service.copernica.client import CopernicaClient
 from service.intake.body import Intake
@@ -88,6 +90,8 @@ CALLBACKS = web.AppKey("callbacks", CallbackView)
 OPERATOR = web.AppKey("operator", OperatorApi)
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
 POLLER = web.AppKey("poller", Poller)
+WORK = web.AppKey("work", RequestWork)
+HOUSEKEEPING = web.AppKey("housekeeping", Housekeeping)
 SHUTDOWN = web.AppKey("shutdown", Shutdown)
 
 # Operator requests are small JSON documents; callbacks stream and are bounded separately.
@@ -134,19 +138,12 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         )
         packages = PackageBuilder(store, settings.report_controller_name)
         retention = Retention(store, ledger, settings.retention_days, metrics, key)
-        app[POLLER] = Poller(
-            store,
-            ledger,
-            copernica,
-            events,
-            intake,
-            filing,
-            packages,
-            retention,
-            settings,
-            metrics,
-            key,
+        work = RequestWork(
+            store, ledger, copernica, events, intake, filing, packages, settings, metrics
         )
+        app[WORK] = work
+        app[POLLER] = Poller(ledger, work.do, settings, metrics, key)
+        app[HOUSEKEEPING] = Housekeeping(store, ledger, retention, settings, metrics)
         yield
         await store.close()
 
@@ -160,25 +157,51 @@ async def _polling(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(poller.run(), name="poller")
     yield
     poller.stop()
+    if not await _finished_by_deadline(app, task):
+        log.warning("poller_cancelled", reason="shutdown deadline (drain + grace) reached")
+        await _cancel(task)
+
+
+async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
+    """Janitor, census, backfill and retention's sweep: a task of their own beside the
+    poller, stopped with it (the round in progress may finish until the shutdown deadline,
+    then it is cancelled: a round is only ever repeated, nothing is lost)."""
+    housekeeping = app[HOUSEKEEPING]
+    task = asyncio.create_task(housekeeping.run(), name="housekeeping")
+    yield
+    housekeeping.stop()
+    if not await _finished_by_deadline(app, task):
+        log.warning("housekeeping_cancelled", reason="shutdown deadline (drain + grace) reached")
+        await _cancel(task)
+
+
+async def _finished_by_deadline(app: web.Application, task: asyncio.Task[None]) -> bool:
+    """Wait for a stopping background task, at most until the shutdown deadline."""
     deadline = app[SHUTDOWN].deadline or asyncio.get_running_loop().time()
     try:
         await asyncio.wait_for(
             asyncio.shield(task), max(0.0, deadline - asyncio.get_running_loop().time())
         )
     except TimeoutError:
-        log.warning("poller_cancelled", reason="shutdown deadline (drain + grace) reached")
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        return False
+    return True
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _drain(app: web.Application) -> None:
     """First step of shutdown: the load balancer must stop sending us new work, and the
-    poller takes no new item (the one in progress finishes and releases its lease)."""
+    poller takes no new item (the one in progress finishes and releases its lease), nor
+    housekeeping a new round."""
     app[SHUTDOWN].begin()
     app[HEALTH].draining = True
     app[METRICS].draining.set(1)
     app[POLLER].stop()
+    app[HOUSEKEEPING].stop()
 
 
 def _route(
@@ -211,6 +234,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SHUTDOWN] = Shutdown(settings)
     app.cleanup_ctx.append(_clients)
     app.cleanup_ctx.append(_polling)
+    app.cleanup_ctx.append(_housekeeping)
     app.on_shutdown.append(_drain)
     setup_admin_routes(app)
     return app

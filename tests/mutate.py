@@ -180,9 +180,9 @@ MUTATIONS = (
         "a probe, not a guarantee: without it the service refuses every store",
     ),
     Mutation(
-        "(k) If-None-Match on an expired request's tombstone (Poller._close_archive)",
-        "service/collect/poller.py",
-        "Poller._close_archive",
+        "(k) If-None-Match on an expired request's tombstone (RequestWork._close_archive)",
+        "service/collect/work.py",
+        "RequestWork._close_archive",
         r"\n\s*if_none_match=True,",
         "",
         (

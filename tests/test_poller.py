@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from service.app import POLLER
+from service.app import POLLER, WORK
 from service.clock import utcnow
 from tests.conftest import Bucket, ServiceFactory, Simulator, sha256
 from tests.support import (
@@ -155,7 +155,7 @@ async def test_closing_an_expired_requests_key_never_replaces_data_that_landed(
     body = simulator.state.payload_bytes(created["copernica_id"])
     await store.client.put_object(Bucket=store.name, Key=archive_key(created["id"]), Body=body)
 
-    assert await service.app[POLLER]._close_archive(archive_key(created["id"])) is False
+    assert await service.app[WORK]._close_archive(archive_key(created["id"])) is False
     assert await store.read(archive_key(created["id"])) == body
 
 

@@ -1,0 +1,251 @@
+"""What a visit of the poller does to one request (`service.collect.visits` holds the lease
+and moves the schedule around it):
+
+- an archived record without its package gets the package built (or adopts the one a
+  crashed replica left);
+- a `submitting` record is filed again (crash recovery), up to `MAX_SUBMIT_ATTEMPTS`;
+- a `pending` one: first HEAD the archive (a callback may have won), then check expiry
+  (closing the archive key with a tombstone), then archive the events asked for, then ask
+  Copernica and, when ready, stream the data into the archive through the same intake as
+  callbacks, and build the package.
+
+It returns a `Visit`: the outcome (a label of `receiver_poll_visits_total`) and when to come
+back, with backoff after failures; the record is changed in place, never written here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from datetime import timedelta
+
+import structlog
+
+from service.answer.package import PackageBuilder, PackageError
+from service.clock import parse_isoformat, utcnow
+from service.collect.events import Progress, S3Sink, fetch_events, request_windows
+from service.collect.filing import Filing, archive_from_head
+from service.collect.visits import Visit
+from service.config import Settings
+from service.copernica.client import (
+    CopernicaClient,
+    CopernicaError,
+    CopernicaUnavailable,
+    DataGone,
+    Readiness,
+)
+from service.copernica.events import Source
+from service.intake.body import BodyBrokeOff, BodyStalled, Intake, Outcome
+from service.metrics import Metrics
+from service.requests.ledger import Ledger
+from service.requests.records import RequestRecord, Status
+from service.storage.s3 import ArchiveStore, ArchiveUnavailable, PreconditionFailed
+
+log = structlog.get_logger(__name__)
+
+MAX_SUBMIT_ATTEMPTS = 5
+MAX_BACKOFF_FACTOR = 16
+
+
+class RequestWork:
+    """The work of a visit, on the clients it needs: Copernica (data requests and events),
+    intake, filing and the package builder."""
+
+    def __init__(
+        self,
+        store: ArchiveStore,
+        ledger: Ledger,
+        copernica: CopernicaClient,
+        events: CopernicaClient,
+        intake: Intake,
+        filing: Filing,
+        packages: PackageBuilder,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        self._store = store
+        self._ledger = ledger
+        self._copernica = copernica
+        self._events = events
+        self._intake = intake
+        self._filing = filing
+        self._packages = packages
+        self._metrics = metrics
+        self._interval = settings.poll_interval_seconds
+        self._expiry = timedelta(hours=settings.request_expiry_hours)
+
+    async def do(self, record: RequestRecord) -> Visit:
+        """The work of one visit (the caller holds the record's lease and saves it)."""
+        if record.needs_package:
+            return await self._package(record, "packaged")
+        if record.status is Status.SUBMITTING or record.copernica_id is None:
+            return await self._resubmit(record)
+        key = self._store.keys.archive(record.id)
+        head = await self._store.head(key)
+        if head is None and utcnow() - parse_isoformat(record.created_at) > self._expiry:
+            if await self._close_archive(key):
+                record.mark_expired("no data before REQUEST_EXPIRY_HOURS")
+                return Visit("expired", None)
+            head = await self._store.head(key)  # the data landed just now: take it
+        if head is not None and head.get("Metadata", {}).get("closed"):
+            # Our own tombstone: an earlier visit closed the key, then lost its record write.
+            record.mark_expired("no data before REQUEST_EXPIRY_HOURS")
+            return Visit("expired", None)
+        try:
+            # An access request is answered completely or not at all: events first (they
+            # are small), and `archived` only once both the data and the events are stored.
+            if not record.events_complete:
+                await self._archive_events(record)
+            if head is not None:
+                record.mark_archived(archive_from_head(head, self._store.bucket, key))
+                return await self._package(record, "archived")
+            return await self._fetch(record)
+        except DataGone as exc:
+            record.mark_failed(f"Copernica: data gone ({exc})")
+            return Visit("gone", None)
+        except CopernicaUnavailable as exc:
+            record.last_error = str(exc)
+            return self._later(record, "copernica_unavailable", failed=True)
+        except CopernicaError as exc:
+            if exc.status in (401, 403):  # our token, not this request: keep trying
+                record.last_error = str(exc)
+                return self._later(record, "copernica_refused", failed=True)
+            record.mark_failed(str(exc))
+            return Visit("copernica_refused", None)
+
+    async def _archive_events(self, record: RequestRecord) -> None:
+        """Every window of the record's events range into `events/{id}/{window}.jsonl`."""
+        assert record.events is not None
+        source = Source(record.subject_type, record.subject_id)
+        sink = S3Sink(self._store, lambda w: self._store.keys.events(record.id, w.name))
+        progress = Progress()
+        try:
+            await fetch_events(
+                self._events, source, request_windows(record.events), sink, progress=progress
+            )
+        finally:
+            # Partial progress shows in the record too; stored windows are never refetched.
+            events = record.events
+            events["stored"] = progress.skipped + progress.windows
+            events["events"] = events.get("events", 0) + progress.events
+            events["complete"] = events["stored"] == events["windows"]
+
+    async def _fetch(self, record: RequestRecord) -> Visit:
+        assert record.copernica_id is not None
+        readiness = await self._copernica.readiness(record.copernica_id)
+        if readiness is Readiness.PENDING:
+            return self._later(record, "not_ready")
+        if readiness is Readiness.GONE:
+            raise DataGone("status says not available")
+        async with self._copernica.open_data(record.copernica_id) as body:
+            if body is None:
+                return self._later(record, "not_ready")
+            try:
+                first = await self._intake.read(body)
+                receipt = await self._intake.take(
+                    self._ledger.addressee_of(record), first, body, "poll"
+                )
+            except (BodyStalled, BodyBrokeOff) as exc:
+                # Copernica's answer broke off mid-stream: nothing was archived; retry later.
+                raise CopernicaUnavailable(
+                    f"data download broke off: {type(exc).__name__}"
+                ) from None
+        if receipt.outcome in (Outcome.TIMEOUT, Outcome.BROKE_OFF):
+            # Copernica's answer stalled or broke off mid-stream: nothing was archived.
+            raise CopernicaUnavailable(f"data download broke off: {receipt.reason}")
+        if receipt.outcome is Outcome.ARCHIVED:
+            self._metrics.archived_bytes.labels("poll").inc(receipt.size)
+        if receipt.outcome in (Outcome.ARCHIVED, Outcome.DUPLICATE):
+            key = self._store.keys.archive(record.id)
+            head = await self._store.head(receipt.key or key)
+            archive = archive_from_head(head, self._store.bucket, key) if head else None
+            if receipt.outcome is Outcome.ARCHIVED:
+                # We stored exactly what we hashed (a multipart object's metadata lacks it).
+                if archive is not None:
+                    archive["sha256"] = receipt.sha256
+                record.archive = archive or record.archive
+            else:
+                # Someone else stored the archive first: its facts are theirs, never those
+                # of the body we fetched (a refiled request has a second Copernica request,
+                # whose data differs). Their record note, else the object's own metadata.
+                record.archive = record.archive or archive
+            record.mark_archived()
+            return await self._package(record, receipt.outcome.value)
+        if receipt.outcome is Outcome.NOT_READY:
+            return self._later(record, "not_ready")
+        # Invalid or too large: quarantined; try again later, the error is on the record.
+        record.last_error = f"fetched data rejected: {receipt.reason}"
+        return self._later(record, receipt.outcome.value, failed=True)
+
+    async def _package(self, record: RequestRecord, outcome: str) -> Visit:
+        """Build the access package of an archived request (or adopt the one a crashed
+        replica left); if that fails, the request stays scheduled until it is built."""
+        try:
+            package = await self._packages.ensure(record)
+            data_sha256 = package.pop("data_sha256", None)
+            if record.archive is not None and not record.archive.get("sha256"):
+                # A multipart archive's sha256 is noted in the record after the upload; if
+                # that note was lost (S3 down just then), the build, which read every byte,
+                # supplies it; an adopted package did not, so the archive is read once.
+                record.archive["sha256"] = data_sha256 or await self._archive_sha256(record)
+        except ArchiveUnavailable as exc:
+            record.last_error = f"package not built yet: {exc}"
+            self._metrics.packages_built.labels("deferred").inc()
+            return self._later(record, f"{outcome}_package_deferred", failed=True)
+        except PackageError as exc:
+            record.last_error = str(exc)
+            self._metrics.packages_built.labels("failed").inc()
+            log.error("package_failed", request_id=record.id, error=str(exc))
+            return self._later(record, f"{outcome}_package_failed", failed=True)
+        record.mark_packaged(package)
+        self._metrics.packages_built.labels("built").inc()
+        return Visit(outcome, None)
+
+    async def _close_archive(self, key: str) -> bool:
+        """Close an expired request's archive key with an empty tombstone (`If-None-Match`),
+        as retention does for a purged one: a callback still under way or arriving later
+        then stores nothing (its upload meets an existing key and is aborted, by itself or
+        by the janitor), so an `expired` request never gets data behind its back. False if
+        the data landed first. Found by the soak: a callback finishing as the request
+        expired left an archive that no record owned, and its uploads for ever."""
+        try:
+            await self._store.put(
+                key,
+                b"",
+                if_none_match=True,
+                metadata={"closed": "expired"},
+                content_type="application/octet-stream",
+            )
+        except PreconditionFailed:
+            return False
+        return True
+
+    async def _archive_sha256(self, record: RequestRecord) -> str:
+        digest = hashlib.sha256()
+        async with self._store.open(self._store.keys.archive(record.id)) as reading:
+            async for chunk in reading.chunks():
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    async def _resubmit(self, record: RequestRecord) -> Visit:
+        """A `submitting` record: the filing never got Copernica's answer (crash or outage)."""
+        if record.attempts >= MAX_SUBMIT_ATTEMPTS:
+            record.mark_failed(
+                f"could not file after {record.attempts} attempts: {record.last_error}"
+            )
+            return Visit("failed", None)
+        if record.attempts:
+            # Copernica may have filed an earlier attempt whose answer we lost; its callback
+            # carries the same request id and is deduplicated by the archive's conditional key.
+            record.extra["resubmitted"] = record.extra.get("resubmitted", 0) + 1
+        await self._filing.call_copernica(record)
+        if record.status is Status.PENDING:
+            return self._later(record, "resubmitted")
+        if record.status is Status.FAILED:
+            return Visit("failed", None)
+        return self._later(record, "resubmit_failed", failed=True)
+
+    def _later(self, record: RequestRecord, outcome: str, *, failed: bool = False) -> Visit:
+        record.poll_errors = record.poll_errors + 1 if failed else 0
+        factor = min(MAX_BACKOFF_FACTOR, 2**record.poll_errors)
+        return Visit(outcome, self._interval * factor * random.uniform(0.8, 1.2))
