@@ -30,8 +30,9 @@ from service.metrics import Metrics
 from service.requests.ledger import Ledger
 from service.storage.proof import prove_store
 from service.storage.s3 import ArchiveStore, s3_client
-from service.web.api import Health, OperatorApi, bearer_middleware
+from service.web.api import ROUTE_ID, Health, OperatorApi
 from service.web.console.routes import CONSOLE, Console, setup_console
+from service.web.middlewares import api_errors, bearer_middleware, console_errors
 
 log = structlog.get_logger(__name__)
 
@@ -226,7 +227,12 @@ def create_app(settings: Settings) -> web.Application:
     in_flight = InFlight()
     app = web.Application(
         client_max_size=OPERATOR_MAX_BODY,
-        middlewares=[in_flight.middleware, bearer_middleware(settings.api_token)],
+        middlewares=[
+            in_flight.middleware,
+            bearer_middleware(settings.api_token),
+            api_errors,  # /v1: errors as JSON
+            console_errors,  # /ui: errors as the console's page
+        ],
     )
     app[SETTINGS] = settings
     app[IN_FLIGHT] = in_flight
@@ -253,12 +259,11 @@ def create_public_app(admin: web.Application) -> web.Application:
 def setup_admin_routes(app: web.Application) -> None:
     app.router.add_post("/v1/data-requests", _route(app, OPERATOR, OperatorApi.create))
     app.router.add_get("/v1/data-requests", _route(app, OPERATOR, OperatorApi.list))
-    app.router.add_get("/v1/data-requests/{id}", _route(app, OPERATOR, OperatorApi.show))
-    app.router.add_post("/v1/data-requests/{id}/extend", _route(app, OPERATOR, OperatorApi.extend))
-    app.router.add_get("/v1/data-requests/{id}/package", _route(app, OPERATOR, OperatorApi.package))
-    app.router.add_post(
-        "/v1/data-requests/{id}/package/link", _route(app, OPERATOR, OperatorApi.package_link)
-    )
+    one = f"/v1/data-requests/{ROUTE_ID}"  # a malformed id is the router's 404
+    app.router.add_get(one, _route(app, OPERATOR, OperatorApi.show))
+    app.router.add_post(f"{one}/extend", _route(app, OPERATOR, OperatorApi.extend))
+    app.router.add_get(f"{one}/package", _route(app, OPERATOR, OperatorApi.package))
+    app.router.add_post(f"{one}/package/link", _route(app, OPERATOR, OperatorApi.package_link))
     app.router.add_get("/healthz", _route(app, HEALTH, Health.healthz))
     app.router.add_get("/readyz", _route(app, HEALTH, Health.readyz))
     app.router.add_get("/metrics", _route(app, HEALTH, Health.metrics))

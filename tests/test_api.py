@@ -316,3 +316,71 @@ async def test_the_operator_surface_is_only_on_the_admin_listener(
     async with service.http.post(callback, data=b"{}") as answer:
         assert answer.status in (401, 404)
     assert simulator.state.requests  # the request was filed through the admin listener
+
+
+async def test_a_malformed_id_is_the_routers_404_as_a_json_error(service: Service) -> None:
+    """Routes take `{id}` only as a ULID: anything else never reaches a handler, and the
+    answer is the same JSON 404 as for an id that names no request."""
+    routes = [("GET", ""), ("POST", "/extend"), ("GET", "/package"), ("POST", "/package/link")]
+    body = {"months": 1, "reason": "more time"}
+    for method, suffix in routes:
+        for request_id in ("not-a-ulid", str(ULID()).lower(), "I" * 26, "0" * 27, str(ULID())):
+            async with service.http.request(
+                method,
+                f"{service.admin_url}/v1/data-requests/{request_id}{suffix}",
+                headers=service.auth,
+                json=body,
+            ) as answer:
+                assert answer.status == 404, (method, suffix, request_id)
+                assert await answer.json() == {"error": "no such request"}
+    async with service.http.get(f"{service.admin_url}/v1/nothing", headers=service.auth) as answer:
+        assert (answer.status, await answer.json()) == (404, {"error": "not found"})
+    # Without the token, the router's 404 is not reached: 401 first.
+    async with service.http.get(f"{service.admin_url}/v1/data-requests/not-a-ulid") as answer:
+        assert answer.status == 401
+
+
+async def test_an_invalid_input_names_its_field(service: Service, simulator: Simulator) -> None:
+    simulator.state.faults.lose_callback = True
+    for body, field in [
+        ({"email": "not-an-address"}, "email"),
+        ({"profile": "12a"}, "profile"),
+        ({"profile": 1, "received_on": "2999-01-01"}, "received_on"),
+        ({"profile": 1, "events": {"since": "2026-13-01"}}, "events.since"),
+        ({"profile": 1, "events": {"since": "2026-05-10", "until": "2026-05-01"}}, "events.until"),
+        ({"email": "a@b.cd", "profile": 1}, None),
+    ]:
+        async with await service.file(body) as answer:
+            assert answer.status == 400, body
+            error = await answer.json()
+        assert error.get("field") == field and error["error"], (body, error)
+    async with service.http.get(
+        f"{service.admin_url}/v1/data-requests?limit=x", headers=service.auth
+    ) as answer:
+        assert await answer.json() == {"error": "limit must be an integer", "field": "limit"}
+    async with await service.file({"profile": 2}) as answer:
+        request_id = (await answer.json())["id"]
+    async with service.http.post(
+        f"{service.admin_url}/v1/data-requests/{request_id}/extend",
+        headers=service.auth,
+        json={"months": 1},
+    ) as answer:
+        assert answer.status == 400
+        assert (await answer.json())["field"] == "reason"
+
+
+async def test_storage_unavailable_is_503_with_retry_after(
+    make_service: ServiceFactory, s3_proxy: TcpProxy
+) -> None:
+    service = await make_service(S3_ENDPOINT_URL=s3_proxy.url, S3_TIMEOUT_SECONDS="1")
+    s3_proxy.down()
+    for method, path in [("GET", ""), ("GET", f"/{ULID()}"), ("POST", "")]:
+        async with service.http.request(
+            method,
+            f"{service.admin_url}/v1/data-requests{path}",
+            headers=service.auth,
+            json={"profile": 1},
+        ) as answer:
+            assert answer.status == 503, (method, path)
+            assert answer.headers["Retry-After"] == "5"
+            assert await answer.json() == {"error": "storage unavailable, try again"}

@@ -23,7 +23,15 @@ from service.requests.deadline import due_by
 from service.requests.records import RequestRecord
 from service.web.console.session import SESSION, SESSION_SECONDS, Sessions, set_cookie
 from tests.browser import chromium
-from tests.conftest import API_TOKEN, Bucket, Service, ServiceFactory, Simulator, sha256
+from tests.conftest import (
+    API_TOKEN,
+    Bucket,
+    Service,
+    ServiceFactory,
+    Simulator,
+    TcpProxy,
+    sha256,
+)
 from tests.support import eventually, filed, metric, metric_counts, wait_until_packaged
 
 FAST = {"POLL_INTERVAL_SECONDS": "0.2", "POLL_LEASE_SECONDS": "5"}
@@ -538,3 +546,57 @@ async def test_no_package_yet_is_said_on_the_page(
     finally:
         await visitor.close()
     assert (await service.show(created["id"]))["answered_at"] is None
+
+
+async def test_an_input_error_is_shown_beside_the_field_it_names(
+    service: Service, store: Bucket, simulator: Simulator
+) -> None:
+    """The field comes from the error (`InvalidInput.field`), not from its wording."""
+    simulator.state.faults.lose_callback = True
+    created = await filed(service, {"profile": 6})
+    visitor = Visitor(service)
+    try:
+        csrf = await visitor.sign_in()
+        status, page, _ = await visitor.post(
+            f"/ui/requests/{created['id']}/extend", {"months": "3", "reason": "r", "csrf": csrf}
+        )
+        assert status == 400
+        assert re.search(r'id="months-error">[^<]*months&#39; must be 1 or 2', page)
+        assert 'id="reason-error"' not in page
+        status, page, _ = await visitor.post(
+            "/ui/requests",
+            {
+                "subject_type": "profile",
+                "subject": "7",
+                "events_since": "2026-13-01",
+                "csrf": csrf,
+            },
+        )
+        assert status == 400
+        assert re.search(r'id="events_since-error">[^<]*events.since must be a date', page)
+        assert 'id="events_until-error"' not in page
+    finally:
+        await visitor.close()
+    assert len(simulator.state.requests) == 1  # only the request filed above
+
+
+async def test_errors_no_page_shows_itself_get_the_error_page(
+    make_service: ServiceFactory, s3_proxy: TcpProxy
+) -> None:
+    service = await make_service(S3_ENDPOINT_URL=s3_proxy.url, S3_TIMEOUT_SECONDS="1")
+    visitor = Visitor(service)
+    try:
+        await visitor.sign_in()
+        status, page, _ = await visitor.get("/ui/?view=nope")
+        assert status == 400 and "No such page" in page and "There is no view" in page
+        assert "Sign out" in page  # the signed-in header, as on every page
+        status, page, _ = await visitor.get(f"/ui/requests/{ULID()}")
+        assert status == 404 and "There is no request with this id." in page
+        status, _, _ = await visitor.get("/ui/requests/not-a-ulid")
+        assert status == 404
+        s3_proxy.down()
+        status, page, headers = await visitor.get(f"/ui/requests/{ULID()}")
+        assert status == 503 and "Storage is not answering" in page
+        assert headers["Retry-After"] == "5"
+    finally:
+        await visitor.close()

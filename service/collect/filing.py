@@ -25,6 +25,7 @@ from service.config import Settings
 from service.copernica.client import Backoff, CopernicaClient, CopernicaError, CopernicaUnavailable
 from service.copernica.events import EventsInputError, add_months, parse_day, plan
 from service.copernica.subject import Subject
+from service.errors import Conflict, InvalidInput, Unprocessable
 from service.intake.urls import callback_url
 from service.logs import subject_hash
 from service.metrics import Metrics
@@ -43,16 +44,24 @@ _FILING_BACKOFF = Backoff(attempts=3, base=0.5, cap=4.0)
 FILING_OWNER = f"{REPLICA}/filing"
 
 
-class InvalidRequest(ValueError):
+class InvalidRequest(InvalidInput):
     """The operator's request is malformed; the message says how. Nothing was filed."""
 
 
-class IdempotencyConflict(Exception):
+class IdempotencyConflict(Unprocessable):
     """The Idempotency-Key was used before with a different request body."""
 
+    def __init__(self, key: str) -> None:
+        super().__init__("Idempotency-Key was used before with a different request")
+        self.key = key
 
-class IdempotencyInProgress(Exception):
+
+class IdempotencyInProgress(Conflict):
     """A request with this Idempotency-Key is being filed right now; retry shortly."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__("a request with this Idempotency-Key is being filed; retry", retry_after=2)
+        self.key = key
 
 
 # An events range is fetched in month windows, one Copernica call each: ten years is 120.
@@ -82,19 +91,19 @@ def parse_new_request(body: Any) -> NewRequest:
     try:
         received_on = parse_received_on(body.get("received_on", today.isoformat()), today)
     except DeadlineInputError as exc:
-        raise InvalidRequest(str(exc)) from None
+        raise InvalidRequest(str(exc), field=exc.field) from None
     kind = kinds[0]
     value = body[kind]
     if kind == "email":
         if not isinstance(value, str) or len(value) > 254 or not _EMAIL.match(value.strip()):
-            raise InvalidRequest("'email' must be an e-mail address")
+            raise InvalidRequest("'email' must be an e-mail address", field="email")
         subject_id = value.strip()
     else:
         if isinstance(value, bool) or not (
             (isinstance(value, int) and value > 0)
             or (isinstance(value, str) and value.isdigit() and int(value) > 0)
         ):
-            raise InvalidRequest(f"'{kind}' must be a positive integer id")
+            raise InvalidRequest(f"'{kind}' must be a positive integer id", field=kind)
         subject_id = str(int(value))
     identity = f"{kind}:{subject_id.casefold()}:{json.dumps(events, sort_keys=True)}"
     if "received_on" in body:
@@ -107,7 +116,9 @@ def _events_range(value: Any) -> dict[str, str]:
     """`{"since": "YYYY-MM-DD", "until": "YYYY-MM-DD"}`; `until` (exclusive) defaults to
     tomorrow, so today's events are included."""
     if not isinstance(value, dict) or "since" not in value or set(value) - {"since", "until"}:
-        raise InvalidRequest('\'events\' must be {"since": "YYYY-MM-DD"[, "until": ...]}')
+        raise InvalidRequest(
+            '\'events\' must be {"since": "YYYY-MM-DD"[, "until": ...]}', field="events"
+        )
     try:
         since = parse_day(value["since"], "events.since")
         until = (
@@ -115,14 +126,18 @@ def _events_range(value: Any) -> dict[str, str]:
             if value.get("until")
             else utcnow().date() + timedelta(days=1)
         )
-        if until > add_months(since, 12 * MAX_EVENTS_YEARS):
-            raise EventsInputError(
-                f"events range {since} to {until} is longer than {MAX_EVENTS_YEARS} years; "
-                "ask for a shorter range"
-            )
+    except EventsInputError as exc:  # the field is the name given to parse_day
+        raise InvalidRequest(str(exc), field=exc.field) from None
+    if until > add_months(since, 12 * MAX_EVENTS_YEARS):
+        raise InvalidRequest(
+            f"events range {since} to {until} is longer than {MAX_EVENTS_YEARS} years; "
+            "ask for a shorter range",
+            field="events.until",
+        )
+    try:
         plan(since, until)
-    except EventsInputError as exc:
-        raise InvalidRequest(str(exc)) from None
+    except EventsInputError as exc:  # until is not after since
+        raise InvalidRequest(str(exc), field="events.until") from None
     return {"since": since.isoformat(), "until": until.isoformat()}
 
 

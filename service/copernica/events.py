@@ -17,6 +17,8 @@ from datetime import date
 from typing import Any
 from urllib.parse import quote
 
+from service.errors import InvalidInput
+
 WINDOW_MONTHS = 1
 
 # Endpoint kind -> does its id name an e-mail address (else a number, or tags)?
@@ -33,7 +35,7 @@ KINDS = (
 )
 
 
-class EventsInputError(ValueError):
+class EventsInputError(InvalidInput):
     """Bad dates, an empty or reversed range, an unknown kind: nothing is fetched."""
 
 
@@ -63,7 +65,7 @@ class Window:
 def plan(since: date, until: date) -> list[Window]:
     """Windows covering `[since, until)` exactly, in order, each within Copernica's limit."""
     if until <= since:
-        raise EventsInputError(f"until ({until}) must be after since ({since})")
+        raise EventsInputError(f"until ({until}) must be after since ({since})", field="until")
     windows = []
     start = since
     while start < until:
@@ -77,7 +79,9 @@ def parse_day(text: str, name: str) -> date:
     try:
         return date.fromisoformat(text)
     except (TypeError, ValueError):
-        raise EventsInputError(f"{name} must be a date as YYYY-MM-DD, got {text!r}") from None
+        raise EventsInputError(
+            f"{name} must be a date as YYYY-MM-DD, got {text!r}", field=name
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -89,15 +93,17 @@ class Source:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise EventsInputError(f"unknown events kind {self.kind!r}; one of {', '.join(KINDS)}")
+            raise EventsInputError(
+                f"unknown events kind {self.kind!r}; one of {', '.join(KINDS)}", field="kind"
+            )
         if self.kind == "email":
             if "@" not in self.id or any(c.isspace() for c in self.id):
-                raise EventsInputError("email must be an e-mail address")
+                raise EventsInputError("email must be an e-mail address", field="email")
         elif self.kind == "tags":
             if not [t for t in self.id.split(";") if t.strip()]:
-                raise EventsInputError("tags must name at least one tag")
+                raise EventsInputError("tags must name at least one tag", field="tags")
         elif not self.id.isdigit() or int(self.id) <= 0:
-            raise EventsInputError(f"{self.kind} id must be a positive integer")
+            raise EventsInputError(f"{self.kind} id must be a positive integer", field=self.kind)
 
     @property
     def path(self) -> str:

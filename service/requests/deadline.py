@@ -13,6 +13,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from service.copernica.events import add_months
+from service.errors import Conflict, InvalidInput
 
 BASE_MONTHS = 1
 MAX_EXTENSION_MONTHS = 2
@@ -21,11 +22,11 @@ MAX_REASON_CHARS = 2000
 MAX_RECEIVED_AGE_DAYS = 366
 
 
-class DeadlineInputError(ValueError):
+class DeadlineInputError(InvalidInput):
     """Bad input for a deadline (a day in the future, an unknown month count, no reason)."""
 
 
-class ExtensionRefused(Exception):
+class ExtensionRefused(Conflict):
     """The extension would exceed two months in all; the message says how much is left."""
 
 
@@ -36,20 +37,23 @@ def due_by(received_on: date, extended_months: int = 0) -> date:
 def parse_received_on(value: Any, today: date) -> date:
     """`received_on` as given by an operator: a `YYYY-MM-DD` day, not after today (UTC)."""
     if not isinstance(value, str):
-        raise DeadlineInputError("'received_on' must be a day as YYYY-MM-DD")
+        raise DeadlineInputError("'received_on' must be a day as YYYY-MM-DD", field="received_on")
     try:
         day = date.fromisoformat(value)
     except ValueError:
         raise DeadlineInputError(
-            f"'received_on' must be a day as YYYY-MM-DD, got {value[:40]!r}"
+            f"'received_on' must be a day as YYYY-MM-DD, got {value[:40]!r}", field="received_on"
         ) from None
     if len(value) != 10:
-        raise DeadlineInputError("'received_on' must be a day as YYYY-MM-DD")
+        raise DeadlineInputError("'received_on' must be a day as YYYY-MM-DD", field="received_on")
     if day > today:
-        raise DeadlineInputError(f"'received_on' is in the future ({day} > today, {today})")
+        raise DeadlineInputError(
+            f"'received_on' is in the future ({day} > today, {today})", field="received_on"
+        )
     if day < today - timedelta(days=MAX_RECEIVED_AGE_DAYS):
         raise DeadlineInputError(
-            f"'received_on' is more than {MAX_RECEIVED_AGE_DAYS} days ago ({day}); check the year"
+            f"'received_on' is more than {MAX_RECEIVED_AGE_DAYS} days ago ({day}); check the year",
+            field="received_on",
         )
     return day
 
@@ -63,12 +67,16 @@ def parse_extension(body: Any) -> tuple[int, str]:
         raise DeadlineInputError(f"unknown member(s): {', '.join(sorted(unknown))}")
     months = body.get("months")
     if isinstance(months, bool) or months not in (1, 2):
-        raise DeadlineInputError("'months' must be 1 or 2")
+        raise DeadlineInputError("'months' must be 1 or 2", field="months")
     reason = body.get("reason")
     if not isinstance(reason, str) or not reason.strip():
-        raise DeadlineInputError("'reason' is required: say why the extension is necessary")
+        raise DeadlineInputError(
+            "'reason' is required: say why the extension is necessary", field="reason"
+        )
     if len(reason) > MAX_REASON_CHARS:
-        raise DeadlineInputError(f"'reason' must be at most {MAX_REASON_CHARS} characters")
+        raise DeadlineInputError(
+            f"'reason' must be at most {MAX_REASON_CHARS} characters", field="reason"
+        )
     return int(months), reason.strip()
 
 

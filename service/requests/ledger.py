@@ -19,6 +19,7 @@ from ulid import ULID
 
 from service.clock import isoformat, utcnow
 from service.copernica.subject import SUBJECT_TYPES
+from service.errors import Conflict, Unavailable
 from service.logs import subject_digest
 from service.requests.records import RequestRecord, Status
 from service.storage.s3 import ArchiveStore, PreconditionFailed
@@ -78,11 +79,16 @@ class Addressee:
         return hmac.compare_digest(theirs, self.subject_digest)
 
 
-class RecordConflict(Exception):
-    """The record kept changing under us; the caller may try again later."""
+class RecordConflict(Unavailable):
+    """The record kept changing under us; the caller may try again later (a 503 with
+    `Retry-After`, as for storage: nothing was changed, and waiting is the cure)."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request {request_id} kept changing; try again")
+        self.request_id = request_id
 
 
-class RequestClosed(Exception):
+class RequestClosed(Conflict):
     """The request can no longer change this way (answered, or purged); says why."""
 
 

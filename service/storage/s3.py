@@ -27,6 +27,7 @@ from botocore.utils import parse_timestamp
 from ulid import ULID
 
 from service.config import Settings
+from service.errors import Unavailable
 from service.metrics import Metrics
 
 # Errors that mean "S3 is not answering properly": retryable, never the caller's fault.
@@ -42,8 +43,14 @@ _UNAVAILABLE = (
 )
 
 
-class ArchiveUnavailable(Exception):
-    """S3 could not be reached or answered with a server error; try again later."""
+class ArchiveUnavailable(Unavailable):
+    """S3 could not be reached or answered with a server error; try again later. The
+    exception's text names the S3 call that failed (for the logs); the client is told
+    only that storage is unavailable."""
+
+    @property
+    def message(self) -> str:
+        return "storage unavailable, try again"
 
 
 class NotFound(Exception):

@@ -1,9 +1,13 @@
-"""Operator routes (`/v1/*`, bearer token), health, readiness and metrics."""
+"""Operator routes (`/v1/*`, bearer token), health, readiness and metrics.
+
+Handlers parse, call and map the result; the errors they raise (`service.errors`: a
+malformed input, no such request, a package not built or deleted, storage unavailable) are
+answered by `middlewares.api_errors` with their status.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import re
 import time
@@ -16,20 +20,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.answer.package import CONTENT_TYPE, package_filename
 from service.clock import isoformat, utcnow
-from service.collect.filing import (
-    Filing,
-    IdempotencyConflict,
-    IdempotencyInProgress,
-    InvalidRequest,
-    archive_from_head,
-    describe,
-    parse_new_request,
-)
-from service.config import Secret, Settings
+from service.collect.filing import Filing, archive_from_head, describe, parse_new_request
+from service.config import Settings
+from service.errors import Conflict, Gone, InvalidInput, NotFoundError, ServiceError
 from service.intake.urls import ULID_PATTERN
 from service.metrics import Metrics
-from service.requests.deadline import DeadlineInputError, ExtensionRefused, parse_extension
-from service.requests.ledger import Ledger, RecordConflict, RequestClosed
+from service.requests.deadline import parse_extension
+from service.requests.ledger import Ledger, RecordConflict
 from service.requests.records import STATUSES, RequestRecord, Status
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable, NotFound
 
@@ -39,32 +36,19 @@ MAX_PAGE = 1000
 DEADLINE_CURSOR = re.compile(r"^\d{4}-\d{2}-\d{2}/[0-9A-HJKMNP-TV-Z]{26}$")
 
 
-def bearer_middleware(token: Secret) -> Any:
-    """`/v1/*` needs `Authorization: Bearer <API_TOKEN>`, compared in constant time."""
-    expected = f"Bearer {token.reveal()}".encode()
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path.startswith("/v1/") or request.path == "/v1":
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return web.json_response(
-                    {"error": "missing or wrong bearer token"},
-                    status=401,
-                    headers={"WWW-Authenticate": 'Bearer realm="copernica-receiver"'},
-                )
-        request_id = request.match_info.get("id")
-        if request_id is None or not ULID_PATTERN.match(request_id):
-            return await handler(request)
-        # Every line written while answering carries the request id.
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
-            return await handler(request)
-
-    return middleware
+# A request id in a route: a ULID, so any other id is the router's 404 (no handler checks).
+ROUTE_ID = "{id:[0-9A-HJKMNP-TV-Z]{26}}"
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def no_such_request() -> NotFoundError:
+    return NotFoundError("no such request")
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return await request.json(loads=json.loads)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("body must be JSON") from None
 
 
 class OperatorApi:
@@ -83,40 +67,19 @@ class OperatorApi:
         self._metrics = metrics
 
     async def create(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json(loads=json.loads)
-        except (ValueError, UnicodeDecodeError):
-            return _error(400, "body must be JSON")
+        body = await _json_body(request)
         key = request.headers.get("Idempotency-Key")
         if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
-            return _error(400, "Idempotency-Key must be 1-255 printable characters")
-        try:
-            new = parse_new_request(body)
-            record = await self._filing.file(new, key)
-        except InvalidRequest as exc:
-            return _error(400, str(exc))
-        except IdempotencyConflict:
-            return _error(422, "Idempotency-Key was used before with a different request")
-        except IdempotencyInProgress:
-            return web.json_response(
-                {"error": "a request with this Idempotency-Key is being filed; retry"},
-                status=409,
-                headers={"Retry-After": "2"},
+            raise InvalidInput(
+                "Idempotency-Key must be 1-255 printable characters", field="Idempotency-Key"
             )
-        except ArchiveUnavailable:
-            return _unavailable()
+        record = await self._filing.file(parse_new_request(body), key)
         return web.json_response(describe(record), status=202)
 
     async def show(self, request: web.Request) -> web.Response:
-        request_id = request.match_info["id"]
-        if not ULID_PATTERN.match(request_id):
-            return _error(404, "no such request")
-        try:
-            record = await self.current(request_id)
-        except ArchiveUnavailable:
-            return _unavailable()
+        record = await self.current(request.match_info["id"])
         if record is None:
-            return _error(404, "no such request")
+            raise no_such_request()
         return web.json_response(describe(record))
 
     async def current(self, request_id: str) -> RequestRecord | None:
@@ -157,43 +120,42 @@ class OperatorApi:
         query = request.query
         status = query.get("status")
         if status is not None and status not in STATUSES:
-            return _error(400, f"status must be one of {', '.join(STATUSES)}")
+            raise InvalidInput(f"status must be one of {', '.join(STATUSES)}", field="status")
         try:
             limit = int(query.get("limit", "100"))
         except ValueError:
-            return _error(400, "limit must be an integer")
+            raise InvalidInput("limit must be an integer", field="limit") from None
         if not 1 <= limit <= MAX_PAGE:
-            return _error(400, f"limit must be between 1 and {MAX_PAGE}")
+            raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}", field="limit")
         overdue = query.get("overdue")
         if overdue not in (None, "true", "false"):
-            return _error(400, "overdue must be true or false")
+            raise InvalidInput("overdue must be true or false", field="overdue")
         due_before: date | None = None
         if "due_before" in query:
             try:
                 due_before = date.fromisoformat(query["due_before"])
             except ValueError:
-                return _error(400, "due_before must be a day as YYYY-MM-DD")
+                raise InvalidInput(
+                    "due_before must be a day as YYYY-MM-DD", field="due_before"
+                ) from None
         today = utcnow().date()
         cursor = query.get("cursor", "")
         by_deadline = overdue == "true" or due_before is not None
         if cursor and not (DEADLINE_CURSOR if by_deadline else ULID_PATTERN).match(cursor):
-            return _error(400, "cursor is not valid")
-        try:
-            if by_deadline:
-                horizon = min(d for d in (due_before, today if overdue else None) if d)
-                records, next_cursor = await self._ledger.open_by_deadline(
-                    horizon, limit=limit, cursor=cursor
-                )
-                records = [r for r in records if status is None or r.status == status]
-            else:
-                keep = None
-                if overdue == "false":
-                    keep = lambda r: not r.deadline.overdue(today)  # noqa: E731
-                records, next_cursor = await self._ledger.page(
-                    status=status, limit=limit, cursor=cursor, keep=keep
-                )
-        except ArchiveUnavailable:
-            return _unavailable()
+            raise InvalidInput("cursor is not valid", field="cursor")
+        if by_deadline:
+            horizon = min(d for d in (due_before, today if overdue else None) if d)
+            records, next_cursor = await self._ledger.open_by_deadline(
+                horizon, limit=limit, cursor=cursor
+            )
+            records = [r for r in records if status is None or r.status == status]
+        else:
+            keep = None
+            if overdue == "false":
+                keep = lambda r: not r.deadline.overdue(today)  # noqa: E731
+            records, next_cursor = await self._ledger.page(
+                status=status, limit=limit, cursor=cursor, keep=keep
+            )
         return web.json_response(
             {"items": [describe(r, today) for r in records], "next_cursor": next_cursor}
         )
@@ -201,72 +163,44 @@ class OperatorApi:
     async def extend(self, request: web.Request) -> web.Response:
         """`{"months": 1|2, "reason": "..."}`: the deadline moves, two months at most in all."""
         request_id = request.match_info["id"]
-        if not ULID_PATTERN.match(request_id):
-            return _error(404, "no such request")
-        try:
-            body = await request.json(loads=json.loads)
-        except (ValueError, UnicodeDecodeError):
-            return _error(400, "body must be JSON")
-        try:
-            months, reason = parse_extension(body)
-            record = await self._ledger.extend(request_id, months, reason)
-        except DeadlineInputError as exc:
-            return _error(400, str(exc))
-        except (ExtensionRefused, RequestClosed) as exc:
-            return _error(409, str(exc))
-        except (ArchiveUnavailable, RecordConflict):
-            return _unavailable()
+        months, reason = parse_extension(await _json_body(request))
+        record = await self._ledger.extend(request_id, months, reason)
         if record is None:
-            return _error(404, "no such request")
+            raise no_such_request()
         log.info("deadline_extended", request_id=request_id, months=months)
         return web.json_response(describe(record))
 
     async def package(self, request: web.Request) -> web.StreamResponse:
         """The access package as a download (`ETag` = its sha256); the first complete one
         answers the request."""
-        try:
-            record = await self.packaged(request.match_info["id"])
-        except PackageRefused as refused:
-            return _refusal(refused)
-        except ArchiveUnavailable:
-            return _unavailable()
-        try:
-            return await self.send_package(request, record)
-        except PackageRefused as refused:
-            return _refusal(refused)
+        record = await self.packaged(request.match_info["id"])
+        return await self.send_package(request, record)
 
     async def package_link(self, request: web.Request) -> web.Response:
         """A presigned GET of the package, valid PACKAGE_LINK_SECONDS."""
-        try:
-            record = await self.packaged(request.match_info["id"])
-            link = await self.link(record)
-        except PackageRefused as refused:
-            return _refusal(refused)
-        except ArchiveUnavailable:
-            return _unavailable()
-        return web.json_response(link)
+        record = await self.packaged(request.match_info["id"])
+        return web.json_response(await self.link(record))
 
     # -- handing out, shared with the operator console ------------------------------------
 
     async def packaged(self, request_id: str) -> RequestRecord:
-        """The record of a request whose package can be handed out; PackageRefused (404,
-        409, 410) says why not."""
-        if not ULID_PATTERN.match(request_id):
-            raise PackageRefused(404, "no such request")
+        """The record of a request whose package can be handed out (`request_id` from a
+        route: a ULID); NotFoundError, or a PackageRefused saying why not."""
         found = await self._ledger.get(request_id)
         if found is None:
-            raise PackageRefused(404, "no such request")
+            raise no_such_request()
         record = found[0]
         if record.status is Status.PURGED:
-            raise PackageRefused(410, f"deleted at {record.purged_at} (RETENTION_DAYS)")
+            raise PackagePurged(f"deleted at {record.purged_at} (RETENTION_DAYS)")
         if record.package is None:
-            raise PackageRefused(409, f"the package is not built yet (status {record.status})")
+            raise PackageNotReady(f"the package is not built yet (status {record.status})")
         return record
 
     async def send_package(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
         """Stream the package of `record` (from `packaged`) as the answer to `request`; a
-        complete download answers the access request. PackageRefused before the first byte;
-        a failure mid-stream cuts the download short (it then fails its sha256 check)."""
+        complete download answers the access request. PackageRefused or ArchiveUnavailable
+        before the first byte; a failure mid-stream cuts the download short (it then fails
+        its sha256 check)."""
         assert record.package is not None
         response = web.StreamResponse(
             headers={
@@ -282,13 +216,13 @@ class OperatorApi:
                 async for chunk in reading.chunks():
                     await response.write(chunk)
         except NotFound:
-            raise PackageRefused(
-                409, "the package is recorded but not in storage (being purged?)"
+            raise PackageNotReady(
+                "the package is recorded but not in storage (being purged?)"
             ) from None
-        except ArchiveUnavailable:
-            if response.prepared:
-                raise  # mid-stream: the download is cut short and fails its sha256 check
-            raise PackageRefused(503, "storage unavailable, try again") from None
+        except ArchiveUnavailable as exc:
+            if response.prepared:  # no error answer can follow the headers
+                raise DownloadCutShort(str(exc)) from exc
+            raise
         await response.write_eof()
         await self._answered(record.id, "download")
         return response
@@ -325,23 +259,22 @@ class OperatorApi:
             log.warning("answered_not_recorded", request_id=request_id, error=str(exc))
 
 
-class PackageRefused(Exception):
-    """The package cannot be handed out: an HTTP status and a sentence saying why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class PackageRefused(ServiceError):
+    """The request exists but its package cannot be handed out; the kind says why (its
+    status) and the message how. The console shows it on the request's page."""
 
 
-def _refusal(refused: PackageRefused) -> web.Response:
-    return _unavailable() if refused.status == 503 else _error(refused.status, refused.message)
+class PackageNotReady(PackageRefused, Conflict):
+    """Not built yet (or recorded but no longer in storage): 409."""
 
 
-def _unavailable() -> web.Response:
-    return web.json_response(
-        {"error": "storage unavailable, try again"}, status=503, headers={"Retry-After": "5"}
-    )
+class PackagePurged(PackageRefused, Gone):
+    """Deleted when the retention period ended: 410."""
+
+
+class DownloadCutShort(Exception):
+    """Storage failed after the download's headers went out: the connection is closed
+    without an error answer, and the partial package fails its sha256 check."""
 
 
 class Health:

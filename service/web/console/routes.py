@@ -4,6 +4,11 @@ request (extend, download, link, report) and the filing form.
 Handlers call the domain objects directly (Filing, Ledger, and the OperatorApi's hand-out
 functions, so a download or link from here answers the request exactly as the API does)
 and render Jinja2 templates with autoescape. Every page works without JavaScript.
+
+An error a page shows itself (a form's error beside its field, a package that cannot be
+handed out on the request's page) is caught here; any other (`service.errors`: no such
+request, storage unavailable, a filter the page does not offer) reaches
+`middlewares.console_errors`, which renders the error page (`refusal`).
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from multidict import MultiMapping
 from service.clock import utcnow
 from service.collect.filing import Filing, IdempotencyConflict, IdempotencyInProgress
 from service.config import Settings
+from service.errors import Conflict, InvalidInput
 from service.metrics import Metrics
-from service.requests.deadline import DeadlineInputError, ExtensionRefused, parse_extension
-from service.requests.ledger import Ledger, RecordConflict, RequestClosed
+from service.requests.deadline import parse_extension
+from service.requests.ledger import Ledger
 from service.requests.records import STATUSES, RequestRecord
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable
-from service.web.api import OperatorApi, PackageRefused
+from service.web.api import ROUTE_ID, OperatorApi, PackageRefused, no_such_request
 from service.web.console.package_report import ReportUnreadable, read_report
 from service.web.console.session import LOGIN, SESSION, Sessions, Signed, delete_cookie, set_cookie
 from service.web.console.views import (
@@ -37,7 +43,6 @@ from service.web.console.views import (
     SUBJECT_KINDS,
     VIEWS,
     FilingForm,
-    FilterError,
     Filters,
     extension_months_left,
     listing,
@@ -50,7 +55,6 @@ from service.web.console.views import (
 log = structlog.get_logger(__name__)
 
 HERE = Path(__file__).parent
-ROUTE_ID = r"{id:[0-9A-HJKMNP-TV-Z]{26}}"
 
 # The console's own pages: styles from its own origin only, no script, no frame, forms
 # posting back to it. The report of a package is stricter still (REPORT_POLICY).
@@ -175,18 +179,6 @@ def refusal(
 
 def _redirect(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location, **PAGE_HEADERS})
-
-
-def _unavailable(request: web.Request, session: Signed) -> web.Response:
-    response = refusal(
-        request,
-        503,
-        "Storage is not answering",
-        "The archive (S3) did not answer in time. Nothing was changed; try again shortly.",
-        session,
-    )
-    response.headers["Retry-After"] = "5"
-    return response
 
 
 async def to_console(_request: web.Request) -> web.Response:
@@ -314,15 +306,9 @@ async def logout(request: web.Request, session: Signed) -> web.Response:
 
 async def requests_page(request: web.Request, session: Signed) -> web.Response:
     console = request.app[CONSOLE]
-    try:
-        filters = Filters.parse(request.query)
-    except FilterError as exc:
-        return refusal(request, 400, "No such page", str(exc), session, back="/ui/")
+    filters = Filters.parse(request.query)
     today = utcnow().date()
-    try:
-        page = await listing(console.ledger, filters, today)
-    except ArchiveUnavailable:
-        return _unavailable(request, session)
+    page = await listing(console.ledger, filters, today)
     return render(
         request,
         "requests.html.j2",
@@ -340,9 +326,7 @@ async def requests_page(request: web.Request, session: Signed) -> web.Response:
 
 
 async def request_page(request: web.Request, session: Signed) -> web.Response:
-    record = await _current(request, session)
-    if isinstance(record, web.Response):
-        return record
+    record = await _current(request)
     notices = {
         "filed": "The request was filed.",
         "extended": f"The deadline was extended; it is now {record.deadline.due_by}.",
@@ -386,19 +370,12 @@ def _request_view(
     )
 
 
-def _no_such_request(request: web.Request, session: Signed) -> web.Response:
-    return refusal(
-        request, 404, "No such request", "There is no request with this id.", session, "/ui/"
-    )
-
-
-async def _current(request: web.Request, session: Signed) -> RequestRecord | web.Response:
-    """The request the URL names as it is now, or the page saying why it cannot be shown."""
-    try:
-        record = await request.app[CONSOLE].operator.current(request.match_info["id"])
-    except ArchiveUnavailable:
-        return _unavailable(request, session)
-    return _no_such_request(request, session) if record is None else record
+async def _current(request: web.Request) -> RequestRecord:
+    """The request the URL names, as it is now (NotFoundError: no such request)."""
+    record = await request.app[CONSOLE].operator.current(request.match_info["id"])
+    if record is None:
+        raise no_such_request()
+    return record
 
 
 async def extend(request: web.Request, session: Signed) -> web.Response:
@@ -412,21 +389,16 @@ async def extend(request: web.Request, session: Signed) -> web.Response:
     try:
         months, reason = parse_extension({"months": months, "reason": values["reason"]})
         record = await console.ledger.extend(request_id, months, reason)
-    except DeadlineInputError as exc:
-        message = str(exc)
-        errors["reason" if "'reason'" in message else "months"] = message
+    except InvalidInput as exc:  # shown beside the field it is about
+        errors[exc.field or "form"] = exc.message
         record = None
-    except (ExtensionRefused, RequestClosed) as exc:
-        errors["form"], status = str(exc), 409
+    except Conflict as exc:  # extended to the limit, answered, purged
+        errors["form"], status = exc.message, exc.status
         record = None
-    except (ArchiveUnavailable, RecordConflict):
-        return _unavailable(request, session)
     if record is not None:
         log.info("deadline_extended", request_id=request_id, months=months, via="console")
         return _redirect(f"/ui/requests/{request_id}?done=extended")
-    current = await _current(request, session)
-    if isinstance(current, web.Response):
-        return current
+    current = await _current(request)
     return _request_view(
         request,
         session,
@@ -445,8 +417,6 @@ async def create_link(request: web.Request, session: Signed) -> web.Response:
         link = await operator.link(record)
     except PackageRefused as refused:
         return await _package_refused(request, session, refused)
-    except ArchiveUnavailable:
-        return _unavailable(request, session)
     log.info("package_link_created", request_id=record.id, via="console")
     # Answered now: show the record as it is after that (or as read before, if S3 fails).
     with contextlib.suppress(ArchiveUnavailable):
@@ -460,11 +430,6 @@ async def download(request: web.Request, session: Signed) -> web.StreamResponse:
     operator = request.app[CONSOLE].operator
     try:
         record = await operator.packaged(request.match_info["id"])
-    except PackageRefused as refused:
-        return await _package_refused(request, session, refused)
-    except ArchiveUnavailable:
-        return _unavailable(request, session)
-    try:
         return await operator.send_package(request, record)
     except PackageRefused as refused:
         return await _package_refused(request, session, refused)
@@ -482,8 +447,6 @@ async def report(request: web.Request, session: Signed) -> web.Response:
         return await _package_refused(request, session, refused)
     except ReportUnreadable as exc:
         return refusal(request, 502, "The report cannot be shown", str(exc), session)
-    except ArchiveUnavailable:
-        return _unavailable(request, session)
     return web.Response(
         body=body,
         content_type="text/html",
@@ -496,13 +459,7 @@ async def _package_refused(
     request: web.Request, session: Signed, refused: PackageRefused
 ) -> web.Response:
     """The request's page with the reason the package cannot be handed out."""
-    if refused.status == 503:
-        return _unavailable(request, session)
-    if refused.status == 404:
-        return _no_such_request(request, session)
-    record = await _current(request, session)
-    if isinstance(record, web.Response):
-        return record
+    record = await _current(request)
     problem = f"The package cannot be handed out: {refused.message}."
     return _request_view(request, session, record, status=refused.status, problem=problem)
 
@@ -552,6 +509,4 @@ async def file_request(request: web.Request, session: Signed) -> web.Response:
     except IdempotencyInProgress:
         form.errors["form"] = "This request is being filed right now; wait a moment and reload."
         return _filing_page(request, session, form, 409)
-    except ArchiveUnavailable:
-        return _unavailable(request, session)
     return _redirect(f"/ui/requests/{record.id}?done=filed")

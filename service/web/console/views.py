@@ -14,6 +14,7 @@ from typing import Any
 
 from service.clock import parse_isoformat
 from service.collect.filing import InvalidRequest, NewRequest, parse_new_request
+from service.errors import InvalidInput
 from service.requests.deadline import MAX_EXTENSION_MONTHS
 from service.requests.ledger import Ledger
 from service.requests.records import STATUSES, RequestRecord
@@ -44,8 +45,10 @@ STATUS_LABELS = {
 }
 
 
-class FilterError(ValueError):
-    """A query parameter of the requests page is not one the page offers."""
+class FilterError(InvalidInput):
+    """A query parameter of the requests page is not one the page offers (`field`)."""
+
+    title = "No such page"
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,14 @@ class Filters:
         status = query.get("status") or ""
         cursor = query.get("cursor") or ""
         if view not in VIEWS:
-            raise FilterError(f"There is no view {view[:40]!r}.")
+            raise FilterError(f"There is no view {view[:40]!r}.", field="view")
         if status and status not in STATUSES:
-            raise FilterError(f"There is no status {status[:40]!r}.")
+            raise FilterError(f"There is no status {status[:40]!r}.", field="status")
         pattern = _CURSORS["all" if view == "all" else "deadline"]
         if cursor and not pattern.match(cursor):
-            raise FilterError("The page cursor is not valid; start again from the first page.")
+            raise FilterError(
+                "The page cursor is not valid; start again from the first page.", field="cursor"
+            )
         return cls(view, status, cursor)
 
     def query(self, **changes: str) -> dict[str, str]:
@@ -270,6 +275,14 @@ def time_text(iso: str | None) -> str:
 # -- the filing form ---------------------------------------------------------------------
 
 SUBJECT_KINDS = {"email": "E-mail address", "profile": "Profile id", "subprofile": "Subprofile id"}
+# The form field beside which an input error of `parse_new_request` is shown, by its `field`.
+_FORM_FIELDS = {
+    **{kind: "subject" for kind in SUBJECT_KINDS},
+    "received_on": "received_on",
+    "events": "events_since",
+    "events.since": "events_since",
+    "events.until": "events_until",
+}
 _PLACEHOLDER = {"profile": 1}  # a valid subject, to check the other fields on their own
 
 
@@ -315,7 +328,7 @@ class FilingForm:
             if not v["events_since"]:
                 self.errors["events_since"] = "Give the first day of events to include."
             else:
-                self._try("events", {**_PLACEHOLDER, "events": events})
+                self._try("events_since", {**_PLACEHOLDER, "events": events})
         if self.errors:
             return None
         try:
@@ -325,10 +338,9 @@ class FilingForm:
             return None
 
     def _try(self, name: str, body: dict[str, Any]) -> None:
+        """Check `body` (one field's value, beside a valid placeholder); an error goes
+        beside the field it names (`InvalidInput.field`), else beside `name`."""
         try:
             parse_new_request(body)
         except InvalidRequest as exc:
-            message = str(exc)
-            if name == "events":
-                name = "events_until" if "until" in message.split(" must ")[0] else "events_since"
-            self.errors[name] = message
+            self.errors[_FORM_FIELDS.get(exc.field or "", name)] = exc.message
