@@ -16,6 +16,7 @@ from aiohttp import web
 
 from service.answer.package import PackageBuilder
 from service.answer.retention import Retention
+from service.clock import Clock
 from service.collect.filing import Filing
 from service.collect.housekeeping import Housekeeping
 from service.collect.visits import Poller
@@ -27,7 +28,10 @@ from service.intake.callback import CallbackReceiver, CallbackView
 from service.intake.signatures import KeyStore, SignatureVerifier
 from service.intake.urls import ROUTE, ROUTE_BY_ID
 from service.metrics import Metrics
+from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
+from service.requests.migrations import Migrations
+from service.requests.schedule import Schedule
 from service.storage.proof import prove_store
 from service.storage.s3 import ArchiveStore, s3_client
 from service.web.api import ROUTE_ID, Health, OperatorApi
@@ -82,6 +86,7 @@ class Shutdown:
 
 
 SETTINGS = web.AppKey("settings", Settings)
+CLOCK = web.AppKey("clock", Clock)
 METRICS = web.AppKey("metrics", Metrics)
 HEALTH = web.AppKey("health", Health)
 STORE = web.AppKey("store", ArchiveStore)
@@ -109,12 +114,14 @@ def hash_key(settings: Settings) -> bytes:
 
 async def _clients(app: web.Application) -> AsyncIterator[None]:
     """S3 and Copernica clients, and the domain objects built on them: one of each per app."""
-    settings, metrics = app[SETTINGS], app[METRICS]
+    settings, metrics, clock = app[SETTINGS], app[METRICS], app[CLOCK]
     key = hash_key(settings)
     async with s3_client(settings) as s3, aiohttp.ClientSession() as http:
         store = ArchiveStore(s3, settings, metrics)
-        await prove_store(store)  # UnsafeStore: the process does not start
-        ledger = Ledger(store, key)
+        await prove_store(store, clock)  # UnsafeStore: the process does not start
+        ledger = Ledger(store, key, clock=clock)
+        schedule = Schedule(store, clock)
+        deadlines = DeadlineIndex(store, ledger, clock)
         copernica = CopernicaClient(http, settings, metrics)
         app[STORE], app[LEDGER], app[COPERNICA] = store, ledger, copernica
         app[HEALTH] = Health(store, metrics)
@@ -126,9 +133,9 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
             settings.signature_max_skew_seconds,
         )
         app[CALLBACKS] = CallbackView(CallbackReceiver(intake, ledger), verifier, settings, metrics)
-        filing = Filing(store, ledger, copernica, settings, metrics, key)
-        app[OPERATOR] = OperatorApi(filing, ledger, store, settings, metrics)
-        app[CONSOLE] = Console(app[OPERATOR], filing, ledger, store, settings, metrics)
+        filing = Filing(store, ledger, schedule, deadlines, copernica, settings, metrics, key)
+        app[OPERATOR] = OperatorApi(filing, ledger, deadlines, store, settings, metrics)
+        app[CONSOLE] = Console(app[OPERATOR], filing, ledger, deadlines, store, settings, metrics)
         # Events live in API v1 only; the same rate limit covers both clients.
         events = CopernicaClient(
             http,
@@ -138,13 +145,18 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
             base_url=settings.copernica_events_url,
         )
         packages = PackageBuilder(store, settings.report_controller_name)
-        retention = Retention(store, ledger, settings.retention_days, metrics, key)
+        retention = Retention(
+            store, ledger, deadlines, settings.retention_days, metrics, key, clock
+        )
+        migrations = Migrations(store, ledger, deadlines, schedule, clock)
         work = RequestWork(
             store, ledger, copernica, events, intake, filing, packages, settings, metrics
         )
         app[WORK] = work
-        app[POLLER] = Poller(ledger, work.do, settings, metrics, key)
-        app[HOUSEKEEPING] = Housekeeping(store, ledger, retention, settings, metrics)
+        app[POLLER] = Poller(ledger, schedule, work.do, settings, metrics, key)
+        app[HOUSEKEEPING] = Housekeeping(
+            store, schedule, deadlines, migrations, retention, settings, metrics
+        )
         yield
         await store.close()
 
@@ -235,6 +247,7 @@ def create_app(settings: Settings) -> web.Application:
         ],
     )
     app[SETTINGS] = settings
+    app[CLOCK] = Clock()  # the one clock of every component; a test may set another first
     app[IN_FLIGHT] = in_flight
     app[METRICS] = Metrics()
     app[SHUTDOWN] = Shutdown(settings)

@@ -36,8 +36,10 @@ from service.collect.events import S3Sink
 from service.collect.filing import Filing, _key_hash, parse_new_request
 from service.copernica.events import Window
 from service.metrics import Metrics
+from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
 from service.requests.records import RequestRecord
+from service.requests.schedule import Schedule
 from service.simulator.app import SIM_STATE, SimulatorConfig, create_simulator_app
 from service.storage.s3 import ArchiveStore, PreconditionFailed, s3_client
 from tests.conftest import (
@@ -318,8 +320,16 @@ async def test_a_stalled_filer_resuming_after_a_takeover_does_not_file_twice(
     body, key = {"email": EMAIL}, "order-4711"
     stalled_id = str(ULID.from_timestamp(time.time() - 3600))  # long past any filing budget
     app, secret = service.app, hash_key(service.settings)
+    archive, ledger = app[STORE], app[LEDGER]
     stalled = Filing(
-        app[STORE], app[LEDGER], app[COPERNICA], service.settings, app[METRICS], secret
+        archive,
+        ledger,
+        Schedule(archive),
+        DeadlineIndex(archive, ledger),
+        app[COPERNICA],
+        service.settings,
+        app[METRICS],
+        secret,
     )
     new = parse_new_request(body)
     # The stalled filer's claim, as `Filing._claim_key` wrote it.

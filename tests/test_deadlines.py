@@ -10,8 +10,13 @@ from typing import Any
 import pytest
 from ulid import ULID
 
+from service.clock import FixedClock
+from service.metrics import Metrics
 from service.requests.deadline import Deadline, ExtensionRefused, due_by
-from tests.conftest import Bucket, Service, ServiceFactory, Simulator
+from service.requests.deadline_index import ORPHAN_AFTER, DeadlineIndex
+from service.requests.ledger import Ledger
+from service.storage.s3 import ArchiveStore, s3_client
+from tests.conftest import Bucket, Service, ServiceFactory, Simulator, make_settings
 from tests.support import eventually, metric, record_of
 
 TODAY = datetime.now(UTC).date()
@@ -325,3 +330,26 @@ async def test_the_backfill_reads_only_records_from_before_its_start(
     assert reads < 20  # the legacy record and a few others; not 250
     for request_id, body in newer.items():
         assert await store.read(f"{store.prefix}requests/{request_id}.json") == body
+
+
+async def test_a_marker_without_a_record_is_dropped_once_its_filing_is_long_past(
+    store: Bucket, s3_endpoint: str, bucket: str
+) -> None:
+    """Filing puts the marker before the record: a marker with no record is a filing under
+    way for an hour after its id was made (kept), a filing that died after that (dropped).
+    The index's clock is moved across that hour; nothing waits."""
+    made = ULID.from_datetime(datetime.now(UTC) - timedelta(days=3))
+    request_id, filed_at = str(made), made.datetime  # the id's own time (milliseconds)
+    settings = make_settings(ARCHIVE_BUCKET=bucket, S3_ENDPOINT_URL=s3_endpoint)
+    async with s3_client(settings) as s3:
+        archive = ArchiveStore(s3, settings, Metrics())
+        clock = FixedClock(filed_at + ORPHAN_AFTER)
+        index = DeadlineIndex(archive, Ledger(archive, b"k", clock=clock), clock)
+        await index.open(request_id, filed_at.date())
+        marker = archive.keys.deadline_marker(request_id, filed_at.date())
+
+        assert await index.open_by_deadline(TODAY, limit=10) == ([], None)
+        assert await store.keys("deadlines/") == [marker]
+        clock.advance(timedelta(microseconds=1))
+        assert await index.open_by_deadline(TODAY, limit=10) == ([], None)
+        assert await store.keys("deadlines/") == []

@@ -18,10 +18,11 @@ What is driven, and how:
   of one replica, any time may pass on another (a stall, an S3 retry, a short interval).
 - A crash cancels a replica's visit at whatever S3 call it waits for; the replica comes back
   as a new process (a new lease owner).
-- Time: `utcnow` is not injectable in the ledger, and leases that run out on the real clock
-  would make each run take other branches (hypothesis needs the same choices to give the same
-  run). So a lease either never runs out here (3600 s) or has run out before anybody else
-  looks (-1 s: its holder outlives it, stalled or slow). Nothing is lost by that: a replica
+- Time: a lease is taken and checked on the system clock (`RequestRecord.take_lease` and
+  `leased_to_other` take no `Clock`), and leases that run out on the real clock would make
+  each run take other branches (hypothesis needs the same choices to give the same run). So
+  a lease either never runs out here (3600 s) or has run out before anybody else looks
+  (-1 s: its holder outlives it, stalled or slow). Nothing is lost by that: a replica
   that meets a lease still running only leaves the record alone, which a run can always
   do by not stepping that replica; what a run-out lease allows (another replica takes over
   while the first still works, then the first finishes) is all reachable.
@@ -71,8 +72,9 @@ from service.collect.filing import FILING_OWNER
 from service.collect.visits import Poller, Visit, Work
 from service.config import Settings
 from service.metrics import Metrics
-from service.requests.ledger import Ledger, stamp
+from service.requests.ledger import Ledger
 from service.requests.records import RequestRecord
+from service.requests.schedule import Schedule, stamp
 from service.storage.s3 import ArchiveStore, PreconditionFailed, s3_client
 from tests.conftest import make_settings
 
@@ -90,9 +92,11 @@ CRASH = st.sampled_from([False] * 7 + [True])
 S3_CALLS = {"get_object", "put_object", "delete_object", "head_object", "list_objects_v2"}
 
 
-def poller_for(ledger: Ledger, work: Work, settings: Settings, metrics: Metrics) -> Poller:
+def poller_for(
+    ledger: Ledger, schedule: Schedule, work: Work, settings: Settings, metrics: Metrics
+) -> Poller:
     """A replica's Poller: the real visit protocol, with `work` as what a visit does."""
-    return Poller(ledger, work, settings, metrics, HASH_KEY)
+    return Poller(ledger, schedule, work, settings, metrics, HASH_KEY)
 
 
 async def no_work(record: RequestRecord) -> Visit:
@@ -221,6 +225,7 @@ class Replica:
     actor: Actor
     gate: Gate
     ledger: Ledger
+    schedule: Schedule
     task: asyncio.Task[None] | None = None
     final: bool = False  # what its work decides when let through
 
@@ -242,26 +247,29 @@ class LeaseModel(RuleBasedStateMachine):
         )
         self.metrics = Metrics()
         self.store = ArchiveStore(WORLD.client, self.settings, self.metrics)  # the model's look
-        self.look = Ledger(self.store, HASH_KEY)
+        self.look = Schedule(self.store)
         self.request_id = str(ULID())
         self.journal = Journal(self.store.keys.record(self.request_id))
         self.replicas = [self._start(slot, 0) for slot in range(REPLICAS)]
         # The filer: new -> marked -> leased -> done.
         self.filer = "new"
         self.filer_actor = Actor(FILING_OWNER, LONG)
-        self.filer_ledger = self._ledger(self.filer_actor, None)
+        filer_store = self._store(self.filer_actor, None)
+        self.filer_ledger = Ledger(filer_store, HASH_KEY)
+        self.filer_schedule = Schedule(filer_store)
         self.filer_record: RequestRecord | None = None
         self.filer_etag = ""
         self.unleased: list[str] = []  # works begun without the lease
 
-    def _ledger(self, actor: Actor, gate: Gate | None) -> Ledger:
+    def _store(self, actor: Actor, gate: Gate | None) -> ArchiveStore:
         client = ObservedS3(self.world.client, actor, self.journal, gate)
-        return Ledger(ArchiveStore(client, self.settings, self.metrics), HASH_KEY)
+        return ArchiveStore(client, self.settings, self.metrics)
 
     def _start(self, slot: int, life: int) -> Replica:
         # One process here: each replica's life its own lease owner (REPLICA would be shared).
         actor, gate = Actor(f"replica-{slot}.{life}", LONG), Gate()
-        return Replica(slot, life, actor, gate, self._ledger(actor, gate))
+        store = self._store(actor, gate)
+        return Replica(slot, life, actor, gate, Ledger(store, HASH_KEY), Schedule(store))
 
     def run(self, work: Coroutine[Any, Any, T]) -> T:
         return self.world.run(work)
@@ -280,7 +288,7 @@ class LeaseModel(RuleBasedStateMachine):
             received_on=utcnow().date().isoformat(),
         )
         assert record.next_poll_at is not None
-        self.run(self.filer_ledger.schedule(record.id, record.next_poll_at))
+        self.run(self.filer_schedule.schedule(record.id, record.next_poll_at))
         record.take_lease(FILING_OWNER, lease)
         self.filer_actor.lease = lease
         self.filer_record, self.filer = record, "marked"
@@ -358,7 +366,9 @@ class LeaseModel(RuleBasedStateMachine):
         when = data.draw(st.sampled_from(markers), label="marker")
         replica.actor.lease = lease
         settings = dataclasses.replace(self.settings, poll_lease_seconds=lease)
-        poller = poller_for(replica.ledger, self._work_of(replica), settings, self.metrics)
+        poller = poller_for(
+            replica.ledger, replica.schedule, self._work_of(replica), settings, self.metrics
+        )
         poller.owner = replica.owner
         replica.task = self.world.loop.create_task(poller.visit(self.request_id, when))
         self._settle(replica)
@@ -414,7 +424,7 @@ class LeaseModel(RuleBasedStateMachine):
         if record.finished:
             return
         assert record.next_poll_at is not None, "an open request without a next visit"
-        marker = f"{self.store.keys.prefix}due/{record.next_poll_at}/{record.id}"
+        marker = self.store.keys.schedule_marker(record.id, record.next_poll_at)
         assert self.run(self.store.head(marker)) is not None, (
             f"no schedule marker for the record's next visit {record.next_poll_at}"
         )
@@ -459,10 +469,12 @@ def test_leases_and_schedule_hold_whatever_the_interleaving(s3_endpoint: str) ->
 
 @dataclass
 class Side:
-    """One replica: its poller (whose work must never be reached here) and its ledger."""
+    """One replica: its poller (whose work must never be reached here), its ledger and
+    schedule."""
 
     poller: Poller
     ledger: Ledger
+    schedule: Schedule
 
 
 @pytest.fixture
@@ -472,17 +484,18 @@ async def replicas(s3_endpoint: str, bucket: str) -> AsyncIterator[tuple[Side, S
     async with s3_client(settings) as one, s3_client(settings) as other:
         sides = []
         for client, owner in ((one, "replica-a"), (other, "replica-b")):
-            ledger = Ledger(ArchiveStore(client, settings, Metrics()), HASH_KEY)
-            poller = poller_for(ledger, no_work, settings, Metrics())
+            store = ArchiveStore(client, settings, Metrics())
+            ledger, schedule = Ledger(store, HASH_KEY), Schedule(store)
+            poller = poller_for(ledger, schedule, no_work, settings, Metrics())
             poller.owner = owner
-            sides.append(Side(poller, ledger))
+            sides.append(Side(poller, ledger, schedule))
         yield sides[0], sides[1]
 
 
-async def scheduled(ledger: Ledger, request_id: str) -> list[str]:
+async def scheduled(schedule: Schedule, request_id: str) -> list[str]:
     return [
         when
-        for when, rid in await ledger.due(utcnow() + timedelta(days=1), 100)
+        for when, rid in await schedule.due(utcnow() + timedelta(days=1), 100)
         if rid == request_id
     ]
 
@@ -493,6 +506,7 @@ async def test_a_visit_during_filing_leaves_the_new_request_scheduled(
     """Filing puts the marker, then creates the record: a replica that meets the marker in
     between must not drop it (the record, once written, names it)."""
     filer, poller = replicas[0].ledger, replicas[1].poller
+    schedule = replicas[0].schedule
     record = RequestRecord(
         id=str(ULID()),
         subject_type="email",
@@ -500,12 +514,12 @@ async def test_a_visit_during_filing_leaves_the_new_request_scheduled(
         next_poll_at=stamp(utcnow()),
     )
     assert record.next_poll_at is not None
-    await filer.schedule(record.id, record.next_poll_at)
+    await schedule.schedule(record.id, record.next_poll_at)
 
     await poller.visit(record.id, record.next_poll_at)  # no record yet
     await filer.create(record)
 
-    assert await scheduled(filer, record.id) == [record.next_poll_at]
+    assert await scheduled(schedule, record.id) == [record.next_poll_at]
 
 
 async def test_a_visit_during_a_reschedule_leaves_the_new_marker(
@@ -514,43 +528,43 @@ async def test_a_visit_during_a_reschedule_leaves_the_new_marker(
     """A visit puts its next marker, then saves the record naming it: a replica that meets
     the new marker in between must not drop it."""
     first, second = replicas
-    ledger = first.ledger
+    ledger, schedule = first.ledger, first.schedule
     old = stamp(utcnow())
     record = RequestRecord(
         id=str(ULID()), subject_type="email", subject_id="someone@example.com", next_poll_at=old
     )
     record.mark_pending("4711")
-    await ledger.schedule(record.id, old)
+    await schedule.schedule(record.id, old)
     etag = await ledger.create(record)
     # The first replica's visit: lease taken, work done, its next marker put...
     record.take_lease(first.poller.owner, 600)
     etag = await ledger.save(record, etag)
     record.lease, record.next_poll_at = None, stamp(utcnow())
-    await ledger.schedule(record.id, record.next_poll_at)
+    await schedule.schedule(record.id, record.next_poll_at)
 
     await second.poller.visit(record.id, record.next_poll_at)  # ...when the second meets it
     await ledger.save(record, etag)  # the first goes on: the record names its new marker
-    await ledger.unschedule(record.id, old)
+    await schedule.unschedule(record.id, old)
 
-    assert await scheduled(ledger, record.id) == [record.next_poll_at]
+    assert await scheduled(schedule, record.id) == [record.next_poll_at]
 
 
 async def test_markers_certainly_stale_are_still_dropped(replicas: tuple[Side, Side]) -> None:
     """A marker before the record's next visit, or of a finished request, goes when met."""
-    poller, ledger = replicas[0].poller, replicas[0].ledger
+    poller, ledger, schedule = replicas[0].poller, replicas[0].ledger, replicas[0].schedule
     earlier, current = stamp(utcnow() - timedelta(seconds=1)), stamp(utcnow())
     record = RequestRecord(
         id=str(ULID()), subject_type="email", subject_id="someone@example.com", next_poll_at=current
     )
     record.mark_pending("4711")
     for when in (earlier, current):
-        await ledger.schedule(record.id, when)
+        await schedule.schedule(record.id, when)
     etag = await ledger.create(record)
 
     await poller.visit(record.id, earlier)
-    assert await scheduled(ledger, record.id) == [current]
+    assert await scheduled(schedule, record.id) == [current]
 
     record.mark_expired("gone")
     await ledger.save(record, etag)
     await poller.visit(record.id, current)
-    assert await scheduled(ledger, record.id) == []
+    assert await scheduled(schedule, record.id) == []

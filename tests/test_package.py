@@ -19,8 +19,8 @@ from ulid import ULID
 from service.answer.package import PackageBuilder, PackageError, _Pipe
 from service.clock import parse_isoformat, utcnow
 from service.metrics import Metrics
-from service.requests.ledger import stamp
 from service.requests.records import RequestRecord
+from service.requests.schedule import stamp
 from service.simulator.payloads import make_events
 from service.storage.s3 import ArchiveStore, s3_client
 from tests.conftest import (

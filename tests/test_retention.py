@@ -7,8 +7,9 @@ import json
 from datetime import timedelta
 
 from service.answer.retention import Retention
-from service.clock import parse_isoformat, utcnow
+from service.clock import FixedClock, isoformat, parse_isoformat, utcnow
 from service.metrics import Metrics
+from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
 from service.storage.s3 import ArchiveStore, s3_client
 from tests.conftest import Bucket, ServiceFactory, Simulator, make_settings
@@ -24,6 +25,14 @@ from tests.support import (
 
 FAST = {"POLL_INTERVAL_SECONDS": "0.2", "POLL_LEASE_SECONDS": "5"}
 KEY = b"k" * 32
+
+
+def retention_of(archive: ArchiveStore, days: float, clock: FixedClock) -> Retention:
+    """A replica's Retention on its own ledger and deadline index, on `clock`."""
+    ledger = Ledger(archive, KEY, clock=clock)
+    return Retention(
+        archive, ledger, DeadlineIndex(archive, ledger, clock), days, Metrics(), KEY, clock
+    )
 
 
 async def everything_of(store: Bucket, request_id: str) -> dict[str, bytes]:
@@ -67,12 +76,15 @@ async def test_only_due_requests_are_purged(
     settings = make_settings(ARCHIVE_BUCKET=bucket, S3_ENDPOINT_URL=s3_endpoint)
     async with s3_client(settings) as s3:
         archive = ArchiveStore(s3, settings, Metrics())
-        retention = Retention(archive, Ledger(archive, KEY), 1.0, Metrics(), KEY)
+        clock = FixedClock(built + timedelta(days=1) - timedelta(seconds=1))
+        retention = retention_of(archive, 1.0, clock)
         # Before the day is over nothing at all is purged.
-        assert await retention.sweep(built + timedelta(days=1) - timedelta(seconds=1)) == 0
-        assert await retention.sweep(built + timedelta(days=1, seconds=1)) == 1
+        assert await retention.sweep() == 0
+        clock.advance(timedelta(seconds=2))
+        assert await retention.sweep() == 1
         # A second sweep finds nothing more to do.
-        assert await retention.sweep(built + timedelta(days=1, seconds=2)) == 0
+        clock.advance(timedelta(seconds=1))
+        assert await retention.sweep() == 0
 
     # Nothing of the request is left but an empty tombstone at its archive key.
     assert await everything_of(store, due["id"]) == {archive_key(due["id"]): b""}
@@ -105,6 +117,35 @@ async def test_only_due_requests_are_purged(
     assert await everything_of(store, due["id"]) == {archive_key(due["id"]): b""}
 
 
+async def test_a_request_is_purged_when_the_clock_reaches_its_due_time_not_before(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket, s3_endpoint: str, bucket: str
+) -> None:
+    """Time is the clock's: a sweep a microsecond before `built_at` + RETENTION_DAYS keeps
+    everything, one at that very moment purges, and the record carries the clock's time."""
+    service = await make_service(**FAST)  # RETENTION_DAYS=0: the service itself never purges
+    simulator.state.faults.lose_callback = True
+    created = await filed(service, {"email": "rae@example.com"})
+    package = (await wait_until_packaged(service, created["id"]))["package"]
+    before = await everything_of(store, created["id"])
+    due_at = parse_isoformat(package["built_at"]) + timedelta(days=1)
+    settings = make_settings(ARCHIVE_BUCKET=bucket, S3_ENDPOINT_URL=s3_endpoint)
+    async with s3_client(settings) as s3:
+        archive = ArchiveStore(s3, settings, Metrics())
+        clock = FixedClock(due_at - timedelta(microseconds=1))
+        retention = retention_of(archive, 1.0, clock)
+
+        assert await retention.sweep() == 0
+        assert await everything_of(store, created["id"]) == before
+        assert (await record_of(store, created["id"]))["status"] == "archived"
+        clock.advance(timedelta(microseconds=1))
+        assert await retention.sweep() == 1
+
+    purged = await record_of(store, created["id"])
+    assert purged["status"] == "purged"
+    assert purged["purged_at"] == purged["updated_at"] == isoformat(due_at)
+    assert await everything_of(store, created["id"]) == {archive_key(created["id"]): b""}
+
+
 async def test_retention_zero_keeps_everything(
     make_service: ServiceFactory, store: Bucket, s3_endpoint: str, bucket: str
 ) -> None:
@@ -115,8 +156,8 @@ async def test_retention_zero_keeps_everything(
     settings = make_settings(ARCHIVE_BUCKET=bucket, S3_ENDPOINT_URL=s3_endpoint)
     async with s3_client(settings) as s3:
         archive = ArchiveStore(s3, settings, Metrics())
-        retention = Retention(archive, Ledger(archive, KEY), 0, Metrics(), KEY)
-        assert await retention.sweep(utcnow() + timedelta(days=3650)) == 0
+        retention = retention_of(archive, 0, FixedClock(utcnow() + timedelta(days=3650)))
+        assert await retention.sweep() == 0
     assert await snapshot(store, created["id"]) == before
 
 

@@ -132,7 +132,7 @@ class PackageBuilder:
             raise PackageError(f"no archive object for request {record.id}")
         windows = []
         if record.events is not None:
-            folder = self._store.keys.events(record.id, "")[: -len(".jsonl")]
+            folder = self._store.keys.events_folder(record.id)
             windows = [item async for item in self._store.objects(folder)]
         loop = asyncio.get_running_loop()
         pipe = _Pipe(loop)

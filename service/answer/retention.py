@@ -18,9 +18,10 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from service.clock import isoformat, parse_isoformat
+from service.clock import SYSTEM, Clock, isoformat, parse_isoformat
 from service.logs import subject_digest
 from service.metrics import Metrics
+from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
 from service.requests.records import RequestRecord, Status
 from service.storage.s3 import ArchiveStore
@@ -33,12 +34,16 @@ class Retention:
         self,
         store: ArchiveStore,
         ledger: Ledger,
+        deadlines: DeadlineIndex,
         retention_days: float,
         metrics: Metrics,
         hash_key: bytes,
+        clock: Clock = SYSTEM,
     ) -> None:
         self._store = store
         self._ledger = ledger
+        self._deadlines = deadlines
+        self._clock = clock
         self._keep = timedelta(days=retention_days) if retention_days > 0 else None
         self._metrics = metrics
         self._hash_key = hash_key
@@ -55,11 +60,12 @@ class Retention:
             return False
         return parse_isoformat(record.package["built_at"]) + self._keep <= now
 
-    async def sweep(self, now: datetime) -> int:
-        """Purge every request that is due; returns how many were purged."""
+    async def sweep(self) -> int:
+        """Purge every request that is due now (on the clock); returns how many were purged."""
         if self._keep is None:
             return 0
-        prefix = self._store.keys.package("")[: -len(".zip")]
+        now = self._clock.now()
+        prefix = self._store.keys.packages_folder()
         candidates = [
             item.key
             async for item in self._store.objects(prefix)
@@ -68,7 +74,7 @@ class Retention:
         ]
         purged = 0
         for key in candidates:
-            request_id = key[len(prefix) : -len(".zip")]
+            request_id = self._store.keys.package_id(key)
             if await self.purge(request_id, key, now):
                 purged += 1
         return purged
@@ -115,7 +121,7 @@ class Retention:
             content_type="application/octet-stream",
         )
         for prefix in (
-            keys.events(record.id, "")[: -len(".jsonl")],
+            keys.events_folder(record.id),
             keys.quarantine_folder(record.id),
         ):
             async for item in self._store.objects(prefix):
@@ -123,4 +129,4 @@ class Retention:
         if record.idempotency_key:
             await self._store.delete(keys.idempotency(record.idempotency_key))
         if record.answered_at is None:
-            await self._ledger.close_deadline(record.id, record.deadline.due_by)
+            await self._deadlines.close(record.id, record.deadline.due_by)

@@ -181,10 +181,9 @@ async def export(
         if out == "s3":
             async with s3_client(settings) as s3:
                 store = ArchiveStore(s3, settings, Metrics())
-                folder = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
-                prefix = f"{store.keys.prefix}exports/{source.kind.replace('/', '-')}-"
-                prefix += folder.hexdigest()[:24]
-                sink: Sink = S3Sink(store, lambda w: f"{prefix}/{w.name}.jsonl")
+                digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
+                folder = f"{source.kind.replace('/', '-')}-{digest.hexdigest()[:24]}"
+                sink: Sink = S3Sink(store, lambda w: store.keys.export(folder, w.name))
                 return await fetch_events(client, source, windows, sink, tags=tags, report=report)
         sink = StreamSink() if out == "-" else FileSink(Path(out), identity)
         return await fetch_events(client, source, windows, sink, tags=tags, report=report)

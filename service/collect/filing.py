@@ -30,8 +30,10 @@ from service.intake.urls import callback_url
 from service.logs import subject_hash
 from service.metrics import Metrics
 from service.requests.deadline import DeadlineInputError, parse_received_on
-from service.requests.ledger import Ledger, RecordConflict, stamp
+from service.requests.deadline_index import DeadlineIndex
+from service.requests.ledger import Ledger, RecordConflict
 from service.requests.records import REPLICA, RequestRecord, Status
+from service.requests.schedule import Schedule
 from service.storage.s3 import ArchiveStore, NotFound, PreconditionFailed
 
 log = structlog.get_logger(__name__)
@@ -148,6 +150,8 @@ class Filing:
         self,
         store: ArchiveStore,
         ledger: Ledger,
+        schedule: Schedule,
+        deadlines: DeadlineIndex,
         copernica: CopernicaClient,
         settings: Settings,
         metrics: Metrics,
@@ -155,6 +159,8 @@ class Filing:
     ) -> None:
         self._store = store
         self._ledger = ledger
+        self._schedule = schedule
+        self._deadlines = deadlines
         self._copernica = copernica
         self._settings = settings
         self._metrics = metrics
@@ -193,15 +199,15 @@ class Filing:
             subject_id=new.subject.id,
             report=self._settings.public_base_url is not None,
             idempotency_key=_key_hash(self._hash_key, idempotency_key) if idempotency_key else None,
-            next_poll_at=stamp(utcnow() + timedelta(seconds=self._settings.poll_interval_seconds)),
+            next_poll_at=self._schedule.stamp_in(self._settings.poll_interval_seconds),
             events=self._events_of(new),
             received_on=(new.received_on or utcnow().date()).isoformat(),
         )
         # The markers go first: a crash after them leaves a marker without a record (dropped
         # when met), never a record the poller or the deadline index does not know about.
         assert record.next_poll_at is not None
-        await self._ledger.schedule(record.id, record.next_poll_at)
-        await self._ledger.open_deadline(record.id, record.deadline.due_by)
+        await self._schedule.schedule(record.id, record.next_poll_at)
+        await self._deadlines.open(record.id, record.deadline.due_by)
         # While we file, the poller keeps off (our lease); if we crash, the lease runs out and
         # the poller finds a `submitting` record to file again.
         record.take_lease(FILING_OWNER, self._filing_budget)

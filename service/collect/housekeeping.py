@@ -5,7 +5,7 @@ tick, `service.collect.visits.tick_seconds`):
 - the janitor: multipart uploads whose key already exists (a racing delivery lost, or a
   killed replica left one) and start-up probes a crashed process left are aborted;
 - the census: pending count, oldest pending age and overdue count for /metrics;
-- the backfill migration (`Ledger.backfill`), one page a round, not in the first round (a
+- the backfill migration (`Migrations.backfill`), one page a round, not in the first round (a
   new process first gets on with what is due), until it is done;
 - retention's sweep.
 These list whole prefixes, so they run beside the ticks, not between them. A round that
@@ -26,7 +26,10 @@ from service.clock import utcnow
 from service.collect.visits import tick_seconds
 from service.config import Settings
 from service.metrics import Metrics
-from service.requests.ledger import Ledger, RecordConflict
+from service.requests.deadline_index import DeadlineIndex
+from service.requests.ledger import RecordConflict
+from service.requests.migrations import Migrations
+from service.requests.schedule import Schedule
 from service.storage.proof import abort_stale_probes
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable
 
@@ -39,16 +42,20 @@ class Housekeeping:
     def __init__(
         self,
         store: ArchiveStore,
-        ledger: Ledger,
+        schedule: Schedule,
+        deadlines: DeadlineIndex,
+        migrations: Migrations,
         retention: Retention,
         settings: Settings,
         metrics: Metrics,
     ) -> None:
         self._store = store
-        self._ledger = ledger
+        self._schedule = schedule
+        self._deadlines = deadlines
+        self._migrations = migrations
         self._retention = retention
         self._metrics = metrics
-        self._backfill: str | None = ""  # backfill cursor (Ledger.backfill); None once done
+        self._backfill: str | None = ""  # backfill cursor (Migrations.backfill); None once done
         self._started = utcnow()  # records filed since are this release's: no backfill
         self._every = JANITOR_EVERY_TICKS * tick_seconds(settings.poll_interval_seconds)
         self._stopping = asyncio.Event()
@@ -74,8 +81,8 @@ class Housekeeping:
             await abort_stale_probes(self._store)
             await self._census()
             if self._backfill is not None and backfill:
-                self._backfill = await self._ledger.backfill(self._backfill, self._started)
-            await self._retention.sweep(utcnow())
+                self._backfill = await self._migrations.backfill(self._backfill, self._started)
+            await self._retention.sweep()
         except (ArchiveUnavailable, RecordConflict) as exc:
             log.warning("poll_housekeeping_failed", error=str(exc))
         except Exception:
@@ -84,8 +91,8 @@ class Housekeeping:
     async def _census(self) -> None:
         """Pending count and oldest pending age for /metrics (a request id is a ULID: its
         creation time is in it)."""
-        ids = await self._ledger.scheduled()
+        ids = await self._schedule.scheduled()
         self._metrics.pending.set(len(set(ids)))
         oldest = min((ULID.from_str(i).datetime for i in ids), default=None)
         self._metrics.oldest_pending.set((utcnow() - oldest).total_seconds() if oldest else 0)
-        self._metrics.overdue.set(await self._ledger.count_open_before(utcnow().date()))
+        self._metrics.overdue.set(await self._deadlines.count_open_before(utcnow().date()))

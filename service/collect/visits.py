@@ -1,7 +1,7 @@
 """The polling fallback: every replica visits due requests until each one is final.
 
 Callbacks get lost; this loop makes sure nothing ready at Copernica is missed before it
-expires. A tick lists the due markers of the schedule (see `Ledger.due`), then visits each:
+expires. A tick lists the due markers of the schedule (see `Schedule.due`), then visits each:
 
 1. read the record; a marker of a final record, or one before the record's `next_poll_at`,
    is stale and dropped (one after it, or without a record yet, may be the next visit's
@@ -34,8 +34,9 @@ from service.clock import utcnow
 from service.config import Settings
 from service.logs import subject_hash
 from service.metrics import Metrics
-from service.requests.ledger import Ledger, RecordConflict, parse_stamp, stamp
+from service.requests.ledger import Ledger, RecordConflict
 from service.requests.records import REPLICA, RequestRecord
+from service.requests.schedule import Schedule, parse_stamp
 from service.storage.s3 import ArchiveUnavailable, PreconditionFailed
 
 log = structlog.get_logger(__name__)
@@ -68,12 +69,14 @@ class Poller:
     def __init__(
         self,
         ledger: Ledger,
+        schedule: Schedule,
         work: Work,
         settings: Settings,
         metrics: Metrics,
         hash_key: bytes,
     ) -> None:
         self._ledger = ledger
+        self._schedule = schedule
         self._work = work
         self._metrics = metrics
         self._hash_key = hash_key
@@ -115,7 +118,7 @@ class Poller:
     async def tick(self) -> int:
         """Visit everything due now (bounded per tick); returns how many were visited."""
         now = utcnow()
-        due = await self._ledger.due(now, BATCH)
+        due = await self._schedule.due(now, BATCH)
         self._metrics.poll_ticks.inc()
         self._metrics.poll_due.set(len(due))
         overdue = (now - parse_stamp(due[0][0])).total_seconds() if due else 0.0
@@ -154,7 +157,7 @@ class Poller:
         found = await self._ledger.get(request_id)
         if found is None or found[0].finished or found[0].next_poll_at != when:
             if self._marker_is_stale(found, when):
-                await self._ledger.unschedule(request_id, when)
+                await self._schedule.unschedule(request_id, when)
             return
         record, etag = found
         if record.leased_to_other(self.owner):
@@ -194,8 +197,8 @@ class Poller:
         record.lease = None
         old_when = when
         if result.next_in is not None:
-            record.next_poll_at = stamp(utcnow() + timedelta(seconds=result.next_in))
-            await self._ledger.schedule(record.id, record.next_poll_at)
+            record.next_poll_at = self._schedule.stamp_in(result.next_in)
+            await self._schedule.schedule(record.id, record.next_poll_at)
         else:
             record.next_poll_at = None
         try:
@@ -205,7 +208,7 @@ class Poller:
             # the archive): our marker is stale then, and theirs stands.
             log.info("poll_record_changed", request_id=record.id)
             return
-        await self._ledger.unschedule(record.id, old_when)
+        await self._schedule.unschedule(record.id, old_when)
         self._metrics.poll_visits.labels(result.outcome).inc()
         log.info(
             "poll",

@@ -18,7 +18,7 @@ from datetime import timedelta
 
 from ulid import ULID
 
-from service.clock import utcnow
+from service.clock import SYSTEM, Clock
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable, NotFound, PreconditionFailed
 
 # How long start-up waits for an S3 that does not answer before it gives up.
@@ -30,11 +30,11 @@ class UnsafeStore(Exception):
     """The bucket cannot be used; the message is the one line an operator needs."""
 
 
-async def prove_store(store: ArchiveStore) -> None:
+async def prove_store(store: ArchiveStore, clock: Clock = SYSTEM) -> None:
     """Return if the bucket exists, can be written and honours conditional writes; else
     UnsafeStore naming what is wrong."""
     await _reach(store)
-    key = f"{store.keys.prefix}startup-probe/{ULID()}"
+    key = store.keys.probe(str(ULID.from_datetime(clock.now())))
     try:
         await _prove(store, key)
     except ArchiveUnavailable as exc:  # S3 went away half-way: refused the same way
@@ -42,20 +42,20 @@ async def prove_store(store: ArchiveStore) -> None:
             f"S3 bucket {store.bucket!r} became unreachable during the start-up check ({exc})"
         ) from None
     with contextlib.suppress(ArchiveUnavailable):
-        await abort_stale_probes(store)
+        await abort_stale_probes(store, clock)
 
 
-async def abort_stale_probes(store: ArchiveStore) -> int:
+async def abort_stale_probes(store: ArchiveStore, clock: Clock = SYSTEM) -> int:
     """Abort probe uploads of starts that died half-way (killed, or S3 gone mid-probe); a
     probe takes a second, so one older than a minute (its key is a ULID) is dead. Called at
     start-up and by the poller's housekeeping. Found by the soak."""
     aborted = 0
-    for key, upload_id in await store.uploads(f"{store.keys.prefix}startup-probe/"):
+    for key, upload_id in await store.uploads(store.keys.probes_folder()):
         try:
             started = ULID.from_str(key.rsplit("/", 1)[1]).datetime
         except ValueError:
             continue
-        if utcnow() - started > STALE_PROBE:
+        if clock.now() - started > STALE_PROBE:
             await store.abort_upload(key, upload_id)
             aborted += 1
     return aborted

@@ -1,4 +1,5 @@
-"""S3 access: the key layout, conditional puts, streamed multipart uploads and quarantine.
+"""S3 access: conditional puts, listings, streamed multipart uploads and quarantine (the key
+layout is `service.storage.keys`).
 
 All state lives in S3 (replicas are stateless). Every write that must happen once uses a
 conditional request: `If-None-Match: *` for objects created once (first writer wins),
@@ -24,11 +25,11 @@ import botocore.exceptions
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.utils import parse_timestamp
-from ulid import ULID
 
 from service.config import Settings
 from service.errors import Unavailable
 from service.metrics import Metrics
+from service.storage.keys import Keys
 
 # Errors that mean "S3 is not answering properly": retryable, never the caller's fault.
 _UNAVAILABLE = (
@@ -59,36 +60,6 @@ class NotFound(Exception):
 
 class PreconditionFailed(Exception):
     """A conditional write lost: the object exists (If-None-Match) or changed (If-Match)."""
-
-
-class Keys:
-    """The S3 key layout of SPEC (all under ARCHIVE_PREFIX). No e-mail address in any key."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-
-    def record(self, request_id: str) -> str:
-        return f"{self.prefix}requests/{request_id}.json"
-
-    def archive(self, request_id: str) -> str:
-        # The date is the request's creation date, read from its ULID: deterministic.
-        created = ULID.from_str(request_id).datetime
-        return f"{self.prefix}archive/{created:%Y/%m/%d}/{request_id}.json"
-
-    def quarantine(self, request_id: str, received_at: datetime) -> str:
-        return f"{self.quarantine_folder(request_id)}{received_at:%Y%m%dT%H%M%S.%fZ}.bin"
-
-    def quarantine_folder(self, request_id: str) -> str:
-        return f"{self.prefix}quarantine/{request_id}/"
-
-    def events(self, request_id: str, window_start: str) -> str:
-        return f"{self.prefix}events/{request_id}/{window_start}.jsonl"
-
-    def idempotency(self, key_hash: str) -> str:
-        return f"{self.prefix}idempotency/{key_hash}.json"
-
-    def package(self, request_id: str) -> str:
-        return f"{self.prefix}packages/{request_id}.zip"
 
 
 @dataclass(frozen=True)
@@ -242,12 +213,15 @@ class ArchiveStore:
                 int(answer["ContentLength"]), answer.get("Metadata", {}), body, chunk_bytes
             )
 
-    async def objects(self, prefix: str, *, start_after: str = "") -> AsyncIterator[Listed]:
-        """Every object under `prefix` in key order, with its size and time (one LIST per
-        thousand)."""
+    async def objects(
+        self, prefix: str, *, start_after: str = "", page_size: int = 1000
+    ) -> AsyncIterator[Listed]:
+        """Every object under `prefix` after `start_after`, in key order, with its size and
+        time: one LIST per `page_size` (at most 1000), each made only when the caller reads
+        past the previous page, so a caller that stops early lists no further."""
         while True:
             answer = await self._call(
-                "list_objects_v2", Prefix=prefix, StartAfter=start_after, MaxKeys=1000
+                "list_objects_v2", Prefix=prefix, StartAfter=start_after, MaxKeys=page_size
             )
             contents = answer.get("Contents", [])
             for item in contents:
@@ -269,14 +243,6 @@ class ArchiveStore:
                 ExpiresIn=seconds,
             )
         )
-
-    async def list_keys(
-        self, prefix: str, *, start_after: str = "", limit: int = 1000
-    ) -> list[str]:
-        answer = await self._call(
-            "list_objects_v2", Prefix=prefix, StartAfter=start_after, MaxKeys=limit
-        )
-        return [item["Key"] for item in answer.get("Contents", [])]
 
     async def head_bucket(self) -> None:
         """NotFound if the bucket does not exist; ArchiveUnavailable if S3 does not answer

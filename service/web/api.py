@@ -26,6 +26,7 @@ from service.errors import Conflict, Gone, InvalidInput, NotFoundError, ServiceE
 from service.intake.urls import ULID_PATTERN
 from service.metrics import Metrics
 from service.requests.deadline import parse_extension
+from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger, RecordConflict
 from service.requests.records import STATUSES, RequestRecord, Status
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable, NotFound
@@ -56,12 +57,14 @@ class OperatorApi:
         self,
         filing: Filing,
         ledger: Ledger,
+        deadlines: DeadlineIndex,
         store: ArchiveStore,
         settings: Settings,
         metrics: Metrics,
     ) -> None:
         self._filing = filing
         self._ledger = ledger
+        self._deadlines = deadlines
         self._store = store
         self._link_seconds = settings.package_link_seconds
         self._metrics = metrics
@@ -145,7 +148,7 @@ class OperatorApi:
             raise InvalidInput("cursor is not valid", field="cursor")
         if by_deadline:
             horizon = min(d for d in (due_before, today if overdue else None) if d)
-            records, next_cursor = await self._ledger.open_by_deadline(
+            records, next_cursor = await self._deadlines.open_by_deadline(
                 horizon, limit=limit, cursor=cursor
             )
             records = [r for r in records if status is None or r.status == status]
@@ -164,7 +167,7 @@ class OperatorApi:
         """`{"months": 1|2, "reason": "..."}`: the deadline moves, two months at most in all."""
         request_id = request.match_info["id"]
         months, reason = parse_extension(await _json_body(request))
-        record = await self._ledger.extend(request_id, months, reason)
+        record = await self._deadlines.extend(request_id, months, reason)
         if record is None:
             raise no_such_request()
         log.info("deadline_extended", request_id=request_id, months=months)
@@ -252,7 +255,7 @@ class OperatorApi:
         try:
             record = await self._ledger.update(request_id, change)
             if record is not None and first and first[0]:
-                await self._ledger.close_deadline(request_id, record.deadline.due_by)
+                await self._deadlines.close(request_id, record.deadline.due_by)
                 log.info("request_answered", request_id=request_id, way=way)
         except (ArchiveUnavailable, RecordConflict) as exc:
             # The subject has the package; the next hand-out records it.

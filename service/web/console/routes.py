@@ -31,6 +31,7 @@ from service.config import Settings
 from service.errors import Conflict, InvalidInput
 from service.metrics import Metrics
 from service.requests.deadline import parse_extension
+from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
 from service.requests.records import STATUSES, RequestRecord
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable
@@ -93,6 +94,7 @@ class Console:
         operator: OperatorApi,
         filing: Filing,
         ledger: Ledger,
+        deadlines: DeadlineIndex,
         store: ArchiveStore,
         settings: Settings,
         metrics: Metrics,
@@ -101,6 +103,7 @@ class Console:
         self.operator = operator
         self.filing = filing
         self.ledger = ledger
+        self.deadlines = deadlines
         self.store = store
         self.metrics = metrics
         self.sessions = Sessions(settings.api_token)
@@ -308,7 +311,7 @@ async def requests_page(request: web.Request, session: Signed) -> web.Response:
     console = request.app[CONSOLE]
     filters = Filters.parse(request.query)
     today = utcnow().date()
-    page = await listing(console.ledger, filters, today)
+    page = await listing(console.ledger, console.deadlines, filters, today)
     return render(
         request,
         "requests.html.j2",
@@ -388,7 +391,7 @@ async def extend(request: web.Request, session: Signed) -> web.Response:
     status = 400
     try:
         months, reason = parse_extension({"months": months, "reason": values["reason"]})
-        record = await console.ledger.extend(request_id, months, reason)
+        record = await console.deadlines.extend(request_id, months, reason)
     except InvalidInput as exc:  # shown beside the field it is about
         errors[exc.field or "form"] = exc.message
         record = None

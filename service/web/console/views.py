@@ -16,6 +16,7 @@ from service.clock import parse_isoformat
 from service.collect.filing import InvalidRequest, NewRequest, parse_new_request
 from service.errors import InvalidInput
 from service.requests.deadline import MAX_EXTENSION_MONTHS
+from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
 from service.requests.records import STATUSES, RequestRecord
 
@@ -100,7 +101,9 @@ class Row:
     created_at: str
 
 
-async def listing(ledger: Ledger, filters: Filters, today: date) -> Listing:
+async def listing(
+    ledger: Ledger, deadlines: DeadlineIndex, filters: Filters, today: date
+) -> Listing:
     """One page of the requests page: at most PAGE_SIZE records read, never a scan.
 
     The status filter applies to the records of the page read, so a page may show fewer
@@ -119,7 +122,9 @@ async def listing(ledger: Ledger, filters: Filters, today: date) -> Listing:
         if filters.view == "soon" and not cursor:
             # Start after every marker due before today: "~" sorts after any request id.
             cursor = f"{(today - timedelta(days=1)).isoformat()}/~"
-        records, next_cursor = await ledger.open_by_deadline(before, limit=PAGE_SIZE, cursor=cursor)
+        records, next_cursor = await deadlines.open_by_deadline(
+            before, limit=PAGE_SIZE, cursor=cursor
+        )
     counts = Counter(str(record.status) for record in records)
     shown = [r for r in records if not filters.status or r.status == filters.status]
     return Listing(
