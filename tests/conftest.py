@@ -4,6 +4,7 @@ the service itself, each over real HTTP on loopback, built the way production bu
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import re
 import socket
@@ -12,7 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from service.app import create_app, create_public_app
-from service.config import Settings
+from service.config import Secret, Settings
 from service.intake.callback import callback_url
+from service.logs import subject_digest
 from service.simulator.app import SIM_STATE, SimState, SimulatorConfig, create_simulator_app
 
 # Any credentials do for the local S3; set before any client is made.
@@ -184,6 +186,28 @@ def make_settings(**overrides: str) -> Settings:
     return Settings.from_env(env, dotenv=None)
 
 
+Subject = tuple[str, Any]  # ("email", "a@example.com"), ("profile", 42), as filed
+
+
+def subject_of(body: Any) -> Subject | None:
+    """The subject a filing body names (its one email / profile / subprofile), if any."""
+    if not isinstance(body, dict):
+        return None
+    named = [(kind, body[kind]) for kind in ("email", "profile", "subprofile") if kind in body]
+    return named[0] if len(named) == 1 else None
+
+
+def report_url(base: str, request_id: str, subject: Subject, secret: str = CALLBACK_SECRET) -> str:
+    """The callback address the service gives Copernica for a request filed for `subject`:
+    `{base}/callbacks/datarequest/{id}/{subject digest}/{token}`. The digest is the service's
+    keyed digest of the subject, keyed by HMAC(CALLBACK_SECRET, "subject-hash")."""
+    kind, value = subject
+    # As filing normalises it: an address trimmed, a profile id as its integer.
+    ident = str(value).strip() if kind == "email" else str(int(value))
+    key = hmac.new(secret.encode(), b"subject-hash", hashlib.sha256).digest()  # as service.app
+    return callback_url(base, Secret(secret), request_id, subject_digest(key, kind, ident))
+
+
 @dataclass
 class Service:
     """The running service, reached over HTTP like Copernica (`url`, the public listener)
@@ -194,22 +218,39 @@ class Service:
     app: web.Application
     http: aiohttp.ClientSession
     admin_url: str = ""
+    # The subject of each request filed through `file`, by request id; shared by the
+    # services one test starts (replicas of one deployment).
+    subjects: dict[str, Subject] = field(default_factory=dict)
 
-    def callback_url(self, request_id: str) -> str:
+    def callback_url(self, request_id: str, subject: Subject | None = None) -> str:
+        """The address Copernica is given for the request (the current form, with the
+        subject's digest): for the subject filed through `file`, or `subject`."""
         assert self.settings.callback_secret is not None
-        return callback_url(self.url, self.settings.callback_secret, request_id)
+        if subject is None:
+            subject = self.subjects.get(request_id)
+        if subject is None:
+            raise LookupError(f"{request_id} was not filed through Service.file: pass subject=")
+        return report_url(self.url, request_id, subject, self.settings.callback_secret.reveal())
 
     @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {API_TOKEN}"}
 
     async def file(self, body: dict[str, Any], **kwargs: Any) -> aiohttp.ClientResponse:
-        return await self.http.post(
+        """POST /v1/data-requests; a request it files is remembered with its subject (the
+        answer's body is read here, and stays readable by the caller)."""
+        answer = await self.http.post(
             f"{self.admin_url}/v1/data-requests",
             json=body,
             headers={**self.auth, **kwargs.pop("headers", {})},
             **kwargs,
         )
+        subject = subject_of(body)
+        if answer.status in (200, 201, 202) and subject is not None:
+            created = await answer.json(content_type=None)
+            if isinstance(created, dict) and "id" in created:
+                self.subjects[str(created["id"])] = subject
+        return answer
 
     async def show(self, request_id: str) -> dict[str, Any]:
         async with self.http.get(
@@ -228,6 +269,7 @@ async def make_service(
 ) -> AsyncIterator[ServiceFactory]:
     """Start the service (same factory as production) on a loopback port; settings adjustable."""
     started: list[tuple[list[TestServer], aiohttp.ClientSession]] = []
+    subjects: dict[str, Subject] = {}
 
     async def start(**overrides: str) -> Service:
         port, admin_port = free_port(), free_port()
@@ -250,7 +292,7 @@ async def make_service(
         await public.start_server()
         http = aiohttp.ClientSession()
         started.append(([public, admin], http))
-        return Service(base, settings, app, http, f"http://127.0.0.1:{admin_port}")
+        return Service(base, settings, app, http, f"http://127.0.0.1:{admin_port}", subjects)
 
     yield start
     for servers, http in started:

@@ -114,6 +114,19 @@ async def post(
         return answer.status, await answer.json(content_type=None)
 
 
+async def delivery_cost(service: Service, url: str, body: bytes) -> tuple[int, dict[str, float]]:
+    """One callback delivery to `url`: its status, and the S3 calls (and other counters) it
+    moved on the service's /metrics, the poller's tick and census left out."""
+    before = await metric_counts(service)
+    async with service.http.post(url, data=body) as answer:
+        status = answer.status
+    after = await metric_counts(service)
+    spent = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    for key in ("s3:list_objects_v2", "s3:list_multipart_uploads", "receiver_poll_ticks_total"):
+        spent.pop(key, None)  # the poller's tick or census, if one fell in between
+    return status, spent
+
+
 async def raw_exchange(service: Service, request: bytes) -> bytes:
     """Send bytes on a raw socket and read what comes back (for what a client library hides)."""
     host, port = service.url.removeprefix("http://").split(":")

@@ -1,14 +1,13 @@
 """The callback address: the subject's keyed digest and a token in the path, so accepting a
-callback takes one S3 call on every replica; addresses of the earlier form stay valid."""
+callback takes one S3 call on every replica. (Addresses of the earlier form, which stay valid:
+test_callback_urls_earlier.py.)"""
 
 from __future__ import annotations
 
-from typing import Any
-
 from service.config import Secret
 from service.intake.urls import callback_url, token_valid
-from tests.conftest import CALLBACK_SECRET, Bucket, ServiceFactory, Simulator
-from tests.support import EMAIL, archive_key, metric_counts, payload, pending_request
+from tests.conftest import CALLBACK_SECRET, Bucket, Service, ServiceFactory, Simulator
+from tests.support import EMAIL, archive_key, delivery_cost, filed, payload, pending_request
 
 SECRET = Secret(CALLBACK_SECRET)
 
@@ -32,15 +31,14 @@ async def report_of(simulator: Simulator, request_id: str, store: Bucket) -> str
     return str(record[0].report)
 
 
-async def deliver(service: Any, url: str, body: bytes) -> tuple[int, dict[str, float]]:
-    before = await metric_counts(service)
-    async with service.http.post(url, data=body) as answer:
-        status = answer.status
-    after = await metric_counts(service)
-    spent = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-    for key in ("s3:list_objects_v2", "s3:list_multipart_uploads", "receiver_poll_ticks_total"):
-        spent.pop(key, None)  # the poller's tick or census, if one fell in between
-    return status, spent
+async def test_the_tests_deliver_to_the_address_the_service_gave_copernica(
+    service: Service, simulator: Simulator, store: Bucket
+) -> None:
+    """`Service.callback_url` (what most tests deliver to) is the report address itself."""
+    simulator.state.faults.lose_callback = True
+    for body in ({"email": f" {EMAIL} "}, {"profile": "0042"}, {"subprofile": 7}):
+        request_id = str((await filed(service, body))["id"])
+        assert service.callback_url(request_id) == await report_of(simulator, request_id, store)
 
 
 async def test_a_callback_costs_one_write_on_a_replica_that_never_saw_the_request(
@@ -52,14 +50,14 @@ async def test_a_callback_costs_one_write_on_a_replica_that_never_saw_the_reques
     assert EMAIL.lower() not in report.lower() and "@" not in report
     url = report.replace(filer.url, other.url)
 
-    status, spent = await deliver(other, url, payload())
+    status, spent = await delivery_cost(other, url, payload())
 
     assert status == 200
     assert spent == {"s3:put_object": 1}  # no record read: the URL carries the subject
     assert await store.read(archive_key(request_id)) == payload()
     # A repeat delivery streams again and ends in a refused conditional write: still 200,
     # still one object, and still one S3 call.
-    status, spent = await deliver(other, url, payload())
+    status, spent = await delivery_cost(other, url, payload())
     assert status == 200 and spent == {"s3:put_object": 1}
     assert await store.keys("archive/") == [archive_key(request_id)]
 
@@ -93,22 +91,3 @@ async def test_a_tampered_subject_or_token_is_404_before_the_body_is_read(
         async with service.http.post(url, data=payload()) as answer:
             assert answer.status == 404
     assert await store.keys("archive/") == []
-
-
-async def test_an_address_of_the_earlier_form_stays_valid(
-    make_service: ServiceFactory, simulator: Simulator, store: Bucket
-) -> None:
-    filer, other = await make_service(), await make_service()
-    request_id = await pending_request(filer, simulator)
-    earlier = callback_url(other.url, SECRET, request_id)  # what was filed before this release
-
-    status, spent = await deliver(other, earlier, payload())
-
-    assert status == 200
-    assert spent == {"s3:get_object": 1, "s3:put_object": 1}  # the subject from the record
-    assert await store.read(archive_key(request_id)) == payload()
-    async with other.http.post(
-        callback_url(other.url, SECRET, await pending_request(filer, simulator)),
-        data=payload(info_id="mallory@example.com"),
-    ) as answer:
-        assert answer.status == 422

@@ -13,16 +13,14 @@ from collections.abc import Callable
 import aiohttp
 import structlog
 
-from service.config import Secret
-from service.intake.callback import callback_url
 from service.logs import configure_logging
 from tests.conftest import (
     ACCESS_TOKEN,
-    CALLBACK_SECRET,
     Bucket,
     ServiceProcess,
     Simulator,
     make_settings,
+    report_url,
 )
 from tests.support import MIB, eventually, file_request, log_lines, text_of
 
@@ -70,7 +68,7 @@ async def test_a_sender_hanging_up_mid_body_is_an_outcome_of_its_own(
     replica = service_processes(S3_PART_BYTES=str(5 * MIB))
     async with aiohttp.ClientSession() as http:
         created = await file_request(http, replica.admin_url, {"email": "hang@example.com"})
-    path = callback_url("", Secret(CALLBACK_SECRET), created["id"])
+    path = report_url("", created["id"], ("email", "hang@example.com"))
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Content-Length: {20 * MIB}\r\n\r\n"
