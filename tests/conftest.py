@@ -263,12 +263,22 @@ class Service:
 ServiceFactory = Callable[..., Awaitable[Service]]
 
 
+class ServiceServer(TestServer):
+    """One listener of the service, run as `serve` runs it: no access log (request lines
+    carry callback tokens), and a handler whose client hangs up runs on to its answer (its
+    outcome counted and logged) where aiohttp's test server would cancel it."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        kwargs.update(handler_cancellation=False, access_log=None)
+        return web.AppRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 async def make_service(
     s3_endpoint: str, bucket: str, simulator: Simulator
 ) -> AsyncIterator[ServiceFactory]:
     """Start the service (same factory as production) on a loopback port; settings adjustable."""
-    started: list[tuple[list[TestServer], aiohttp.ClientSession]] = []
+    started: list[tuple[list[ServiceServer], aiohttp.ClientSession]] = []
     subjects: dict[str, Subject] = {}
 
     async def start(**overrides: str) -> Service:
@@ -285,10 +295,9 @@ async def make_service(
         }
         settings = make_settings(**env)
         app = create_app(settings)
-        # No access log, as in production (`serve`): request lines carry callback tokens.
-        admin = TestServer(app, host="127.0.0.1", port=admin_port, access_log=None)
+        admin = ServiceServer(app, host="127.0.0.1", port=admin_port)
         await admin.start_server()
-        public = TestServer(create_public_app(app), host="127.0.0.1", port=port, access_log=None)
+        public = ServiceServer(create_public_app(app), host="127.0.0.1", port=port)
         await public.start_server()
         http = aiohttp.ClientSession()
         started.append(([public, admin], http))

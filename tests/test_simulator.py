@@ -26,6 +26,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from service.simulator.app import _TASKS as SIM_TASKS
 from service.simulator.app import (
     SIM_STATE,
     SimState,
@@ -68,6 +69,7 @@ class Sim:
     url: str
     state: SimState
     http: aiohttp.ClientSession
+    app: web.Application
 
     async def call(
         self,
@@ -95,6 +97,12 @@ class Sim:
         return answer.headers["X-Created"]
 
 
+async def settled(sim: Sim) -> None:
+    """Until the simulator has no delivery waiting or under way: a negative check after this
+    sees everything it was going to deliver."""
+    await eventually(lambda: not sim.app[SIM_TASKS], timeout=5, what="no delivery under way")
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
@@ -115,7 +123,7 @@ def make_sim(aiohttp_server: Any, http: aiohttp.ClientSession) -> SimFactory:
         }
         app = create_simulator_app(SimulatorConfig(**(defaults | config)))
         server = await aiohttp_server(app, host="127.0.0.1")
-        return Sim(str(server.make_url("")).rstrip("/"), app[SIM_STATE], http)
+        return Sim(str(server.make_url("")).rstrip("/"), app[SIM_STATE], http, app)
 
     return make
 
@@ -583,8 +591,7 @@ async def test_a_5xx_answer_is_retried_and_a_4xx_ends_delivery(
     await eventually(lambda: len(sim.state.deliveries) == 3)
     second = await sim.create(report=receiver.url)
     await eventually(lambda: len(sim.state.deliveries) == 4)
-    # A negative check: room for a wrong extra attempt (retries come 0.01 s apart) to show.
-    await asyncio.sleep(0.05)
+    await settled(sim)  # then no wrong extra attempt can come
 
     assert [(d.copernica_id, d.status) for d in sim.state.deliveries] == [
         (first, 503),
@@ -602,8 +609,7 @@ async def test_an_unreachable_report_is_tried_retries_plus_one_times(
 
     await sim.create(report=f"http://127.0.0.1:{closed_port()}/report")
     await eventually(lambda: len(sim.state.deliveries) == 3)
-    # A negative check: room for a wrong extra attempt (retries come 0.01 s apart) to show.
-    await asyncio.sleep(0.05)
+    await settled(sim)  # then no wrong extra attempt can come
 
     assert [d.status for d in sim.state.deliveries] == [None, None, None]
 
@@ -629,7 +635,7 @@ async def test_a_lost_callback_is_never_posted_until_forced(
     assert (await sim.control("POST", "faults", {"lose_callback": True})).status == 200
 
     cid = await sim.create(report=receiver.url)
-    await asyncio.sleep(0.2)  # a negative check: ready at once, a delivery would come now
+    await settled(sim)  # ready at once: its delivery was due and is done with
     assert (await sim.call("GET", f"datarequest/{cid}/status")).json()["status"] == "available"
     assert receiver.bodies == [] and sim.state.deliveries == []
 
@@ -648,7 +654,7 @@ async def test_forcing_readiness_or_delivery_delivers_once_at_once(
     assert (await sim.control("POST", f"requests/{cid}/{action}")).status == 200
 
     await eventually(lambda: len(receiver.bodies) == 1, timeout=1)
-    await asyncio.sleep(0.05)  # a negative check: room for a second delivery to show
+    await settled(sim)  # then no second delivery can come
     assert len(receiver.bodies) == 1
 
 
@@ -723,7 +729,7 @@ async def test_faults_can_target_one_request_or_one_subject(
     wrong = await sim.create("email/ann%40example.com/datarequest", report=receiver.url)
 
     await eventually(lambda: len(receiver.bodies) == 2)
-    await asyncio.sleep(0.05)  # a negative check: room for the lost callback to show
+    await settled(sim)  # the lost callback's delivery is done with too
 
     assert receiver.bodies == [sim.state.payload_bytes(kept), sim.state.payload_bytes(wrong)]
     assert json.loads(receiver.bodies[1])["info"]["id"] != "ann@example.com"
