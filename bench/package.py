@@ -173,7 +173,7 @@ async def seed(env: dict[str, str], mib: float, string_mib: float) -> dict[str, 
     from service.clock import isoformat, utcnow
     from service.config import Settings
     from service.metrics import Metrics
-    from service.requests.records import RequestRecord
+    from service.requests.records import AccessRequest, Archive, DataRequest, Status
     from service.storage.s3 import ArchiveStore, s3_client
 
     settings = Settings.from_env(env, dotenv=None)
@@ -193,22 +193,13 @@ async def seed(env: dict[str, str], mib: float, string_mib: float) -> dict[str, 
             assert await upload.commit({"sha256": digest.hexdigest(), "size": str(size)})
         finally:
             await upload.abort()
-        record = RequestRecord(
-            id=request_id,
-            subject_type="email",
-            subject_id=SUBJECT,
-            status="archived",
-            copernica_id="1",
+        archive = Archive(store.bucket, key, digest.hexdigest(), size, "callback", received_at)
+        first = DataRequest("email", SUBJECT, Status.ARCHIVED, copernica_id="1", archive=archive)
+        record = AccessRequest.new(
+            request_id,
+            first,
             created_at=received_at,
             updated_at=received_at,
-            archive={
-                "bucket": store.bucket,
-                "key": key,
-                "sha256": digest.hexdigest(),
-                "size": size,
-                "source": "callback",
-                "received_at": received_at,
-            },
             received_on=utcnow().date().isoformat(),
         )
         await store.put(store.keys.record(request_id), record.to_bytes(), if_none_match=True)
@@ -250,7 +241,7 @@ def child(case: str, request_id: str, target: str) -> None:
     from service.config import Settings
     from service.logs import configure_logging
     from service.metrics import Metrics
-    from service.requests.records import RequestRecord
+    from service.requests.records import AccessRequest
     from service.storage.s3 import ArchiveStore, s3_client
 
     settings = Settings.from_env(dotenv=None)
@@ -263,7 +254,7 @@ def child(case: str, request_id: str, target: str) -> None:
             # service has done all that long before it builds a package.
             stored = await store.get(store.keys.record(request_id))
             assert stored is not None, "no request record"
-            record = RequestRecord.from_bytes(stored.body)
+            record = AccessRequest.from_bytes(stored.body)
             await asyncio.sleep(0)
             gc.collect()
             idle = _status_kib("VmRSS")

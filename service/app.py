@@ -133,7 +133,9 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
             settings.signature_max_skew_seconds,
         )
         app[CALLBACKS] = CallbackView(CallbackReceiver(intake, ledger), verifier, settings, metrics)
-        filing = Filing(store, ledger, schedule, deadlines, copernica, settings, metrics, key)
+        filing = Filing(
+            store, ledger, schedule, deadlines, copernica, settings, metrics, key, clock
+        )
         app[OPERATOR] = OperatorApi(filing, ledger, deadlines, store, settings, metrics)
         app[CONSOLE] = Console(app[OPERATOR], filing, ledger, deadlines, store, settings, metrics)
         # Events live in API v1 only; the same rate limit covers both clients.
@@ -150,12 +152,12 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         )
         migrations = Migrations(store, ledger, deadlines, schedule, clock)
         work = RequestWork(
-            store, ledger, copernica, events, intake, filing, packages, settings, metrics
+            store, ledger, copernica, events, intake, filing, packages, settings, metrics, clock
         )
         app[WORK] = work
-        app[POLLER] = Poller(ledger, schedule, work.do, settings, metrics, key)
+        app[POLLER] = Poller(ledger, schedule, work.do, settings, metrics, key, clock)
         app[HOUSEKEEPING] = Housekeeping(
-            store, schedule, deadlines, migrations, retention, settings, metrics
+            store, schedule, deadlines, migrations, retention, settings, metrics, clock
         )
         yield
         await store.close()

@@ -11,6 +11,8 @@ class Metrics:
     """One registry per application, so tests can build many apps in one process."""
 
     def __init__(self) -> None:
+        """Every metric of the process, declared in one place; it stays one function because
+        it is a list of declarations, read top to bottom beside /metrics' output."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.callbacks = Counter(

@@ -44,7 +44,7 @@ async def test_filed_request_is_called_back_and_archived_exactly(
     assert shown["archive"]["sha256"] == sha256(expected)
     assert shown["archive"]["source"] == "callback"
     record = json.loads(await store.read(f"copernica/requests/{created['id']}.json"))
-    assert record["subject_id"] == "carol@example.com"
+    assert record["data_requests"][0]["subject_id"] == "carol@example.com"
     assert record["status"] == "archived"  # folded into the record when read
 
 
@@ -196,8 +196,8 @@ async def test_a_filing_overtaken_by_the_poller_answers_202_with_its_copernica_i
         created = await answer.json()
     stored = json.loads(await store.read(keys[0]))
     assert created["status"] == stored["status"] == "pending"
-    assert created["copernica_id"] == stored["copernica_id"]
-    assert stored["copernica_id"] in simulator.state.requests
+    assert created["copernica_id"] == stored["data_requests"][0]["copernica_id"]
+    assert created["copernica_id"] in simulator.state.requests
 
 
 async def test_show_unknown_or_malformed_id_is_404(service: Service) -> None:

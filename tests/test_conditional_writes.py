@@ -24,7 +24,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import pytest
@@ -32,13 +32,14 @@ from aiohttp import web
 from ulid import ULID
 
 from service.app import COPERNICA, LEDGER, METRICS, POLLER, STORE, hash_key
+from service.clock import utcnow
 from service.collect.events import S3Sink
 from service.collect.filing import Filing, _key_hash, parse_new_request
 from service.copernica.events import Window
 from service.metrics import Metrics
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
-from service.requests.records import RequestRecord
+from service.requests.records import AccessRequest, DataRequest
 from service.requests.schedule import Schedule
 from service.simulator.app import SIM_STATE, SimulatorConfig, create_simulator_app
 from service.storage.s3 import ArchiveStore, PreconditionFailed, s3_client
@@ -244,21 +245,21 @@ async def test_two_replicas_taking_the_lease_from_one_read_only_one_wins(
     replica: Replica,
 ) -> None:
     first, second = Ledger(await replica(), b"k"), Ledger(await replica(), b"k")
-    record = RequestRecord(id=str(ULID()), subject_type="email", subject_id=EMAIL)
-    record.mark_pending("7")
+    record = AccessRequest.new(str(ULID()), DataRequest("email", EMAIL))
+    record.first.mark_pending("7")
     await first.create(record)
     [(mine, etag), (theirs, same_etag)] = [await first.get(record.id), await second.get(record.id)]  # type: ignore[misc]
     assert etag == same_etag
 
-    mine.take_lease("replica-a", 600)
+    mine.take_lease("replica-a", utcnow() + timedelta(seconds=600))
     await first.save(mine, etag)
-    theirs.take_lease("replica-b", 600)
+    theirs.take_lease("replica-b", utcnow() + timedelta(seconds=600))
     with pytest.raises(PreconditionFailed):
         await second.save(theirs, same_etag)
 
     stored, _ = await second.get(record.id)  # type: ignore[misc]
-    assert stored.lease is not None and stored.lease["owner"] == "replica-a"
-    assert stored.leased_to_other("replica-b")
+    assert stored.lease is not None and stored.lease.owner == "replica-a"
+    assert stored.leased_to_other("replica-b", utcnow())
 
 
 async def test_an_extension_made_while_the_poller_works_is_not_undone(
@@ -302,13 +303,13 @@ async def test_an_extension_made_while_the_poller_works_is_not_undone(
 async def test_a_record_is_created_once(replica: Replica) -> None:
     first, second = Ledger(await replica(), b"k"), Ledger(await replica(), b"k")
     request_id = str(ULID())
-    await first.create(RequestRecord(id=request_id, subject_type="email", subject_id=EMAIL))
+    await first.create(AccessRequest.new(request_id, DataRequest("email", EMAIL)))
 
     with pytest.raises(PreconditionFailed):
-        await second.create(RequestRecord(id=request_id, subject_type="profile", subject_id="9"))
+        await second.create(AccessRequest.new(request_id, DataRequest("profile", "9")))
 
     stored, _ = await first.get(request_id)  # type: ignore[misc]
-    assert (stored.subject_type, stored.subject_id) == ("email", EMAIL)
+    assert (stored.subject.type, stored.subject.id) == ("email", EMAIL)
 
 
 async def test_a_stalled_filer_resuming_after_a_takeover_does_not_file_twice(

@@ -20,7 +20,7 @@ from yarl import URL
 from service.clock import isoformat
 from service.config import Secret
 from service.requests.deadline import due_by
-from service.requests.records import RequestRecord
+from service.requests.records import AccessRequest, DataRequest, Status
 from service.web.console.session import SESSION, SESSION_SECONDS, Sessions, set_cookie
 from tests.browser import chromium
 from tests.conftest import (
@@ -319,7 +319,7 @@ async def test_a_page_of_requests_reads_one_page_of_records(
         await visitor.close()
 
 
-async def seed_requests(store: Bucket) -> list[RequestRecord]:
+async def seed_requests(store: Bucket) -> list[AccessRequest]:
     """Requests received over the last 45 days, three a day, in three statuses; one in five
     already answered. Written as the ledger writes them: a record, and a deadline marker
     while the request is not answered."""
@@ -331,15 +331,17 @@ async def seed_requests(store: Bucket) -> list[RequestRecord]:
         subject = f"person{n}@example.com"
         if n == 130:  # among the oldest: on the first page of "all"
             subject = "<img src=x onerror=alert(1)>@example.com"
-        record = RequestRecord(
-            id=str(ULID.from_datetime(created)),
-            subject_type="email",
-            subject_id=subject,
-            status=statuses[n % 3],  # type: ignore[arg-type]
-            copernica_id=str(1000 + n),
+        record = AccessRequest.new(
+            str(ULID.from_datetime(created)),
+            DataRequest(
+                "email",
+                subject,
+                status=Status(statuses[n % 3]),
+                copernica_id=str(1000 + n),
+                attempts=1,
+            ),
             created_at=isoformat(created),
             updated_at=isoformat(created),
-            attempts=1,
             received_on=received.isoformat(),
             answered_at=isoformat(created + timedelta(days=1)) if n % 5 == 4 else None,
         )

@@ -18,7 +18,7 @@ What is driven, and how:
   of one replica, any time may pass on another (a stall, an S3 retry, a short interval).
 - A crash cancels a replica's visit at whatever S3 call it waits for; the replica comes back
   as a new process (a new lease owner).
-- Time: a lease is taken and checked on the system clock (`RequestRecord.take_lease` and
+- Time: a lease is taken and checked on the system clock (`AccessRequest.take_lease` and
   `leased_to_other` take no `Clock`), and leases that run out on the real clock would make
   each run take other branches (hypothesis needs the same choices to give the same run). So
   a lease either never runs out here (3600 s) or has run out before anybody else looks
@@ -73,7 +73,7 @@ from service.collect.visits import Poller, Visit, Work
 from service.config import Settings
 from service.metrics import Metrics
 from service.requests.ledger import Ledger
-from service.requests.records import RequestRecord
+from service.requests.records import AccessRequest, DataRequest
 from service.requests.schedule import Schedule, stamp
 from service.storage.s3 import ArchiveStore, PreconditionFailed, s3_client
 from tests.conftest import make_settings
@@ -99,7 +99,7 @@ def poller_for(
     return Poller(ledger, schedule, work, settings, metrics, HASH_KEY)
 
 
-async def no_work(record: RequestRecord) -> Visit:
+async def no_work(record: AccessRequest) -> Visit:
     raise AssertionError(f"the work was called for {record.id}: no visit should get that far")
 
 
@@ -257,7 +257,7 @@ class LeaseModel(RuleBasedStateMachine):
         filer_store = self._store(self.filer_actor, None)
         self.filer_ledger = Ledger(filer_store, HASH_KEY)
         self.filer_schedule = Schedule(filer_store)
-        self.filer_record: RequestRecord | None = None
+        self.filer_record: AccessRequest | None = None
         self.filer_etag = ""
         self.unleased: list[str] = []  # works begun without the lease
 
@@ -280,16 +280,15 @@ class LeaseModel(RuleBasedStateMachine):
     def file_marker(self, lease: float) -> None:
         """The marker goes first. (A filer that crashes, or stalls beyond its lease, is one
         that takes no further step here.)"""
-        record = RequestRecord(
-            id=self.request_id,
-            subject_type="email",
-            subject_id="someone@example.com",
+        record = AccessRequest.new(
+            self.request_id,
+            DataRequest("email", "someone@example.com"),
             next_poll_at=stamp(utcnow() + timedelta(seconds=COME_BACK)),
             received_on=utcnow().date().isoformat(),
         )
         assert record.next_poll_at is not None
         self.run(self.filer_schedule.schedule(record.id, record.next_poll_at))
-        record.take_lease(FILING_OWNER, lease)
+        record.take_lease(FILING_OWNER, utcnow() + timedelta(seconds=lease))
         self.filer_actor.lease = lease
         self.filer_record, self.filer = record, "marked"
 
@@ -322,7 +321,7 @@ class LeaseModel(RuleBasedStateMachine):
         return [r for r in self.replicas if r.task is not None]
 
     def _work_of(self, replica: Replica) -> Work:
-        async def work(record: RequestRecord) -> Visit:
+        async def work(record: AccessRequest) -> Visit:
             if replica.actor.holding_until is None:
                 self.unleased.append(f"{replica.owner} works without a lease it wrote")
             await replica.gate.enter("work")
@@ -420,7 +419,7 @@ class LeaseModel(RuleBasedStateMachine):
         found = self.run(self.store.get(self.store.keys.record(self.request_id)))
         if found is None:
             return
-        record = RequestRecord.from_bytes(found.body)
+        record = AccessRequest.from_bytes(found.body)
         if record.finished:
             return
         assert record.next_poll_at is not None, "an open request without a next visit"
@@ -507,11 +506,8 @@ async def test_a_visit_during_filing_leaves_the_new_request_scheduled(
     between must not drop it (the record, once written, names it)."""
     filer, poller = replicas[0].ledger, replicas[1].poller
     schedule = replicas[0].schedule
-    record = RequestRecord(
-        id=str(ULID()),
-        subject_type="email",
-        subject_id="someone@example.com",
-        next_poll_at=stamp(utcnow()),
+    record = AccessRequest.new(
+        str(ULID()), DataRequest("email", "someone@example.com"), next_poll_at=stamp(utcnow())
     )
     assert record.next_poll_at is not None
     await schedule.schedule(record.id, record.next_poll_at)
@@ -530,14 +526,14 @@ async def test_a_visit_during_a_reschedule_leaves_the_new_marker(
     first, second = replicas
     ledger, schedule = first.ledger, first.schedule
     old = stamp(utcnow())
-    record = RequestRecord(
-        id=str(ULID()), subject_type="email", subject_id="someone@example.com", next_poll_at=old
+    record = AccessRequest.new(
+        str(ULID()), DataRequest("email", "someone@example.com"), next_poll_at=old
     )
-    record.mark_pending("4711")
+    record.first.mark_pending("4711")
     await schedule.schedule(record.id, old)
     etag = await ledger.create(record)
     # The first replica's visit: lease taken, work done, its next marker put...
-    record.take_lease(first.poller.owner, 600)
+    record.take_lease(first.poller.owner, utcnow() + timedelta(seconds=600))
     etag = await ledger.save(record, etag)
     record.lease, record.next_poll_at = None, stamp(utcnow())
     await schedule.schedule(record.id, record.next_poll_at)
@@ -553,10 +549,10 @@ async def test_markers_certainly_stale_are_still_dropped(replicas: tuple[Side, S
     """A marker before the record's next visit, or of a finished request, goes when met."""
     poller, ledger, schedule = replicas[0].poller, replicas[0].ledger, replicas[0].schedule
     earlier, current = stamp(utcnow() - timedelta(seconds=1)), stamp(utcnow())
-    record = RequestRecord(
-        id=str(ULID()), subject_type="email", subject_id="someone@example.com", next_poll_at=current
+    record = AccessRequest.new(
+        str(ULID()), DataRequest("email", "someone@example.com"), next_poll_at=current
     )
-    record.mark_pending("4711")
+    record.first.mark_pending("4711")
     for when in (earlier, current):
         await schedule.schedule(record.id, when)
     etag = await ledger.create(record)
@@ -564,7 +560,7 @@ async def test_markers_certainly_stale_are_still_dropped(replicas: tuple[Side, S
     await poller.visit(record.id, earlier)
     assert await scheduled(schedule, record.id) == [current]
 
-    record.mark_expired("gone")
+    record.first.mark_expired("gone")
     await ledger.save(record, etag)
     await poller.visit(record.id, current)
     assert await scheduled(schedule, record.id) == []

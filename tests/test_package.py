@@ -19,7 +19,7 @@ from ulid import ULID
 from service.answer.package import PackageBuilder, PackageError, _Pipe
 from service.clock import parse_isoformat, utcnow
 from service.metrics import Metrics
-from service.requests.records import RequestRecord
+from service.requests.records import AccessRequest, Archive, Status
 from service.requests.schedule import stamp
 from service.simulator.payloads import make_events
 from service.storage.s3 import ArchiveStore, s3_client
@@ -237,8 +237,8 @@ async def test_racing_builders_write_one_package_and_agree_on_it(
     service = await make_service(POLL_INTERVAL_SECONDS="600")  # its poller stays out of it
     created = await filed(service, {"email": "jo@example.com"})
     await eventually(lambda: store.keys("archive/"))
-    record = RequestRecord.from_bytes(json.dumps(await record_of(store, created["id"])).encode())
-    record.status = "archived"
+    record = AccessRequest.from_bytes(json.dumps(await record_of(store, created["id"])).encode())
+    record.first.status = Status.ARCHIVED
 
     settings, client = await builder_for(s3_endpoint, bucket)
     async with client as s3:
@@ -249,7 +249,7 @@ async def test_racing_builders_write_one_package_and_agree_on_it(
     key = f"copernica/packages/{created['id']}.zip"
     assert await store.keys("packages/") == [key]
     stored = await store.read(key)
-    assert {r["sha256"] for r in results} == {sha256(stored)}
+    assert {r.package.sha256 for r in results} == {sha256(stored)}
     assert await store.uploads() == []
 
 
@@ -259,9 +259,10 @@ async def test_an_archive_that_does_not_match_its_sha256_is_not_packaged(
     service = await make_service(POLL_INTERVAL_SECONDS="600")
     created = await filed(service, {"email": "kim@example.com"})
     await eventually(lambda: store.keys("archive/"))
-    record = RequestRecord.from_bytes(json.dumps(await record_of(store, created["id"])).encode())
-    record.status = "archived"
-    record.archive = {"sha256": hashlib.sha256(b"something else").hexdigest()}
+    record = AccessRequest.from_bytes(json.dumps(await record_of(store, created["id"])).encode())
+    record.first.mark_archived(
+        Archive("b", "k", hashlib.sha256(b"something else").hexdigest(), 1, "poll", None)
+    )
 
     settings, client = await builder_for(s3_endpoint, bucket)
     async with client as s3:
@@ -333,7 +334,7 @@ async def test_an_archive_whose_sha256_note_was_lost_gets_it_from_the_package_bu
         lambda r: r.get("package") is not None,
         what="the package",
     )
-    assert record["archive"]["sha256"] == sha256(body)
+    assert record["data_requests"][0]["archive"]["sha256"] == sha256(body)
     assert "data_sha256" not in record["package"]
 
 
@@ -387,4 +388,4 @@ async def test_an_adopted_package_with_a_lost_sha256_note_gets_it_from_the_archi
         what="the adopted package",
     )
     assert record["package"]["sha256"] == sha256(left)
-    assert record["archive"]["sha256"] == sha256(body)
+    assert record["data_requests"][0]["archive"]["sha256"] == sha256(body)

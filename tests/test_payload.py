@@ -18,7 +18,7 @@ from service.intake.payload import (
     is_plain_not_available,
 )
 from service.requests.ledger import Addressee, Ledger
-from service.requests.records import RequestRecord
+from service.requests.records import AccessRequest, DataRequest
 
 MIB = 1024 * 1024
 
@@ -166,9 +166,7 @@ def test_one_huge_token_is_refused_before_it_is_buffered_whole() -> None:
 
 
 def addressee(kind: str, subject_id: str) -> Addressee:
-    record = RequestRecord(
-        id="01ARZ3NDEKTSV4RRFFQ69G5FAV", subject_type=kind, subject_id=subject_id
-    )
+    record = AccessRequest.new("01ARZ3NDEKTSV4RRFFQ69G5FAV", DataRequest(kind, subject_id))
     return Ledger(None, b"key").addressee_of(record)  # type: ignore[arg-type]
 
 

@@ -103,8 +103,8 @@ async def test_a_different_body_stored_first_keeps_its_facts_and_gets_its_packag
         lambda r: r.get("package") is not None or bool(r.get("last_error")),
         what="a package or an error",
     )
-    assert record["last_error"] is None
-    assert record["archive"]["sha256"] == sha256(stored_first)
+    assert record["data_requests"][0]["last_error"] is None
+    assert record["data_requests"][0]["archive"]["sha256"] == sha256(stored_first)
     assert await store.read(archive_key(created["id"])) == stored_first
     assert record["package"]["sha256"]
 
@@ -185,7 +185,8 @@ async def test_crash_after_copernica_accepted_is_recovered_without_a_second_arch
     created = await filed(service, {"email": "max@example.com"})
     record_key = f"copernica/requests/{created['id']}.json"
     crashed = await record_of(store, created["id"])
-    crashed.update(status="submitting", copernica_id=None, version=crashed["version"] + 1)
+    crashed["data_requests"][0].update(status="submitting", copernica_id=None)
+    crashed["version"] += 1
     await store.client.put_object(
         Bucket=store.name, Key=record_key, Body=json.dumps(crashed).encode()
     )
@@ -197,7 +198,7 @@ async def test_crash_after_copernica_accepted_is_recovered_without_a_second_arch
     assert len(simulator.state.requests) == 2  # the lost answer's request and the new one
     assert shown["copernica_id"] == "1001" and shown["attempts"] == 2
     assert await store.keys("archive/") == [archive_key(created["id"])]
-    assert (await record_of(store, created["id"]))["extra"]["resubmitted"] == 1
+    assert (await record_of(store, created["id"]))["data_requests"][0]["resubmitted"] == 1
 
 
 async def test_copernica_429_and_503_are_backed_off_and_the_rate_limit_holds(

@@ -91,13 +91,15 @@ async def test_only_due_requests_are_purged(
     assert await store.keys("idempotency/") == []
     purged = await record_of(store, due["id"])
     assert purged["status"] == "purged" and purged["purged_at"]
-    assert purged["subject_id"].startswith("hmac-sha256:")
+    assert purged["data_requests"][0]["subject_id"].startswith("hmac-sha256:")
     assert "mo@example.com" not in json.dumps(purged)
     assert purged["package"]["sha256"] == due_package["sha256"]  # the facts stay
     assert await snapshot(store, young["id"]) == young_before
     assert young_package["key"] in young_before
     assert await everything_of(store, unpackaged["id"]) == unpackaged_before
-    assert (await record_of(store, unpackaged["id"]))["subject_id"] == "oz@example.com"
+    assert (await record_of(store, unpackaged["id"]))["data_requests"][0][
+        "subject_id"
+    ] == "oz@example.com"
 
     shown = await service.show(due["id"])
     assert shown["status"] == "purged"
@@ -183,4 +185,6 @@ async def test_the_service_purges_on_its_own_after_retention(
     assert await metric(service, "receiver_purged_total") == 1
     # The request without a package is untouched.
     assert await everything_of(store, waiting["id"]) == waiting_before
-    assert (await record_of(store, waiting["id"]))["subject_id"] == "pat@example.com"
+    assert (await record_of(store, waiting["id"]))["data_requests"][0][
+        "subject_id"
+    ] == "pat@example.com"

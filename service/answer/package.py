@@ -32,7 +32,7 @@ from stream_zip import ZIP_32, ZIP_64, stream_zip
 from service.answer.report.builder import ReportBuilder
 from service.answer.report.context import ReportContext
 from service.clock import isoformat, utcnow
-from service.requests.records import RequestRecord
+from service.requests.records import AccessRequest, Package
 from service.storage.s3 import AlreadyArchived, ArchiveStore, NotFound
 
 log = structlog.get_logger(__name__)
@@ -46,6 +46,15 @@ ZIP_CHUNK_BYTES = 1024 * 1024
 # Beyond this the ZIP needs its 64-bit form (sizes and offsets of the classic form are 32-bit).
 ZIP32_LIMIT = 4_000_000_000
 _MODE = stat.S_IFREG | 0o644
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """What building (or adopting) a package gives: the package, and the sha256 of the data
+    the build read whole (None for an adopted package, which read nothing)."""
+
+    package: Package
+    data_sha256: str | None = None
 
 
 class PackageError(Exception):
@@ -81,9 +90,9 @@ class PackageBuilder:
         self._store = store
         self._controller = controller
 
-    async def ensure(self, record: RequestRecord) -> dict[str, Any]:
-        """The package's facts `{key, sha256, size, built_at}`: built now, or the one found.
-        A package built now also says its data.json's sha256 (`data_sha256`)."""
+    async def ensure(self, record: AccessRequest) -> Built:
+        """The package: built now, or the one found. A package built now also says its
+        data.json's sha256 (`Built.data_sha256`)."""
         key = self._store.keys.package(record.id)
         if await self._store.head(key) is None:
             try:
@@ -94,7 +103,7 @@ class PackageBuilder:
                 return built
         return await self.adopt(key)
 
-    async def adopt(self, key: str) -> dict[str, Any]:
+    async def adopt(self, key: str) -> Built:
         """Facts of a package already in S3, its sha256 read back if S3 does not keep it."""
         head = await self._store.head(key)
         if head is None:
@@ -108,15 +117,11 @@ class PackageBuilder:
                     digest.update(chunk)
             sha256 = digest.hexdigest()
         log.info("package_adopted", key=key, size=size)
-        return {
-            "key": key,
-            "sha256": sha256,
-            "size": size,
-            "built_at": isoformat(head["LastModified"]),
-        }
+        return Built(Package(key, sha256, size, isoformat(head["LastModified"])))
 
-    async def _build(self, record: RequestRecord, key: str) -> dict[str, Any] | None:
-        """Stream the ZIP into S3; None if another writer's package won the race.
+    async def _build(self, record: AccessRequest, key: str) -> Built | None:
+        """Stream the ZIP into S3; None if another writer's package won the race. It stays
+        one function: the pipe, the thread and the upload are set up and torn down together.
 
         The loop does the I/O: `_feed` reads the archive and the events windows from S3
         into a small queue, and the upload takes the ZIP's chunks. The CPU work (deflate,
@@ -131,7 +136,7 @@ class PackageBuilder:
         if head is None:
             raise PackageError(f"no archive object for request {record.id}")
         windows = []
-        if record.events is not None:
+        if record.first.events is not None:
             folder = self._store.keys.events_folder(record.id)
             windows = [item async for item in self._store.objects(folder)]
         loop = asyncio.get_running_loop()
@@ -142,7 +147,7 @@ class PackageBuilder:
             built_at,
             pipe,
             data_size=int(head["ContentLength"]),
-            events_size=sum(w.size for w in windows) if record.events is not None else None,
+            events_size=sum(w.size for w in windows) if record.first.events is not None else None,
         )
         upload = self._store.upload(
             key, {"request-id": record.id, "built-at": isoformat(built_at)}, CONTENT_TYPE
@@ -179,13 +184,9 @@ class PackageBuilder:
             files=len(contents.files),
         )
         data = next(f for f in contents.files if f.name == "data.json")
-        return {
-            "key": key,
-            "sha256": whole.digest.hexdigest(),
-            "size": whole.size,
-            "built_at": isoformat(built_at),
-            "data_sha256": data.digest.hexdigest(),  # of the archive, read whole to build it
-        }
+        package = Package(key, whole.digest.hexdigest(), whole.size, isoformat(built_at))
+        # data.json's sha256: the build read the archive whole
+        return Built(package, data_sha256=data.digest.hexdigest())
 
     async def _feed(self, archive_key: str, window_keys: list[str], pipe: _Pipe) -> None:
         """The package's inputs in order: the archive's chunks, then each events window."""
@@ -204,23 +205,24 @@ class PackageBuilder:
             pipe.fail(exc)
             raise
 
-    def _context(self, record: RequestRecord, built_at: datetime) -> ReportContext:
-        events = record.events
+    def _context(self, record: AccessRequest, built_at: datetime) -> ReportContext:
+        first = record.first
+        events = first.events
         label = (
-            record.subject_id
-            if record.subject_type == "email"
-            else f"{record.subject_type} {record.subject_id}"
+            first.subject_id
+            if first.subject_type == "email"
+            else f"{first.subject_type} {first.subject_id}"
         )
         return ReportContext(
             request_id=record.id,
-            subject_type=record.subject_type,
+            subject_type=first.subject_type,
             subject_label=label,
             controller=self._controller,
             received_on=record.deadline.received_on,
             due_by=record.deadline.due_by,
             generated_at=built_at,
             events_range=(
-                (date.fromisoformat(events["since"]), date.fromisoformat(events["until"]))
+                (date.fromisoformat(events.since), date.fromisoformat(events.until))
                 if events
                 else None
             ),
@@ -297,7 +299,7 @@ class _Contents:
 
     def __init__(
         self,
-        record: RequestRecord,
+        record: AccessRequest,
         report: ReportBuilder,
         built_at: datetime,
         pipe: _Pipe,
@@ -326,7 +328,7 @@ class _Contents:
         record = self._record
         manifest = {
             "request_id": record.id,
-            "subject_type": record.subject_type,
+            "subject_type": record.first.subject_type,
             "received_on": record.deadline.received_on.isoformat(),
             "due_by": record.deadline.due_by.isoformat(),
             "built_at": isoformat(self._built_at),
@@ -347,7 +349,8 @@ class _Contents:
             for chunk in self._pipe.until_end():
                 feed(chunk)
                 yield member.add(chunk)
-        expected = (self._record.archive or {}).get("sha256")
+        archive = self._record.first.archive
+        expected = archive.sha256 if archive is not None else None
         if expected and expected != member.digest.hexdigest():
             raise PackageError(
                 f"archive of {self._record.id} does not match its recorded sha256; not packaged"

@@ -23,7 +23,7 @@ from service.logs import subject_digest
 from service.metrics import Metrics
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
-from service.requests.records import RequestRecord, Status
+from service.requests.records import AccessRequest, Status
 from service.storage.s3 import ArchiveStore
 
 log = structlog.get_logger(__name__)
@@ -52,13 +52,13 @@ class Retention:
     def enabled(self) -> bool:
         return self._keep is not None
 
-    def due(self, record: RequestRecord, package_key: str, now: datetime) -> bool:
+    def due(self, record: AccessRequest, package_key: str, now: datetime) -> bool:
         """Everything of this request may be deleted now."""
         if self._keep is None or record.status is not Status.ARCHIVED or record.package is None:
             return False
-        if record.package.get("key") != package_key:
+        if record.package.key != package_key:
             return False
-        return parse_isoformat(record.package["built_at"]) + self._keep <= now
+        return parse_isoformat(record.package.built_at) + self._keep <= now
 
     async def sweep(self) -> int:
         """Purge every request that is due now (on the clock); returns how many were purged."""
@@ -90,12 +90,12 @@ class Retention:
             return False
         if not self.due(record, package_key, now):
             return False
-        built_at = record.package["built_at"] if record.package else None
+        built_at = record.package.built_at if record.package else None
         await self._delete_stored(record)
-        digest = subject_digest(self._hash_key, record.subject_type, record.subject_id)
+        digest = subject_digest(self._hash_key, record.subject.type, record.subject.id)
         at = isoformat(now)
 
-        def scrub(current: RequestRecord) -> bool:
+        def scrub(current: AccessRequest) -> bool:
             if current.status is Status.PURGED:
                 return False
             if not self.due(current, package_key, now):
@@ -109,7 +109,7 @@ class Retention:
         log.info("purged", request_id=request_id, package_built_at=built_at)
         return True
 
-    async def _delete_stored(self, record: RequestRecord) -> None:
+    async def _delete_stored(self, record: AccessRequest) -> None:
         keys = self._store.keys
         # The archive's bytes are replaced by an empty tombstone rather than deleted: a late
         # delivery of the callback (its URL needs no record) then meets an existing key and

@@ -21,6 +21,8 @@ _M_MMAP_THRESHOLD = -3
 
 
 def _parser() -> argparse.ArgumentParser:
+    """Every subcommand and option; it stays one function because it is a list of
+    declarations that reads like `--help`."""
     parser = argparse.ArgumentParser(
         prog="copernica-receiver",
         description="Files Copernica data requests and archives their results to S3.",

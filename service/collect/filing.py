@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 from ulid import ULID
 
-from service.clock import isoformat, utcnow
+from service.clock import SYSTEM, Clock, utcnow
 from service.collect.events import lookback, request_windows
 from service.config import Settings
 from service.copernica.client import Backoff, CopernicaClient, CopernicaError, CopernicaUnavailable
@@ -32,7 +32,7 @@ from service.metrics import Metrics
 from service.requests.deadline import DeadlineInputError, parse_received_on
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger, RecordConflict
-from service.requests.records import REPLICA, RequestRecord, Status
+from service.requests.records import REPLICA, AccessRequest, DataRequest, Events, Status
 from service.requests.schedule import Schedule
 from service.storage.s3 import ArchiveStore, NotFound, PreconditionFailed
 
@@ -156,7 +156,9 @@ class Filing:
         settings: Settings,
         metrics: Metrics,
         hash_key: bytes,
+        clock: Clock = SYSTEM,
     ) -> None:
+        self._clock = clock
         self._store = store
         self._ledger = ledger
         self._schedule = schedule
@@ -171,14 +173,14 @@ class Filing:
             + _FILING_BACKOFF.attempts * _FILING_BACKOFF.cap
         )
 
-    async def file(self, new: NewRequest, idempotency_key: str | None) -> RequestRecord:
+    async def file(self, new: NewRequest, idempotency_key: str | None) -> AccessRequest:
         request_id = str(ULID())
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             return await self._file(new, idempotency_key, request_id)
 
     async def _file(
         self, new: NewRequest, idempotency_key: str | None, request_id: str
-    ) -> RequestRecord:
+    ) -> AccessRequest:
         if idempotency_key is not None:
             first_id = await self._claim_key(idempotency_key, new, request_id)
             if first_id != request_id:
@@ -188,20 +190,23 @@ class Filing:
                 # The first filer has claimed the key but not yet written its record: it is
                 # still at work, or it died in between (then, after its lease would have run
                 # out, this request takes over its id).
-                if utcnow() - ULID.from_str(first_id).datetime < timedelta(
+                if self._clock.now() - ULID.from_str(first_id).datetime < timedelta(
                     seconds=self._filing_budget
                 ):
                     raise IdempotencyInProgress(idempotency_key)
                 request_id = first_id
-        record = RequestRecord(
-            id=request_id,
+        first = DataRequest(
             subject_type=new.subject.type,
             subject_id=new.subject.id,
             report=self._settings.public_base_url is not None,
+            events=self._events_of(new),
+        )
+        record = AccessRequest.new(
+            request_id,
+            first,
             idempotency_key=_key_hash(self._hash_key, idempotency_key) if idempotency_key else None,
             next_poll_at=self._schedule.stamp_in(self._settings.poll_interval_seconds),
-            events=self._events_of(new),
-            received_on=(new.received_on or utcnow().date()).isoformat(),
+            received_on=(new.received_on or self._clock.now().date()).isoformat(),
         )
         # The markers go first: a crash after them leaves a marker without a record (dropped
         # when met), never a record the poller or the deadline index does not know about.
@@ -210,7 +215,7 @@ class Filing:
         await self._deadlines.open(record.id, record.deadline.due_by)
         # While we file, the poller keeps off (our lease); if we crash, the lease runs out and
         # the poller finds a `submitting` record to file again.
-        record.take_lease(FILING_OWNER, self._filing_budget)
+        record.take_lease(FILING_OWNER, self._clock.now() + timedelta(seconds=self._filing_budget))
         try:
             etag = await self._ledger.create(record)
         except PreconditionFailed:
@@ -230,14 +235,17 @@ class Filing:
             return await self._overtaken(record)
         return record
 
-    async def _overtaken(self, ours: RequestRecord) -> RequestRecord:
-        def settle(current: RequestRecord) -> bool:
-            if current.status is not Status.SUBMITTING:
+    async def _overtaken(self, ours: AccessRequest) -> AccessRequest:
+        mine = ours.first
+
+        def settle(current: AccessRequest) -> bool:
+            theirs = current.first
+            if theirs.status is not Status.SUBMITTING:
                 return False  # the takeover got Copernica's answer: it stands
-            if ours.status is Status.PENDING and ours.copernica_id is not None:
-                current.mark_pending(ours.copernica_id)
-            elif ours.status is Status.FAILED and ours.last_error is not None:
-                current.mark_failed(ours.last_error)
+            if mine.status is Status.PENDING and mine.copernica_id is not None:
+                theirs.mark_pending(mine.copernica_id)
+            elif mine.status is Status.FAILED and mine.last_error is not None:
+                theirs.mark_failed(mine.last_error)
             else:
                 return False
             return True
@@ -248,23 +256,19 @@ class Filing:
             raise RecordConflict(ours.id)
         return current
 
-    def _events_of(self, new: NewRequest) -> dict[str, Any] | None:
+    def _events_of(self, new: NewRequest) -> Events | None:
         """What events to archive with the data: asked for, or EVENTS_LOOKBACK_DAYS."""
         asked = new.events
         if asked is None and self._settings.events_lookback_days > 0:
-            asked = lookback(utcnow().date(), self._settings.events_lookback_days)
+            asked = lookback(self._clock.now().date(), self._settings.events_lookback_days)
         if asked is None:
             return None
-        return {
-            **asked,
-            "windows": len(request_windows(asked)),
-            "stored": 0,
-            "events": 0,
-            "complete": False,
-        }
+        return Events(asked["since"], asked["until"], windows=len(request_windows(asked)))
 
-    async def call_copernica(self, record: RequestRecord) -> None:
-        """Ask Copernica for the data; the record says how it went (pending, failed, or not)."""
+    async def call_copernica(self, record: AccessRequest) -> None:
+        """Ask Copernica for the first data request's data; the data request says how it
+        went (pending, failed, or not yet)."""
+        data = record.first
         settings = self._settings
         report = None
         if settings.public_base_url and settings.callback_secret:
@@ -274,27 +278,27 @@ class Filing:
                 record.id,
                 self._ledger.subject_digest_of(record),
             )
-        record.attempts += 1
+        data.attempts += 1
         outcome = "pending"
         try:
-            record.mark_pending(
+            data.mark_pending(
                 await self._copernica.create_datarequest(
-                    record.subject, report, backoff=_FILING_BACKOFF
+                    data.subject, report, backoff=_FILING_BACKOFF
                 )
             )
         except CopernicaError as exc:
-            record.mark_failed(str(exc))
+            data.mark_failed(str(exc))
             outcome = "failed"
         except CopernicaUnavailable as exc:
-            record.last_error, outcome = str(exc), "retry"
+            data.last_error, outcome = str(exc), "retry"
         self._metrics.requests_filed.labels(outcome).inc()
         log.info(
             "datarequest_filed",
             request_id=record.id,
-            subject=subject_hash(self._hash_key, record.subject_type, record.subject_id),
-            status=record.status,
-            copernica_id=record.copernica_id,
-            error=record.last_error,
+            subject=subject_hash(self._hash_key, data.subject_type, data.subject_id),
+            status=data.status,
+            copernica_id=data.copernica_id,
+            error=data.last_error,
         )
 
     async def _claim_key(self, key: str, new: NewRequest, request_id: str) -> str:
@@ -318,43 +322,3 @@ def _key_hash(hash_key: bytes, idempotency_key: str) -> str:
     return hmac.new(
         hash_key, b"idempotency:" + idempotency_key.encode(), hashlib.sha256
     ).hexdigest()
-
-
-def describe(record: RequestRecord, today: date | None = None) -> dict[str, Any]:
-    """The operator's view of a request (no raw subject: it stays in the record)."""
-    today = today or utcnow().date()
-    deadline = record.deadline
-    return {
-        "id": record.id,
-        "status": record.status,
-        "subject_type": record.subject_type,
-        "copernica_id": record.copernica_id,
-        "created_at": record.created_at,
-        "updated_at": record.updated_at,
-        "attempts": record.attempts,
-        "last_error": record.last_error,
-        "archive": record.archive,
-        "events": record.events,
-        "received_on": deadline.received_on.isoformat(),
-        "due_by": deadline.due_by.isoformat(),
-        "days_left": deadline.days_left(today),
-        "overdue": deadline.overdue(today),
-        "extension": record.extension,
-        "package": record.package,
-        "answered_at": record.answered_at,
-        "purged_at": record.purged_at,
-    }
-
-
-def archive_from_head(head: dict[str, Any], bucket: str, key: str) -> dict[str, Any]:
-    """Archive facts read back from the object's metadata (the callback path writes no record)."""
-    meta = head.get("Metadata", {})
-    modified = head.get("LastModified")
-    return {
-        "bucket": bucket,
-        "key": key,
-        "sha256": meta.get("sha256"),
-        "size": int(head.get("ContentLength", 0)),
-        "source": meta.get("source"),
-        "received_at": meta.get("received-at") or (isoformat(modified) if modified else None),
-    }

@@ -22,7 +22,7 @@ import structlog
 from ulid import ULID
 
 from service.answer.retention import Retention
-from service.clock import utcnow
+from service.clock import SYSTEM, Clock
 from service.collect.visits import tick_seconds
 from service.config import Settings
 from service.metrics import Metrics
@@ -48,7 +48,9 @@ class Housekeeping:
         retention: Retention,
         settings: Settings,
         metrics: Metrics,
+        clock: Clock = SYSTEM,
     ) -> None:
+        self._clock = clock
         self._store = store
         self._schedule = schedule
         self._deadlines = deadlines
@@ -56,7 +58,7 @@ class Housekeeping:
         self._retention = retention
         self._metrics = metrics
         self._backfill: str | None = ""  # backfill cursor (Migrations.backfill); None once done
-        self._started = utcnow()  # records filed since are this release's: no backfill
+        self._started = clock.now()  # records filed since are this release's: no backfill
         self._every = JANITOR_EVERY_TICKS * tick_seconds(settings.poll_interval_seconds)
         self._stopping = asyncio.Event()
 
@@ -94,5 +96,7 @@ class Housekeeping:
         ids = await self._schedule.scheduled()
         self._metrics.pending.set(len(set(ids)))
         oldest = min((ULID.from_str(i).datetime for i in ids), default=None)
-        self._metrics.oldest_pending.set((utcnow() - oldest).total_seconds() if oldest else 0)
-        self._metrics.overdue.set(await self._deadlines.count_open_before(utcnow().date()))
+        self._metrics.oldest_pending.set(
+            (self._clock.now() - oldest).total_seconds() if oldest else 0
+        )
+        self._metrics.overdue.set(await self._deadlines.count_open_before(self._clock.now().date()))

@@ -30,12 +30,12 @@ from datetime import timedelta
 
 import structlog
 
-from service.clock import utcnow
+from service.clock import SYSTEM, Clock
 from service.config import Settings
 from service.logs import subject_hash
 from service.metrics import Metrics
 from service.requests.ledger import Ledger, RecordConflict
-from service.requests.records import REPLICA, RequestRecord
+from service.requests.records import REPLICA, AccessRequest
 from service.requests.schedule import Schedule, parse_stamp
 from service.storage.s3 import ArchiveUnavailable, PreconditionFailed
 
@@ -57,7 +57,7 @@ class Visit:
 
 # What a visit does to the request it holds the lease of: changes the record in place (its
 # status, errors, facts) and says when to come back. It never writes the record itself.
-Work = Callable[[RequestRecord], Awaitable[Visit]]
+Work = Callable[[AccessRequest], Awaitable[Visit]]
 
 
 def tick_seconds(interval: float) -> float:
@@ -74,7 +74,9 @@ class Poller:
         settings: Settings,
         metrics: Metrics,
         hash_key: bytes,
+        clock: Clock = SYSTEM,
     ) -> None:
+        self._clock = clock
         self._ledger = ledger
         self._schedule = schedule
         self._work = work
@@ -117,7 +119,7 @@ class Poller:
 
     async def tick(self) -> int:
         """Visit everything due now (bounded per tick); returns how many were visited."""
-        now = utcnow()
+        now = self._clock.now()
         due = await self._schedule.due(now, BATCH)
         self._metrics.poll_ticks.inc()
         self._metrics.poll_due.set(len(due))
@@ -160,9 +162,10 @@ class Poller:
                 await self._schedule.unschedule(request_id, when)
             return
         record, etag = found
-        if record.leased_to_other(self.owner):
+        now = self._clock.now()
+        if record.leased_to_other(self.owner, now):
             return  # another replica (or a filing in progress) works on it; the marker stays
-        record.take_lease(self.owner, self._lease_seconds)
+        record.take_lease(self.owner, now + timedelta(seconds=self._lease_seconds))
         try:
             etag = await self._ledger.save(record, etag)
         except PreconditionFailed:
@@ -174,7 +177,7 @@ class Poller:
         finally:
             self._metrics.poll_leases.dec()
 
-    def _marker_is_stale(self, found: tuple[RequestRecord, str] | None, when: str) -> bool:
+    def _marker_is_stale(self, found: tuple[AccessRequest, str] | None, when: str) -> bool:
         """Whether a marker that is not its record's `next_poll_at` may be dropped.
 
         It may be the next visit's marker still being put in place: filing puts the marker
@@ -190,9 +193,9 @@ class Poller:
                 return True
             if record.next_poll_at is not None and when < record.next_poll_at:
                 return True
-        return utcnow() - parse_stamp(when) > MARKER_GRACE
+        return self._clock.now() - parse_stamp(when) > MARKER_GRACE
 
-    async def _finish(self, record: RequestRecord, etag: str, when: str, result: Visit) -> None:
+    async def _finish(self, record: AccessRequest, etag: str, when: str, result: Visit) -> None:
         """Release the lease and move the schedule: new marker, record, old marker."""
         record.lease = None
         old_when = when
@@ -215,7 +218,7 @@ class Poller:
             request_id=record.id,
             outcome=result.outcome,
             status=record.status,
-            subject=subject_hash(self._hash_key, record.subject_type, record.subject_id),
+            subject=subject_hash(self._hash_key, record.subject.type, record.subject.id),
             next_in_s=round(result.next_in, 1) if result.next_in is not None else None,
-            error=record.last_error,
+            error=record.first.last_error,
         )

@@ -22,9 +22,9 @@ from datetime import timedelta
 import structlog
 
 from service.answer.package import PackageBuilder, PackageError
-from service.clock import parse_isoformat, utcnow
+from service.clock import SYSTEM, Clock, parse_isoformat
 from service.collect.events import Progress, S3Sink, fetch_events, request_windows
-from service.collect.filing import Filing, archive_from_head
+from service.collect.filing import Filing
 from service.collect.visits import Visit
 from service.config import Settings
 from service.copernica.client import (
@@ -38,7 +38,7 @@ from service.copernica.events import Source
 from service.intake.body import BodyBrokeOff, BodyStalled, Intake, Outcome
 from service.metrics import Metrics
 from service.requests.ledger import Ledger
-from service.requests.records import RequestRecord, Status
+from service.requests.records import AccessRequest, Archive, DataRequest, Status
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable, PreconditionFailed
 
 log = structlog.get_logger(__name__)
@@ -62,7 +62,9 @@ class RequestWork:
         packages: PackageBuilder,
         settings: Settings,
         metrics: Metrics,
+        clock: Clock = SYSTEM,
     ) -> None:
+        self._clock = clock
         self._store = store
         self._ledger = ledger
         self._copernica = copernica
@@ -74,72 +76,78 @@ class RequestWork:
         self._interval = settings.poll_interval_seconds
         self._expiry = timedelta(hours=settings.request_expiry_hours)
 
-    async def do(self, record: RequestRecord) -> Visit:
+    async def do(self, record: AccessRequest) -> Visit:
         """The work of one visit (the caller holds the record's lease and saves it)."""
         if record.needs_package:
             return await self._package(record, "packaged")
-        if record.status is Status.SUBMITTING or record.copernica_id is None:
-            return await self._resubmit(record)
+        visit = await self._collect(record, record.first)
+        if record.needs_package:
+            return await self._package(record, visit.outcome)
+        return visit
+
+    async def _collect(self, record: AccessRequest, data: DataRequest) -> Visit:
+        """One data request: filed again, expired, or its events and data fetched."""
+        if data.status is Status.SUBMITTING or data.copernica_id is None:
+            return await self._resubmit(record, data)
         key = self._store.keys.archive(record.id)
         head = await self._store.head(key)
-        if head is None and utcnow() - parse_isoformat(record.created_at) > self._expiry:
+        if head is None and self._clock.now() - parse_isoformat(record.created_at) > self._expiry:
             if await self._close_archive(key):
-                record.mark_expired("no data before REQUEST_EXPIRY_HOURS")
+                data.mark_expired("no data before REQUEST_EXPIRY_HOURS")
                 return Visit("expired", None)
             head = await self._store.head(key)  # the data landed just now: take it
         if head is not None and head.get("Metadata", {}).get("closed"):
             # Our own tombstone: an earlier visit closed the key, then lost its record write.
-            record.mark_expired("no data before REQUEST_EXPIRY_HOURS")
+            data.mark_expired("no data before REQUEST_EXPIRY_HOURS")
             return Visit("expired", None)
         try:
             # An access request is answered completely or not at all: events first (they
             # are small), and `archived` only once both the data and the events are stored.
-            if not record.events_complete:
-                await self._archive_events(record)
+            if not data.events_complete:
+                await self._archive_events(record.id, data)
             if head is not None:
-                record.mark_archived(archive_from_head(head, self._store.bucket, key))
-                return await self._package(record, "archived")
-            return await self._fetch(record)
+                data.mark_archived(Archive.from_head(head, self._store.bucket, key))
+                return Visit("archived", None)
+            return await self._fetch(record, data)
         except DataGone as exc:
-            record.mark_failed(f"Copernica: data gone ({exc})")
+            data.mark_failed(f"Copernica: data gone ({exc})")
             return Visit("gone", None)
         except CopernicaUnavailable as exc:
-            record.last_error = str(exc)
-            return self._later(record, "copernica_unavailable", failed=True)
+            data.last_error = str(exc)
+            return self._later(data, "copernica_unavailable", failed=True)
         except CopernicaError as exc:
             if exc.status in (401, 403):  # our token, not this request: keep trying
-                record.last_error = str(exc)
-                return self._later(record, "copernica_refused", failed=True)
-            record.mark_failed(str(exc))
+                data.last_error = str(exc)
+                return self._later(data, "copernica_refused", failed=True)
+            data.mark_failed(str(exc))
             return Visit("copernica_refused", None)
 
-    async def _archive_events(self, record: RequestRecord) -> None:
-        """Every window of the record's events range into `events/{id}/{window}.jsonl`."""
-        assert record.events is not None
-        source = Source(record.subject_type, record.subject_id)
-        sink = S3Sink(self._store, lambda w: self._store.keys.events(record.id, w.name))
+    async def _archive_events(self, request_id: str, data: DataRequest) -> None:
+        """Every window of the data request's events range into
+        `events/{id}/{window}.jsonl`."""
+        events = data.events
+        assert events is not None
+        source = Source(data.subject_type, data.subject_id)
+        sink = S3Sink(self._store, lambda w: self._store.keys.events(request_id, w.name))
         progress = Progress()
         try:
             await fetch_events(
-                self._events, source, request_windows(record.events), sink, progress=progress
+                self._events, source, request_windows(events.range), sink, progress=progress
             )
         finally:
             # Partial progress shows in the record too; stored windows are never refetched.
-            events = record.events
-            events["stored"] = progress.skipped + progress.windows
-            events["events"] = events.get("events", 0) + progress.events
-            events["complete"] = events["stored"] == events["windows"]
+            data.events = events.progressed(progress.skipped + progress.windows, progress.events)
 
-    async def _fetch(self, record: RequestRecord) -> Visit:
-        assert record.copernica_id is not None
-        readiness = await self._copernica.readiness(record.copernica_id)
+    async def _fetch(self, record: AccessRequest, data: DataRequest) -> Visit:
+        assert data.copernica_id is not None
+        readiness = await self._copernica.readiness(data.copernica_id)
         if readiness is Readiness.PENDING:
-            return self._later(record, "not_ready")
+            return self._later(data, "not_ready")
         if readiness is Readiness.GONE:
             raise DataGone("status says not available")
-        async with self._copernica.open_data(record.copernica_id) as body:
+        async with self._copernica.open_data(data.copernica_id) as body:
             if body is None:
-                return self._later(record, "not_ready")
+                return self._later(data, "not_ready")
             try:
                 first = await self._intake.read(body)
                 receipt = await self._intake.take(
@@ -158,46 +166,47 @@ class RequestWork:
         if receipt.outcome in (Outcome.ARCHIVED, Outcome.DUPLICATE):
             key = self._store.keys.archive(record.id)
             head = await self._store.head(receipt.key or key)
-            archive = archive_from_head(head, self._store.bucket, key) if head else None
+            archive = Archive.from_head(head, self._store.bucket, key) if head else None
             if receipt.outcome is Outcome.ARCHIVED:
                 # We stored exactly what we hashed (a multipart object's metadata lacks it).
                 if archive is not None:
-                    archive["sha256"] = receipt.sha256
-                record.archive = archive or record.archive
+                    archive = archive.with_sha256(receipt.sha256)
+                data.archive = archive or data.archive
             else:
                 # Someone else stored the archive first: its facts are theirs, never those
                 # of the body we fetched (a refiled request has a second Copernica request,
                 # whose data differs). Their record note, else the object's own metadata.
-                record.archive = record.archive or archive
-            record.mark_archived()
-            return await self._package(record, receipt.outcome.value)
+                data.archive = data.archive or archive
+            data.mark_archived()
+            return Visit(receipt.outcome.value, None)
         if receipt.outcome is Outcome.NOT_READY:
-            return self._later(record, "not_ready")
+            return self._later(data, "not_ready")
         # Invalid or too large: quarantined; try again later, the error is on the record.
-        record.last_error = f"fetched data rejected: {receipt.reason}"
-        return self._later(record, receipt.outcome.value, failed=True)
+        data.last_error = f"fetched data rejected: {receipt.reason}"
+        return self._later(data, receipt.outcome.value, failed=True)
 
-    async def _package(self, record: RequestRecord, outcome: str) -> Visit:
+    async def _package(self, record: AccessRequest, outcome: str) -> Visit:
         """Build the access package of an archived request (or adopt the one a crashed
         replica left); if that fails, the request stays scheduled until it is built."""
+        first = record.first
         try:
-            package = await self._packages.ensure(record)
-            data_sha256 = package.pop("data_sha256", None)
-            if record.archive is not None and not record.archive.get("sha256"):
+            built = await self._packages.ensure(record)
+            if first.archive is not None and not first.archive.sha256:
                 # A multipart archive's sha256 is noted in the record after the upload; if
                 # that note was lost (S3 down just then), the build, which read every byte,
                 # supplies it; an adopted package did not, so the archive is read once.
-                record.archive["sha256"] = data_sha256 or await self._archive_sha256(record)
+                sha256 = built.data_sha256 or await self._archive_sha256(record)
+                first.archive = first.archive.with_sha256(sha256)
         except ArchiveUnavailable as exc:
-            record.last_error = f"package not built yet: {exc}"
+            first.last_error = f"package not built yet: {exc}"
             self._metrics.packages_built.labels("deferred").inc()
-            return self._later(record, f"{outcome}_package_deferred", failed=True)
+            return self._later(first, f"{outcome}_package_deferred", failed=True)
         except PackageError as exc:
-            record.last_error = str(exc)
+            first.last_error = str(exc)
             self._metrics.packages_built.labels("failed").inc()
             log.error("package_failed", request_id=record.id, error=str(exc))
-            return self._later(record, f"{outcome}_package_failed", failed=True)
-        record.mark_packaged(package)
+            return self._later(first, f"{outcome}_package_failed", failed=True)
+        record.mark_packaged(built.package)
         self._metrics.packages_built.labels("built").inc()
         return Visit(outcome, None)
 
@@ -220,32 +229,31 @@ class RequestWork:
             return False
         return True
 
-    async def _archive_sha256(self, record: RequestRecord) -> str:
+    async def _archive_sha256(self, record: AccessRequest) -> str:
         digest = hashlib.sha256()
         async with self._store.open(self._store.keys.archive(record.id)) as reading:
             async for chunk in reading.chunks():
                 digest.update(chunk)
         return digest.hexdigest()
 
-    async def _resubmit(self, record: RequestRecord) -> Visit:
-        """A `submitting` record: the filing never got Copernica's answer (crash or outage)."""
-        if record.attempts >= MAX_SUBMIT_ATTEMPTS:
-            record.mark_failed(
-                f"could not file after {record.attempts} attempts: {record.last_error}"
-            )
+    async def _resubmit(self, record: AccessRequest, data: DataRequest) -> Visit:
+        """A `submitting` data request: the filing never got Copernica's answer (crash or
+        outage)."""
+        if data.attempts >= MAX_SUBMIT_ATTEMPTS:
+            data.mark_failed(f"could not file after {data.attempts} attempts: {data.last_error}")
             return Visit("failed", None)
-        if record.attempts:
+        if data.attempts:
             # Copernica may have filed an earlier attempt whose answer we lost; its callback
             # carries the same request id and is deduplicated by the archive's conditional key.
-            record.extra["resubmitted"] = record.extra.get("resubmitted", 0) + 1
+            data.resubmitted += 1
         await self._filing.call_copernica(record)
-        if record.status is Status.PENDING:
-            return self._later(record, "resubmitted")
-        if record.status is Status.FAILED:
+        if data.status is Status.PENDING:
+            return self._later(data, "resubmitted")
+        if data.status is Status.FAILED:
             return Visit("failed", None)
-        return self._later(record, "resubmit_failed", failed=True)
+        return self._later(data, "resubmit_failed", failed=True)
 
-    def _later(self, record: RequestRecord, outcome: str, *, failed: bool = False) -> Visit:
-        record.poll_errors = record.poll_errors + 1 if failed else 0
-        factor = min(MAX_BACKOFF_FACTOR, 2**record.poll_errors)
+    def _later(self, data: DataRequest, outcome: str, *, failed: bool = False) -> Visit:
+        data.poll_errors = data.poll_errors + 1 if failed else 0
+        factor = min(MAX_BACKOFF_FACTOR, 2**data.poll_errors)
         return Visit(outcome, self._interval * factor * random.uniform(0.8, 1.2))

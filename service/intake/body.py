@@ -23,7 +23,7 @@ from service.config import Settings
 from service.intake.payload import PayloadCheck, Verdict, is_plain_not_available
 from service.intake.signatures import BodyDigest
 from service.requests.ledger import Addressee, Ledger, RecordConflict
-from service.requests.records import RequestRecord
+from service.requests.records import AccessRequest, Archive
 from service.storage.s3 import AlreadyArchived, ArchiveStore, ArchiveUnavailable, StreamedUpload
 
 log = structlog.get_logger(__name__)
@@ -135,6 +135,9 @@ class Intake:
         source: str,
         signed_digest: BodyDigest | None,
     ) -> Receipt:
+        """Read the body chunk by chunk into the upload while hashing and checking it, then
+        commit or abort. It stays one function: it is the callback's hot path, every chunk
+        passes through its loop, and its steps share the hashes, the check and the upload."""
         digest = hashlib.sha256()
         # A signed digest in another algorithm needs its own hash; SHA-256 reuses ours.
         other = (
@@ -272,8 +275,8 @@ class Intake:
     async def _note_in_record(
         self, request_id: str, receipt: Receipt, received_at: datetime, source: str
     ) -> None:
-        info = archive_info(
-            self._store,
+        info = Archive(
+            self._store.bucket,
             receipt.key,
             receipt.sha256,
             receipt.size,
@@ -281,29 +284,17 @@ class Intake:
             isoformat(received_at),
         )
 
-        def change(record: RequestRecord) -> bool:
-            if record.archive is not None:
+        def change(record: AccessRequest) -> bool:
+            first = record.first
+            if first.archive is not None:
                 return False
-            if record.events_complete:  # else the poller finishes the events first
-                record.mark_archived(info)
+            if first.events_complete:  # else the poller finishes the events first
+                first.mark_archived(info)
             else:
-                record.archive = info
+                first.note_archive(info)
             return True
 
         try:
             await self._ledger.update(request_id, change)
         except (ArchiveUnavailable, RecordConflict) as exc:
             log.warning("record_update_deferred", request_id=request_id, error=str(exc))
-
-
-def archive_info(
-    store: ArchiveStore, key: str, sha256: str, size: int, source: str, received_at: str
-) -> dict[str, Any]:
-    return {
-        "bucket": store.bucket,
-        "key": key,
-        "sha256": sha256,
-        "size": size,
-        "source": source,
-        "received_at": received_at,
-    }

@@ -17,7 +17,7 @@ from ulid import ULID
 
 from service.clock import SYSTEM, Clock, isoformat
 from service.requests.ledger import Ledger, RecordConflict, RequestClosed
-from service.requests.records import RequestRecord, Status
+from service.requests.records import AccessRequest, Status
 from service.storage.s3 import ArchiveStore, PreconditionFailed
 
 # A marker whose record does not exist may be a filing in progress (the marker goes first);
@@ -45,12 +45,12 @@ class DeadlineIndex:
 
     async def open_by_deadline(
         self, before: date, *, limit: int, cursor: str = ""
-    ) -> tuple[list[RequestRecord], str | None]:
+    ) -> tuple[list[AccessRequest], str | None]:
         """Requests not yet answered with `due_by` < `before`, by due date then id; the
         cursor is the last one's `{due_by}/{id}`. Stale markers met on the way are dropped."""
         prefix = self._store.keys.deadlines_folder()
         horizon = before.isoformat()
-        found: list[RequestRecord] = []
+        found: list[AccessRequest] = []
         if limit <= 0:
             return found, None
         start_after = prefix + cursor if cursor else ""
@@ -83,7 +83,7 @@ class DeadlineIndex:
         prefix = self._store.keys.deadlines_folder()
         return {item.key.rsplit("/", 1)[1] async for item in self._store.objects(prefix)}
 
-    async def _open_record(self, request_id: str, due: date) -> RequestRecord | None:
+    async def _open_record(self, request_id: str, due: date) -> AccessRequest | None:
         """The record a deadline marker stands for, if the marker is its current one."""
         found = await self._ledger.get(request_id)
         if found is None:
@@ -99,7 +99,7 @@ class DeadlineIndex:
             await self.close(request_id, due)  # left behind by an extension
         return record if due == current else None
 
-    async def extend(self, request_id: str, months: int, reason: str) -> RequestRecord | None:
+    async def extend(self, request_id: str, months: int, reason: str) -> AccessRequest | None:
         """Extend a request's deadline (None: no such request). ExtensionRefused beyond two
         months in all; RequestClosed once it is answered or purged.
 

@@ -22,7 +22,7 @@ from service.clock import SYSTEM, Clock, isoformat
 from service.copernica.subject import SUBJECT_TYPES
 from service.errors import Conflict, Unavailable
 from service.logs import subject_digest
-from service.requests.records import RequestRecord, Status
+from service.requests.records import AccessRequest, Status
 from service.storage.s3 import ArchiveStore, PreconditionFailed
 
 
@@ -93,19 +93,22 @@ class Ledger:
         self._recent: OrderedDict[str, Addressee] = OrderedDict()
         self._remember = remember
 
-    def addressee_of(self, record: RequestRecord) -> Addressee:
+    def addressee_of(self, record: AccessRequest) -> Addressee:
+        """The addressee of the request's first data request (the filed subject)."""
+        first = record.first
         return Addressee(
             record.id,
-            record.copernica_id,
-            record.subject_type,
-            subject_digest(self._key, record.subject_type, record.subject_id),
+            first.copernica_id,
+            first.subject_type,
+            subject_digest(self._key, first.subject_type, first.subject_id),
             self._key,
-            archived=record.status is Status.ARCHIVED,
+            archived=first.status is Status.ARCHIVED,
         )
 
-    def _seen(self, record: RequestRecord) -> None:
+    def _seen(self, record: AccessRequest) -> None:
         # Until Copernica's id is in the record the request may still be (re)filed.
-        if record.copernica_id is None or record.status is Status.SUBMITTING or self._remember <= 0:
+        first = record.first
+        if first.copernica_id is None or first.status is Status.SUBMITTING or self._remember <= 0:
             return
         self._recent[record.id] = self.addressee_of(record)
         self._recent.move_to_end(record.id)
@@ -122,8 +125,9 @@ class Ledger:
         """The addressee a callback URL of the current form names: no record read."""
         return Addressee(request_id, None, None, digest, self._key)
 
-    def subject_digest_of(self, record: RequestRecord) -> str:
-        return subject_digest(self._key, record.subject_type, record.subject_id)
+    def subject_digest_of(self, record: AccessRequest) -> str:
+        first = record.first
+        return subject_digest(self._key, first.subject_type, first.subject_id)
 
     async def addressee(self, request_id: str) -> Addressee | None:
         """The request's addressee: remembered, else read from its record (None: no record)."""
@@ -137,7 +141,7 @@ class Ledger:
         # `get` remembered it, unless Copernica's id is not in the record yet.
         return self._recent.get(request_id) or self.addressee_of(found[0])
 
-    async def create(self, record: RequestRecord) -> str:
+    async def create(self, record: AccessRequest) -> str:
         now = isoformat(self._clock.now())
         record.created_at = record.created_at or now
         record.updated_at = now
@@ -145,15 +149,15 @@ class Ledger:
             self._store.keys.record(record.id), record.to_bytes(), if_none_match=True
         )
 
-    async def get(self, request_id: str) -> tuple[RequestRecord, str] | None:
+    async def get(self, request_id: str) -> tuple[AccessRequest, str] | None:
         stored = await self._store.get(self._store.keys.record(request_id))
         if stored is None:
             return None
-        record = RequestRecord.from_bytes(stored.body)
+        record = AccessRequest.from_bytes(stored.body)
         self._seen(record)
         return record, stored.etag
 
-    async def save(self, record: RequestRecord, etag: str) -> str:
+    async def save(self, record: AccessRequest, etag: str) -> str:
         """Write a changed record if nobody changed it since `etag`; else PreconditionFailed."""
         record.version += 1
         record.updated_at = isoformat(self._clock.now())
@@ -166,10 +170,10 @@ class Ledger:
     async def update(
         self,
         request_id: str,
-        change: Callable[[RequestRecord], bool],
+        change: Callable[[AccessRequest], bool],
         *,
         attempts: int = 5,
-    ) -> RequestRecord | None:
+    ) -> AccessRequest | None:
         """Apply `change` (returns False for "nothing to do") with optimistic concurrency."""
         for _ in range(attempts):
             found = await self.get(request_id)
@@ -191,10 +195,10 @@ class Ledger:
         status: str | None,
         limit: int,
         cursor: str,
-        keep: Callable[[RequestRecord], bool] | None = None,
-    ) -> tuple[list[RequestRecord], str | None]:
+        keep: Callable[[AccessRequest], bool] | None = None,
+    ) -> tuple[list[AccessRequest], str | None]:
         """Records in id (= creation time) order after `cursor`, optionally of one status."""
-        found: list[RequestRecord] = []
+        found: list[AccessRequest] = []
         if limit <= 0:
             return found, None
         keys = self._store.keys
@@ -204,7 +208,7 @@ class Ledger:
             stored = await self._store.get(item.key)
             if stored is None:
                 continue
-            record = RequestRecord.from_bytes(stored.body)
+            record = AccessRequest.from_bytes(stored.body)
             if (status is None or record.status == status) and (keep is None or keep(record)):
                 found.append(record)
                 if len(found) == limit:

@@ -11,7 +11,7 @@ from ulid import ULID
 from service.clock import SYSTEM, Clock
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
-from service.requests.records import RequestRecord, Status
+from service.requests.records import AccessRequest, Status
 from service.requests.schedule import Schedule, stamp
 from service.storage.s3 import ArchiveStore
 
@@ -85,7 +85,7 @@ class Migrations:
         stored = await self._store.get(self._store.keys.record(request_id))
         if stored is None:
             return
-        record = RequestRecord.from_bytes(stored.body)
+        record = AccessRequest.from_bytes(stored.body)
         if record.received_on is not None:
             return
         if record.answered_at is None and record.status is not Status.PURGED:
@@ -95,7 +95,7 @@ class Migrations:
         if visit is not None:
             await self._schedule.schedule(request_id, visit)  # marker first, as in filing
 
-        def settle(current: RequestRecord) -> bool:
+        def settle(current: AccessRequest) -> bool:
             if current.received_on is not None:
                 return False
             current.received_on = current.received_day.isoformat()

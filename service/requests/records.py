@@ -1,7 +1,20 @@
-"""The request record: one access request, its facts and its status changes.
+"""The request record: one GDPR access request and the Copernica data requests it owns.
 
-A record is the JSON object `requests/{id}.json` in S3 (see `ledger.py` for how it is read
-and written). Its status changes only through its `mark_*` methods.
+An *access request* is what the company received from the data subject: when (`received_on`),
+its deadline and extensions, the package that answers it, when it was handed out, when it was
+purged. It owns one or more *data requests*, each one Copernica data request (a *source*: the
+address itself, or a profile or subprofile holding it) with its own Copernica id, status,
+archive and events. The filed subject is the first source. The record is the JSON object
+`requests/{id}.json` in S3 (`ledger.py` reads and writes it with conditional writes), and
+one visit of the poller works on the whole record, so the lease and the next visit belong to
+the access request.
+
+Facts (archive, events, package, extension, lease) are small frozen types built in one place
+each. Status changes happen only through the `mark_*` methods: a data request's on
+`DataRequest`, the access request's (packaged, answered, purged) on `AccessRequest`.
+
+Records written before the split (one flat object per request, `format` absent) are read as an
+access request with one data request (`_from_flat`); they are written back in the new form.
 """
 
 from __future__ import annotations
@@ -9,20 +22,23 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import asdict, dataclass, field
-from datetime import date, timedelta
+from dataclasses import dataclass, replace
+from datetime import date, datetime
 from enum import StrEnum
 from typing import Any
 
 from ulid import ULID
 
-from service.clock import isoformat, parse_isoformat, utcnow
+from service.clock import isoformat, parse_isoformat
 from service.copernica.subject import Subject
 from service.requests.deadline import Deadline
 
+FORMAT = 2  # the record's layout; a record without `format` is the flat one before the split
+
 
 class Status(StrEnum):
-    """Where a request stands. It changes only through the record's `mark_*` methods."""
+    """Where a request stands. A data request is submitting, pending, archived, failed or
+    expired; `purged` is the access request's own (everything stored was deleted)."""
 
     SUBMITTING = "submitting"  # record written, Copernica has not confirmed it yet
     PENDING = "pending"  # Copernica has it; a callback or the poller brings the data
@@ -39,70 +55,219 @@ FINAL_STATUSES = (Status.ARCHIVED, Status.FAILED, Status.EXPIRED, Status.PURGED)
 REPLICA = f"{socket.gethostname()}-{os.getpid()}-{str(ULID())[-6:]}"
 
 
+# -- the facts -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Archive:
+    """Where a data request's data lies, and what it is (sha256 None: a multipart upload
+    whose digest was not noted yet)."""
+
+    bucket: str
+    key: str
+    sha256: str | None
+    size: int
+    source: str | None  # callback | poll
+    received_at: str | None
+
+    @classmethod
+    def from_head(cls, head: dict[str, Any], bucket: str, key: str) -> Archive:
+        """The facts read back from the object's metadata (the callback path writes no
+        record: the poller or an operator read folds them in later)."""
+        meta = head.get("Metadata", {})
+        modified = head.get("LastModified")
+        return cls(
+            bucket=bucket,
+            key=key,
+            sha256=meta.get("sha256"),
+            size=int(head.get("ContentLength", 0)),
+            source=meta.get("source"),
+            received_at=meta.get("received-at") or (isoformat(modified) if modified else None),
+        )
+
+    def with_sha256(self, sha256: str) -> Archive:
+        return replace(self, sha256=sha256)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bucket": self.bucket,
+            "key": self.key,
+            "sha256": self.sha256,
+            "size": self.size,
+            "source": self.source,
+            "received_at": self.received_at,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Archive:
+        return cls(
+            bucket=raw.get("bucket", ""),
+            key=raw["key"],
+            sha256=raw.get("sha256"),
+            size=int(raw.get("size", 0)),
+            source=raw.get("source"),
+            received_at=raw.get("received_at"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Events:
+    """The subject's events asked for: the range, how many month windows it has, how many
+    are stored, and how many events they held."""
+
+    since: str
+    until: str
+    windows: int
+    stored: int = 0
+    events: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.stored >= self.windows
+
+    @property
+    def range(self) -> dict[str, str]:
+        return {"since": self.since, "until": self.until}
+
+    def progressed(self, stored: int, events: int) -> Events:
+        """After a fetch: `stored` windows in all, `events` more events."""
+        return replace(self, stored=stored, events=self.events + events)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "since": self.since,
+            "until": self.until,
+            "windows": self.windows,
+            "stored": self.stored,
+            "events": self.events,
+            "complete": self.complete,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Events:
+        return cls(
+            since=raw["since"],
+            until=raw["until"],
+            windows=int(raw.get("windows", 0)),
+            stored=int(raw.get("stored", 0)),
+            events=int(raw.get("events", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Package:
+    """The access package in S3."""
+
+    key: str
+    sha256: str
+    size: int
+    built_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "sha256": self.sha256,
+            "size": self.size,
+            "built_at": self.built_at,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Package:
+        return cls(raw["key"], raw["sha256"], int(raw["size"]), raw["built_at"])
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionStep:
+    months: int
+    reason: str
+    at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Extension:
+    """The deadline's extensions: months in all, and each step with its reason."""
+
+    months: int
+    history: tuple[ExtensionStep, ...]
+
+    def plus(self, months: int, total: int, reason: str, at: str) -> Extension:
+        return Extension(total, (*self.history, ExtensionStep(months, reason, at)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "months": self.months,
+            "history": [{"months": s.months, "reason": s.reason, "at": s.at} for s in self.history],
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Extension:
+        steps = tuple(
+            ExtensionStep(int(s["months"]), s["reason"], s["at"]) for s in raw.get("history", [])
+        )
+        return cls(int(raw["months"]), steps)
+
+
+NO_EXTENSION = Extension(0, ())
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One replica works on the record until `until` (a crashed replica's lease runs out)."""
+
+    owner: str
+    until: str
+
+    def held_by_other(self, owner: str, now: datetime) -> bool:
+        return self.owner != owner and parse_isoformat(self.until) > now
+
+    def to_json(self) -> dict[str, Any]:
+        return {"owner": self.owner, "until": self.until}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Lease:
+        return cls(raw["owner"], raw["until"])
+
+
+def _opt(raw: dict[str, Any] | None, build: Any) -> Any:
+    return None if raw is None else build(raw)
+
+
+# -- one Copernica data request --------------------------------------------------------------
+
+
 @dataclass
-class RequestRecord:
-    id: str
-    subject_type: str
-    subject_id: str  # the raw address or number: only ever in this record and the archive
+class DataRequest:
+    """One Copernica data request of an access request (one source)."""
+
+    subject_type: str  # email | profile | subprofile
+    subject_id: str  # the raw address or number: only ever in the record and the archive
     status: Status = Status.SUBMITTING
     copernica_id: str | None = None
-    created_at: str = ""
-    updated_at: str = ""
-    attempts: int = 0
+    attempts: int = 0  # filing attempts
     last_error: str | None = None
-    report: bool = False
-    events: dict[str, Any] | None = None
-    archive: dict[str, Any] | None = None
-    idempotency_key: str | None = None
-    next_poll_at: str | None = None  # when the poller looks next; its schedule marker's time
+    report: bool = False  # filed with a `report` (callback) address
+    archive: Archive | None = None
+    events: Events | None = None
     poll_errors: int = 0  # consecutive failed polls, for backoff
-    lease: dict[str, Any] | None = None  # {"owner", "until"} while one replica works on it
-    version: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-    # Answering the access request. Records written before these existed have none of them:
-    # such a request was received the day it was filed (`received_day`).
-    received_on: str | None = None  # YYYY-MM-DD, the day the company received the request
-    extension: dict[str, Any] | None = None  # {"months": n, "history": [{months, reason, at}]}
-    package: dict[str, Any] | None = None  # {key, sha256, size, built_at}
-    answered_at: str | None = None  # first download or link of the package
-    purged_at: str | None = None
+    resubmitted: int = 0  # filed again after a lost answer
 
     @property
     def subject(self) -> Subject:
         return Subject(self.subject_type, self.subject_id)
 
     @property
+    def source(self) -> str:
+        """The source's name: `email` for the address, `profile:{id}`, `subprofile:{id}`."""
+        return "email" if self.subject_type == "email" else f"{self.subject_type}:{self.subject_id}"
+
+    @property
     def events_complete(self) -> bool:
         """No events were asked for, or all their windows are stored."""
-        return self.events is None or bool(self.events.get("complete"))
+        return self.events is None or self.events.complete
 
     @property
-    def received_day(self) -> date:
-        if self.received_on:
-            return date.fromisoformat(self.received_on)
-        return parse_isoformat(self.created_at).date()
-
-    @property
-    def deadline(self) -> Deadline:
-        months = int(self.extension["months"]) if self.extension else 0
-        return Deadline(self.received_day, months, answered=self.answered_at is not None)
-
-    @property
-    def needs_package(self) -> bool:
-        """Data (and events) are archived but the access package is not built yet."""
-        return self.status is Status.ARCHIVED and self.package is None
-
-    @property
-    def finished(self) -> bool:
-        """Nothing left for the poller: final, and packaged if archived."""
-        return self.status in FINAL_STATUSES and not self.needs_package
-
-    def extend(self, months: int, reason: str, at: str) -> None:
-        """Extend the deadline by `months` (ExtensionRefused beyond two months in all)."""
-        total = self.deadline.extend(months)
-        history = list(self.extension["history"]) if self.extension else []
-        history.append({"months": months, "reason": reason, "at": at})
-        self.extension = {"months": total, "history": history}
+    def final(self) -> bool:
+        return self.status in FINAL_STATUSES
 
     # -- the status changes: here and nowhere else ----------------------------------------
 
@@ -116,14 +281,134 @@ class RequestRecord:
     def mark_expired(self, error: str) -> None:
         self.status, self.last_error = Status.EXPIRED, error
 
-    def mark_archived(self, archive: dict[str, Any] | None = None) -> None:
+    def mark_archived(self, archive: Archive | None = None) -> None:
         """The data is stored (`archive`: its facts, if not recorded yet)."""
         self.status, self.last_error = Status.ARCHIVED, None
         self.archive = self.archive or archive
 
-    def mark_packaged(self, package: dict[str, Any]) -> None:
+    def note_archive(self, archive: Archive) -> None:
+        """The data is stored but the events are not all in yet: the facts, not the status."""
+        self.archive = self.archive or archive
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "subject_type": self.subject_type,
+            "subject_id": self.subject_id,
+            "status": self.status.value,
+            "copernica_id": self.copernica_id,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "report": self.report,
+            "archive": None if self.archive is None else self.archive.to_json(),
+            "events": None if self.events is None else self.events.to_json(),
+            "poll_errors": self.poll_errors,
+            "resubmitted": self.resubmitted,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> DataRequest:
+        return cls(
+            subject_type=raw["subject_type"],
+            subject_id=raw["subject_id"],
+            status=Status(raw.get("status", "submitting")),
+            copernica_id=raw.get("copernica_id"),
+            attempts=int(raw.get("attempts", 0)),
+            last_error=raw.get("last_error"),
+            report=bool(raw.get("report", False)),
+            archive=_opt(raw.get("archive"), Archive.from_json),
+            events=_opt(raw.get("events"), Events.from_json),
+            poll_errors=int(raw.get("poll_errors", 0)),
+            resubmitted=int(raw.get("resubmitted", 0)),
+        )
+
+
+# -- the access request ----------------------------------------------------------------------
+
+
+@dataclass
+class AccessRequest:
+    id: str
+    data_requests: list[DataRequest]
+    created_at: str = ""
+    updated_at: str = ""
+    version: int = 0  # bumped by every write: two writes never have identical bytes
+    idempotency_key: str | None = None
+    # Answering. A record written before deadlines existed has no `received_on`: such a
+    # request was received the day it was filed (`received_day`).
+    received_on: str | None = None  # YYYY-MM-DD, the day the company received the request
+    extension: Extension | None = None
+    package: Package | None = None
+    answered_at: str | None = None  # first download or link of the package
+    purged_at: str | None = None
+    # One visit works on the whole record.
+    lease: Lease | None = None
+    next_poll_at: str | None = None  # when the poller looks next; its schedule marker's time
+
+    @classmethod
+    def new(cls, request_id: str, first: DataRequest, **facts: Any) -> AccessRequest:
+        return cls(id=request_id, data_requests=[first], **facts)
+
+    @property
+    def first(self) -> DataRequest:
+        """The filed subject's own data request (the first source)."""
+        return self.data_requests[0]
+
+    @property
+    def subject(self) -> Subject:
+        """The subject as filed."""
+        return self.first.subject
+
+    @property
+    def status(self) -> Status:
+        """`purged` once purged; else, while any data request is still open, `submitting`
+        (all are) or `pending`; once all are final, `archived` if any source holds data, else
+        the first source's final status. With one data request: its own status."""
+        if self.purged_at is not None:
+            return Status.PURGED
+        open_ = [d for d in self.data_requests if not d.final]
+        if open_:
+            if all(d.status is Status.SUBMITTING for d in open_) and len(open_) == len(
+                self.data_requests
+            ):
+                return Status.SUBMITTING
+            return Status.PENDING
+        if any(d.status is Status.ARCHIVED for d in self.data_requests):
+            return Status.ARCHIVED
+        return self.first.status
+
+    @property
+    def received_day(self) -> date:
+        if self.received_on:
+            return date.fromisoformat(self.received_on)
+        return parse_isoformat(self.created_at).date()
+
+    @property
+    def deadline(self) -> Deadline:
+        months = self.extension.months if self.extension else 0
+        return Deadline(self.received_day, months, answered=self.answered_at is not None)
+
+    @property
+    def needs_package(self) -> bool:
+        """Every source is final, one holds data, and the package is not built yet."""
+        return self.status is Status.ARCHIVED and self.package is None
+
+    @property
+    def finished(self) -> bool:
+        """Nothing left for the poller: final, and packaged if archived."""
+        return self.status in FINAL_STATUSES and not self.needs_package
+
+    def extend(self, months: int, reason: str, at: str) -> None:
+        """Extend the deadline by `months` (ExtensionRefused beyond two months in all)."""
+        total = self.deadline.extend(months)
+        self.extension = (self.extension or NO_EXTENSION).plus(months, total, reason, at)
+
+    # -- the access request's own changes -------------------------------------------------
+
+    def mark_packaged(self, package: Package) -> None:
         self.package = package
-        self.last_error = None
+        for data_request in self.data_requests:
+            data_request.last_error = None
 
     def mark_answered(self, at: str) -> bool:
         """The package was handed out (download or link); True the first time only."""
@@ -134,30 +419,100 @@ class RequestRecord:
 
     def mark_purged(self, subject_digest: str, at: str) -> None:
         """Everything stored for the request is deleted: keep the facts, not the subject."""
-        self.status = Status.PURGED
-        self.subject_id = f"hmac-sha256:{subject_digest}"
         self.purged_at = at
         self.lease = None
         self.next_poll_at = None
-        self.last_error = None
+        for data_request in self.data_requests:
+            data_request.subject_id = f"hmac-sha256:{subject_digest}"
+            data_request.last_error = None
 
-    def take_lease(self, owner: str, seconds: float) -> None:
-        self.lease = {"owner": owner, "until": isoformat(utcnow() + timedelta(seconds=seconds))}
+    def take_lease(self, owner: str, until: datetime) -> None:
+        self.lease = Lease(owner, isoformat(until))
 
-    def leased_to_other(self, owner: str) -> bool:
+    def leased_to_other(self, owner: str, now: datetime) -> bool:
         """Somebody else works on this record and their lease has not run out."""
-        lease = self.lease
-        if not lease or lease["owner"] == owner:
-            return False
-        return parse_isoformat(lease["until"]) > utcnow()
+        return self.lease is not None and self.lease.held_by_other(owner, now)
+
+    # -- bytes ---------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "id": self.id,
+            "status": self.status.value,  # derived, for people reading the bucket; not read back
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "version": self.version,
+            "idempotency_key": self.idempotency_key,
+            "received_on": self.received_on,
+            "extension": None if self.extension is None else self.extension.to_json(),
+            "package": None if self.package is None else self.package.to_json(),
+            "answered_at": self.answered_at,
+            "purged_at": self.purged_at,
+            "lease": None if self.lease is None else self.lease.to_json(),
+            "next_poll_at": self.next_poll_at,
+            "data_requests": [d.to_json() for d in self.data_requests],
+        }
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
-    def from_bytes(cls, body: bytes) -> RequestRecord:
+    def from_bytes(cls, body: bytes) -> AccessRequest:
         raw = json.loads(body)
-        known = {f for f in cls.__dataclass_fields__}
-        record = cls(**{k: v for k, v in raw.items() if k in known})
-        record.status = Status(record.status)
-        return record
+        if "format" not in raw:
+            return cls._from_flat(raw)
+        return cls(
+            id=raw["id"],
+            data_requests=[DataRequest.from_json(d) for d in raw["data_requests"]],
+            created_at=raw.get("created_at", ""),
+            updated_at=raw.get("updated_at", ""),
+            version=int(raw.get("version", 0)),
+            idempotency_key=raw.get("idempotency_key"),
+            received_on=raw.get("received_on"),
+            extension=_opt(raw.get("extension"), Extension.from_json),
+            package=_opt(raw.get("package"), Package.from_json),
+            answered_at=raw.get("answered_at"),
+            purged_at=raw.get("purged_at"),
+            lease=_opt(raw.get("lease"), Lease.from_json),
+            next_poll_at=raw.get("next_poll_at"),
+        )
+
+    @classmethod
+    def _from_flat(cls, raw: dict[str, Any]) -> AccessRequest:
+        """A record of the release before the split: one flat object for the access request
+        and its one data request. Its `purged` status is the access request's now; the data
+        request it purged had been archived (only packaged requests were purged then)."""
+        status = Status(raw.get("status", "submitting"))
+        purged_at = raw.get("purged_at")
+        if status is Status.PURGED:
+            status = Status.ARCHIVED
+            purged_at = purged_at or raw.get("updated_at", "")
+        first = DataRequest(
+            subject_type=raw["subject_type"],
+            subject_id=raw["subject_id"],
+            status=status,
+            copernica_id=raw.get("copernica_id"),
+            attempts=int(raw.get("attempts", 0)),
+            last_error=raw.get("last_error"),
+            report=bool(raw.get("report", False)),
+            archive=_opt(raw.get("archive"), Archive.from_json),
+            events=_opt(raw.get("events"), Events.from_json),
+            poll_errors=int(raw.get("poll_errors", 0)),
+            resubmitted=int((raw.get("extra") or {}).get("resubmitted", 0)),
+        )
+        return cls(
+            id=raw["id"],
+            data_requests=[first],
+            created_at=raw.get("created_at", ""),
+            updated_at=raw.get("updated_at", ""),
+            version=int(raw.get("version", 0)),
+            idempotency_key=raw.get("idempotency_key"),
+            received_on=raw.get("received_on"),
+            extension=_opt(raw.get("extension"), Extension.from_json),
+            package=_opt(raw.get("package"), Package.from_json),
+            answered_at=raw.get("answered_at"),
+            purged_at=purged_at,
+            lease=_opt(raw.get("lease"), Lease.from_json),
+            next_poll_at=raw.get("next_poll_at"),
+        )

@@ -179,7 +179,8 @@ def _paragraph(rng: random.Random) -> str:
 
 def _mime(rng: random.Random, k: int, to: str) -> str:
     """A complete sent message, as newsletters are: multipart/alternative (text and HTML),
-    HTML only, or text only, in 8bit, quoted-printable or base64, now and then with a PDF."""
+    HTML only, or text only, in 8bit, quoted-printable or base64, now and then with a PDF.
+    It stays one function: the message is written top to bottom as it will be read."""
     n = _COUNTER
     boundary = f"=_b{rng.getrandbits(48):012x}"
     subject, subject_encoding = _SUBJECTS[k % len(_SUBJECTS)]

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.answer.package import CONTENT_TYPE, package_filename
 from service.clock import isoformat, utcnow
-from service.collect.filing import Filing, archive_from_head, describe, parse_new_request
+from service.collect.filing import Filing, parse_new_request
 from service.config import Settings
 from service.errors import Conflict, Gone, InvalidInput, NotFoundError, ServiceError
 from service.intake.urls import ULID_PATTERN
@@ -28,7 +28,7 @@ from service.metrics import Metrics
 from service.requests.deadline import parse_extension
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger, RecordConflict
-from service.requests.records import STATUSES, RequestRecord, Status
+from service.requests.records import STATUSES, AccessRequest, Archive, DataRequest, Status
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable, NotFound
 
 log = structlog.get_logger(__name__)
@@ -85,27 +85,28 @@ class OperatorApi:
             raise no_such_request()
         return web.json_response(describe(record))
 
-    async def current(self, request_id: str) -> RequestRecord | None:
+    async def current(self, request_id: str) -> AccessRequest | None:
         """A request's record as the operator should see it (None: no such request)."""
         found = await self._ledger.get(request_id)
         if found is None:
             return None
         return await self._reconcile(found[0])
 
-    async def _reconcile(self, record: RequestRecord) -> RequestRecord:
+    async def _reconcile(self, record: AccessRequest) -> AccessRequest:
         """The callback path writes only the archive object: fold it into the record on read."""
-        if record.status is not Status.PENDING or not record.events_complete:
+        first = record.first
+        if first.status is not Status.PENDING or not first.events_complete:
             return record  # with events asked for, the poller decides when all is stored
         key = self._store.keys.archive(record.id)
         head = await self._store.head(key)
         if head is None:
             return record
-        info = archive_from_head(head, self._store.bucket, key)
+        info = Archive.from_head(head, self._store.bucket, key)
 
-        def change(current: RequestRecord) -> bool:
-            if current.status is not Status.PENDING:
+        def change(current: AccessRequest) -> bool:
+            if current.first.status is not Status.PENDING:
                 return False
-            current.mark_archived(info)
+            current.first.mark_archived(info)
             return True
 
         try:
@@ -113,7 +114,7 @@ class OperatorApi:
         except RecordConflict:
             updated = None
         if updated is None:
-            record.mark_archived(info)
+            first.mark_archived(info)
             return record
         return updated
 
@@ -186,7 +187,7 @@ class OperatorApi:
 
     # -- handing out, shared with the operator console ------------------------------------
 
-    async def packaged(self, request_id: str) -> RequestRecord:
+    async def packaged(self, request_id: str) -> AccessRequest:
         """The record of a request whose package can be handed out (`request_id` from a
         route: a ULID); NotFoundError, or a PackageRefused saying why not."""
         found = await self._ledger.get(request_id)
@@ -199,7 +200,7 @@ class OperatorApi:
             raise PackageNotReady(f"the package is not built yet (status {record.status})")
         return record
 
-    async def send_package(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
+    async def send_package(self, request: web.Request, record: AccessRequest) -> web.StreamResponse:
         """Stream the package of `record` (from `packaged`) as the answer to `request`; a
         complete download answers the access request. PackageRefused or ArchiveUnavailable
         before the first byte; a failure mid-stream cuts the download short (it then fails
@@ -208,12 +209,12 @@ class OperatorApi:
         response = web.StreamResponse(
             headers={
                 "Content-Type": CONTENT_TYPE,
-                "ETag": f'"{record.package["sha256"]}"',
+                "ETag": f'"{record.package.sha256}"',
                 "Content-Disposition": f'attachment; filename="{package_filename(record.id)}"',
             }
         )
         try:
-            async with self._store.open(record.package["key"]) as reading:
+            async with self._store.open(record.package.key) as reading:
                 response.content_length = reading.size
                 await response.prepare(request)
                 async for chunk in reading.chunks():
@@ -230,16 +231,16 @@ class OperatorApi:
         await self._answered(record.id, "download")
         return response
 
-    async def link(self, record: RequestRecord) -> dict[str, str]:
+    async def link(self, record: AccessRequest) -> dict[str, str]:
         """A presigned GET of the package of `record` (from `packaged`), valid
         PACKAGE_LINK_SECONDS: `{url, expires_at, sha256}`; it answers the access request."""
         assert record.package is not None
         url = await self._store.presigned_get(
-            record.package["key"], self._link_seconds, package_filename(record.id)
+            record.package.key, self._link_seconds, package_filename(record.id)
         )
         await self._answered(record.id, "link")
         expires = utcnow() + timedelta(seconds=self._link_seconds)
-        return {"url": url, "expires_at": isoformat(expires), "sha256": record.package["sha256"]}
+        return {"url": url, "expires_at": isoformat(expires), "sha256": record.package.sha256}
 
     async def _answered(self, request_id: str, way: str) -> None:
         """The first hand-out answers the access request: `answered_at`, and the request
@@ -248,7 +249,7 @@ class OperatorApi:
         now = isoformat(utcnow())
         first: list[bool] = []
 
-        def change(record: RequestRecord) -> bool:
+        def change(record: AccessRequest) -> bool:
             first[:] = [record.mark_answered(now)]
             return first[0]
 
@@ -315,3 +316,47 @@ class Health:
     async def metrics(self, _request: web.Request) -> web.Response:
         body = generate_latest(self._metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def describe(record: AccessRequest, today: date | None = None) -> dict[str, Any]:
+    """The operator's view of a request (no raw subject: it stays in the record). The
+    top-level `subject_type`, `copernica_id`, `attempts`, `last_error`, `archive` and `events`
+    are the first source's (the filed subject); `sources` lists every data request."""
+    today = today or utcnow().date()
+    deadline = record.deadline
+    first = record.first
+    return {
+        "id": record.id,
+        "status": record.status,
+        "subject_type": first.subject_type,
+        "copernica_id": first.copernica_id,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        "attempts": first.attempts,
+        "last_error": first.last_error,
+        "archive": _facts(first.archive),
+        "events": _facts(first.events),
+        "received_on": deadline.received_on.isoformat(),
+        "due_by": deadline.due_by.isoformat(),
+        "days_left": deadline.days_left(today),
+        "overdue": deadline.overdue(today),
+        "extension": _facts(record.extension),
+        "package": _facts(record.package),
+        "answered_at": record.answered_at,
+        "purged_at": record.purged_at,
+        "sources": [_source(d) for d in record.data_requests],
+    }
+
+
+def _source(data: DataRequest) -> dict[str, Any]:
+    return {
+        "source": data.source,
+        "status": data.status,
+        "copernica_id": data.copernica_id,
+        "archive": _facts(data.archive),
+        "last_error": data.last_error,
+    }
+
+
+def _facts(facts: Any) -> dict[str, Any] | None:
+    return None if facts is None else dict(facts.to_json())

@@ -32,6 +32,11 @@ LIBRARY_NOISE = ("Task exception was never retrieved", "ClientRequest.write_byte
 
 
 @dataclass
+def first_source(record: dict[str, Any]) -> dict[str, Any]:
+    """The record's first data request (the filed subject): its archive, events, error."""
+    return dict(record["data_requests"][0])
+
+
 class Row:
     name: str
     checked: int = 0
@@ -167,7 +172,7 @@ class Checker:
             row.check(
                 record["status"] in wanted,
                 f"{record['id']} (plan {request.n}, {request.kind}): {record['status']} "
-                f"({record.get('last_error')})",
+                f"({first_source(record).get('last_error')})",
             )
         return row
 
@@ -177,7 +182,7 @@ class Checker:
             key = archive_key(record["id"])
             stored = await self._get(key)
             expected = await self.expected_sha256(record["id"])
-            recorded = (record.get("archive") or {}).get("sha256")
+            recorded = (first_source(record).get("archive") or {}).get("sha256")
             if record["status"] == "archived":
                 actual = hashlib.sha256(stored).hexdigest() if stored is not None else None
                 row.check(
@@ -218,7 +223,7 @@ class Checker:
             body = await self._get(key) or b""
             stored += [json.loads(line)["data"]["id"] for line in body.splitlines()]
         expected = self.expected_events(request)
-        complete = bool((record.get("events") or {}).get("complete"))
+        complete = bool((first_source(record).get("events") or {}).get("complete"))
         if complete and sorted(stored) == expected and len(set(stored)) == len(stored):
             return ""
         return (
@@ -243,7 +248,7 @@ class Checker:
                 if actual != (entry["size"], entry["sha256"]):
                     problems.append(f"{entry['name']} differs from the manifest")
             data = hashlib.sha256(archive.read("data.json")).hexdigest()
-            if data != (record.get("archive") or {}).get("sha256"):
+            if data != (first_source(record).get("archive") or {}).get("sha256"):
                 problems.append("data.json differs from the archive")
             request = self.planned(record["id"])
             if request is not None and request.events is not None:
@@ -338,7 +343,7 @@ class Checker:
                 continue
             request_id = request_id_of(delivery.url) or ""
             record = found.get(request_id, {})
-            recorded = (record.get("archive") or {}).get("sha256")
+            recorded = (first_source(record).get("archive") or {}).get("sha256")
             expected = await self.expected_sha256(request_id)
             whole = delivery.bytes == self.state.payload_size(delivery.copernica_id)
             row.check(

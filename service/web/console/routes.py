@@ -33,7 +33,7 @@ from service.metrics import Metrics
 from service.requests.deadline import parse_extension
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
-from service.requests.records import STATUSES, RequestRecord
+from service.requests.records import STATUSES, AccessRequest
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable
 from service.web.api import ROUTE_ID, OperatorApi, PackageRefused, no_such_request
 from service.web.console.package_report import ReportUnreadable, read_report
@@ -342,7 +342,7 @@ async def request_page(request: web.Request, session: Signed) -> web.Response:
 def _request_view(
     request: web.Request,
     session: Signed,
-    record: RequestRecord,
+    record: AccessRequest,
     *,
     status: int = 200,
     notice: str = "",
@@ -373,7 +373,7 @@ def _request_view(
     )
 
 
-async def _current(request: web.Request) -> RequestRecord:
+async def _current(request: web.Request) -> AccessRequest:
     """The request the URL names, as it is now (NotFoundError: no such request)."""
     record = await request.app[CONSOLE].operator.current(request.match_info["id"])
     if record is None:
@@ -445,7 +445,7 @@ async def report(request: web.Request, session: Signed) -> web.Response:
     try:
         record = await console.operator.packaged(request.match_info["id"])
         assert record.package is not None
-        body = await read_report(console.store, record.package["key"], int(record.package["size"]))
+        body = await read_report(console.store, record.package.key, record.package.size)
     except PackageRefused as refused:
         return await _package_refused(request, session, refused)
     except ReportUnreadable as exc:

@@ -18,7 +18,7 @@ from service.errors import InvalidInput
 from service.requests.deadline import MAX_EXTENSION_MONTHS
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
-from service.requests.records import STATUSES, RequestRecord
+from service.requests.records import STATUSES, AccessRequest
 
 PAGE_SIZE = 50
 SOON_DAYS = 7
@@ -135,7 +135,7 @@ async def listing(
     )
 
 
-def row(record: RequestRecord, today: date) -> Row:
+def row(record: AccessRequest, today: date) -> Row:
     deadline = record.deadline
     return Row(
         id=record.id,
@@ -150,12 +150,13 @@ def row(record: RequestRecord, today: date) -> Row:
     )
 
 
-def subject_label(record: RequestRecord) -> str:
+def subject_label(record: AccessRequest) -> str:
     if record.status == "purged":
         return "deleted"
-    if record.subject_type == "email":
-        return record.subject_id
-    return f"{record.subject_type} {record.subject_id}"
+    subject = record.subject
+    if subject.type == "email":
+        return subject.id
+    return f"{subject.type} {subject.id}"
 
 
 # -- one request -------------------------------------------------------------------------
@@ -171,33 +172,34 @@ class Step:
     tone: str = "done"  # done | next | problem
 
 
-def timeline(record: RequestRecord) -> list[Step]:
+def timeline(record: AccessRequest) -> list[Step]:
     """What happened to the request, oldest first, from what its record keeps; then what
     comes next, if anything."""
     steps: list[Step] = []
-    filed = f"{record.attempts} attempt{'s' if record.attempts != 1 else ''}"
-    if record.copernica_id:
-        filed += f"; Copernica id {record.copernica_id}"
+    first = record.first
+    filed = f"{first.attempts} attempt{'s' if first.attempts != 1 else ''}"
+    if first.copernica_id:
+        filed += f"; Copernica id {first.copernica_id}"
     steps.append(Step("Filed with Copernica", record.created_at, filed))
-    for extension in (record.extension or {}).get("history", []):
-        months = int(extension["months"])
+    for extension in record.extension.history if record.extension else ():
+        months = extension.months
         steps.append(
             Step(
                 f"Deadline extended by {months} month{'s' if months != 1 else ''}",
-                extension["at"],
-                str(extension["reason"]),
+                extension.at,
+                extension.reason,
             )
         )
-    archive = record.archive
+    archive = first.archive
     if archive:
         way = {"callback": "Copernica's callback", "poll": "polling Copernica"}.get(
-            str(archive.get("source")), str(archive.get("source") or "unknown")
+            str(archive.source), str(archive.source or "unknown")
         )
         steps.append(
             Step(
                 f"Data received by {way} and archived",
-                archive.get("received_at") or None,
-                _stored(archive),
+                archive.received_at or None,
+                _stored(archive.size, archive.sha256),
             )
         )
     if record.package:
@@ -205,8 +207,8 @@ def timeline(record: RequestRecord) -> list[Step]:
         steps.append(
             Step(
                 "Access package built",
-                package.get("built_at"),
-                _stored(package),
+                package.built_at,
+                _stored(package.size, package.sha256),
             )
         )
     if record.answered_at:
@@ -215,41 +217,39 @@ def timeline(record: RequestRecord) -> list[Step]:
         steps.append(Step("Stored data deleted (retention period over)", record.purged_at, ""))
     if record.status in ("failed", "expired"):
         title = "Copernica refused the request" if record.status == "failed" else "Expired"
-        steps.append(Step(title, record.updated_at, record.last_error or "", "problem"))
+        steps.append(Step(title, record.updated_at, first.last_error or "", "problem"))
     steps.sort(key=lambda s: s.at or "")
     steps += _next_steps(record)
     return steps
 
 
-def _next_steps(record: RequestRecord) -> list[Step]:
+def _next_steps(record: AccessRequest) -> list[Step]:
+    first = record.first
     if record.status == "submitting":
-        detail = f"last error: {record.last_error}" if record.last_error else ""
+        detail = f"last error: {first.last_error}" if first.last_error else ""
         return [Step("Being filed with Copernica; retried by the poller", None, detail, "next")]
     if record.status == "pending":
         detail = f"next check {time_text(record.next_poll_at)}" if record.next_poll_at else ""
-        if record.last_error:
-            detail += f"; last error: {record.last_error}"
-        events = record.events
-        if events and not events.get("complete"):
-            detail += f"; events: {events.get('stored', 0)} of {events.get('windows')} months"
+        if first.last_error:
+            detail += f"; last error: {first.last_error}"
+        events = first.events
+        if events and not events.complete:
+            detail += f"; events: {events.stored} of {events.windows} months"
         return [Step("Waiting for Copernica's data", None, detail.strip("; "), "next")]
     if record.needs_package:
-        detail = f"last error: {record.last_error}" if record.last_error else ""
+        detail = f"last error: {first.last_error}" if first.last_error else ""
         return [Step("Building the access package", None, detail, "next")]
     if record.package and not record.answered_at and record.status != "purged":
         return [Step("Hand the package to the data subject", None, "", "next")]
     return []
 
 
-def _stored(facts: dict[str, Any]) -> str:
+def _stored(size: int, sha256: str | None) -> str:
     """Size and the start of the sha256 (the page shows it in full beside the timeline)."""
-    sha256 = facts.get("sha256")
-    return (
-        f"{size_text(int(facts.get('size') or 0))}, sha256 {str(sha256)[:12] if sha256 else '?'}…"
-    )
+    return f"{size_text(size)}, sha256 {sha256[:12] if sha256 else '?'}…"
 
 
-def extension_months_left(record: RequestRecord) -> int:
+def extension_months_left(record: AccessRequest) -> int:
     if record.answered_at or record.status == "purged":
         return 0
     return MAX_EXTENSION_MONTHS - record.deadline.extended_months
