@@ -5,14 +5,28 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install nginx browser run test lint bench soak mutate image clean
+.PHONY: install lock nginx browser run test lint bench soak mutate image clean
 
-$(STAMP): pyproject.toml
+# Versions come from constraints.txt (every package pinned): the same install on every machine.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --editable '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt --editable '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Rewrites constraints.txt: pyproject.toml's dependencies and dev extras resolved afresh (the
+# newest versions its ranges allow) in a scratch virtualenv, then frozen, sorted, this project
+# left out. Run it after changing pyproject.toml's dependencies, or to take new releases.
+lock:
+	@set -e; scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
+	$(PYTHON) -m venv "$$scratch/venv"; \
+	"$$scratch/venv/bin/pip" install --quiet '.[dev]'; \
+	{ sed -n '/^#/p' constraints.txt; \
+	  "$$scratch/venv/bin/pip" freeze --exclude-editable --exclude copernica-receiver \
+	    | LC_ALL=C sort -f -t= -k1,1; } > "$$scratch/constraints.txt"; \
+	mv "$$scratch/constraints.txt" constraints.txt
+	@echo "constraints.txt rewritten; see git diff constraints.txt, then make install"
 
 # The load-balancer test runs nginx as its own process; install the Debian package if missing.
 nginx:
