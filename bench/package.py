@@ -263,7 +263,8 @@ def child(case: str, request_id: str, target: str) -> None:
             usage = resource.getrusage(resource.RUSAGE_SELF)
             started = time.perf_counter()
             if case == "build":
-                result = await PackageBuilder(store, CONTROLLER).ensure(record)
+                built = await PackageBuilder(store, CONTROLLER).ensure(record)
+                result = built.package.to_json()
             else:
                 result = await copy(store, store.keys.archive(request_id), target)
             seconds = time.perf_counter() - started

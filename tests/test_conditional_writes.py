@@ -343,7 +343,7 @@ async def test_a_stalled_filer_resuming_after_a_takeover_does_not_file_twice(
     resumed = await stalled._file(new, key, stalled_id)
 
     assert taken_over["id"] == stalled_id
-    assert resumed.copernica_id == taken_over["copernica_id"]
+    assert resumed.first.copernica_id == taken_over["copernica_id"]
     assert len(simulator.state.requests) == 1  # one data request at Copernica
     shown = await service.show(stalled_id)
     assert shown["status"] == "pending" and shown["copernica_id"] == taken_over["copernica_id"]

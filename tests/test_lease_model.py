@@ -306,7 +306,7 @@ class LeaseModel(RuleBasedStateMachine):
         """Copernica took it: pending, and the filer's lease released."""
         record = self.filer_record
         assert record is not None
-        record.mark_pending("4711")
+        record.first.mark_pending("4711")
         record.lease = None
         with contextlib.suppress(PreconditionFailed):  # a visitor took over after the lease
             self.run(self.filer_ledger.save(record, self.filer_etag))
@@ -326,7 +326,7 @@ class LeaseModel(RuleBasedStateMachine):
                 self.unleased.append(f"{replica.owner} works without a lease it wrote")
             await replica.gate.enter("work")
             if replica.final:
-                record.mark_expired("model: final")
+                record.first.mark_expired("model: final")
                 return Visit("expired", None)
             return Visit("not_ready", COME_BACK)
 
