@@ -2,9 +2,54 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Census(Collector):
+    """The deployment's census (from the poll schedule and the deadline index), counted by
+    the replica holding the housekeeping lease (`service.collect.housekeeping`).
+
+    Every replica knows it (the holder from its own count, the others from the lease object,
+    for the console's totals), but only the holder exports it: Prometheus scrapes every
+    replica, and a sum across replicas must count each request once. Elsewhere the three
+    series are absent, not 0: those replicas did not count.
+    """
+
+    _HELP = {
+        "receiver_pending_requests": "Requests not yet final (from the poll schedule).",
+        "receiver_oldest_pending_age_seconds": "Age of the oldest request not yet final.",
+        "receiver_requests_overdue": (
+            "Requests past their due_by whose package was not handed out (at the last census)."
+        ),
+    }
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.pending = 0
+        self.oldest_pending_age = 0.0
+        self.overdue = 0
+        self.exported = False  # True while this replica holds the housekeeping lease
+        registry.register(self)
+
+    def set(self, pending: int, oldest_pending_age: float, overdue: int) -> None:
+        self.pending, self.oldest_pending_age, self.overdue = pending, oldest_pending_age, overdue
+
+    def _families(self) -> Iterator[GaugeMetricFamily]:
+        values = (self.pending, self.oldest_pending_age, self.overdue)
+        for (name, text), value in zip(self._HELP.items(), values, strict=True):
+            yield GaugeMetricFamily(name, text, value=value)
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.exported:
+            yield from self._families()
 
 
 class Metrics:
@@ -78,19 +123,18 @@ class Metrics:
             "Requests this replica is working on now.",
             registry=r,
         )
-        self.pending = Gauge(
-            "receiver_pending_requests",
-            "Requests not yet final (from the poll schedule).",
+        self.census = Census(r)
+        self.housekeeping_holder = Gauge(
+            "receiver_housekeeping_lease_held",
+            "1 while this replica holds the housekeeping lease (runs census, janitor, "
+            "backfill and retention), else 0.",
             registry=r,
         )
-        self.oldest_pending = Gauge(
-            "receiver_oldest_pending_age_seconds",
-            "Age of the oldest request not yet final.",
-            registry=r,
-        )
-        self.overdue = Gauge(
-            "receiver_requests_overdue",
-            "Requests past their due_by whose package was not handed out (at the last census).",
+        self.housekeeping_s3 = Counter(
+            "receiver_housekeeping_s3_requests_total",
+            "S3 calls made by housekeeping, by part (lease, janitor, census, backfill, "
+            "retention) and operation; also counted in receiver_s3_request_duration_seconds.",
+            ["part", "operation"],
             registry=r,
         )
         self.packages_built = Counter(
@@ -108,6 +152,19 @@ class Metrics:
         self.purged = Counter(
             "receiver_purged_total",
             "Requests whose stored data was deleted after RETENTION_DAYS.",
+            registry=r,
+        )
+        self.purged_versions = Counter(
+            "receiver_purged_versions_total",
+            "Object versions retention deleted by version id in a bucket that keeps versions "
+            "(noncurrent versions and delete markers included).",
+            registry=r,
+        )
+        self.bucket_versioning = Enum(
+            "receiver_bucket_versioning",
+            "The bucket's versioning state at the last look (start-up, then retention's sweeps): "
+            "off (never enabled), enabled, suspended, or unknown (the look failed).",
+            states=["off", "enabled", "suspended", "unknown"],
             registry=r,
         )
         self.draining = Gauge(

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 from ulid import ULID
 
+from service.answer.retention import note_ended
 from service.clock import SYSTEM, Clock, utcnow
 from service.collect.events import lookback, request_windows
 from service.config import Settings
@@ -225,6 +226,8 @@ class Filing:
                 raise
             return found[0]
         await self.call_copernica(record)
+        # Refused by Copernica: ended without a package; its retention marker, before the record.
+        await note_ended(self._store, record, self._clock.now())
         record.lease = None
         try:
             await self._ledger.save(record, etag)
@@ -246,6 +249,8 @@ class Filing:
                 theirs.mark_pending(mine.copernica_id)
             elif mine.status is Status.FAILED and mine.last_error is not None:
                 theirs.mark_failed(mine.last_error)
+                if ours.ended_at is not None:  # its retention marker is in place (`file`)
+                    current.mark_ended(ours.ended_at)
             else:
                 return False
             return True

@@ -22,6 +22,7 @@ from datetime import timedelta
 import structlog
 
 from service.answer.package import PackageBuilder, PackageError
+from service.answer.retention import note_ended
 from service.clock import SYSTEM, Clock, parse_isoformat
 from service.collect.events import Progress, S3Sink, fetch_events, request_windows
 from service.collect.filing import Filing
@@ -83,6 +84,8 @@ class RequestWork:
         visit = await self._collect(record, record.first)
         if record.needs_package:
             return await self._package(record, visit.outcome)
+        # Ended without a package (failed, expired): its retention marker, before the record.
+        await note_ended(self._store, record, self._clock.now())
         return visit
 
     async def _collect(self, record: AccessRequest, data: DataRequest) -> Visit:

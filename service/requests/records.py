@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date, datetime
 from enum import StrEnum
@@ -50,6 +51,9 @@ class Status(StrEnum):
 
 STATUSES = tuple(s.value for s in Status)
 FINAL_STATUSES = (Status.ARCHIVED, Status.FAILED, Status.EXPIRED, Status.PURGED)
+# An access request in one of these ended without a package (later also `refused`): retention
+# counts RETENTION_DAYS from its `ended_at`.
+ENDED_WITHOUT_PACKAGE = (Status.FAILED, Status.EXPIRED)
 
 # Who holds a lease: this process. Stable for its life, unique across replicas and restarts.
 REPLICA = f"{socket.gethostname()}-{os.getpid()}-{str(ULID())[-6:]}"
@@ -192,6 +196,10 @@ class Extension:
 
     def plus(self, months: int, total: int, reason: str, at: str) -> Extension:
         return Extension(total, (*self.history, ExtensionStep(months, reason, at)))
+
+    def without_reasons(self) -> Extension:
+        """The months and dates, not the reasons (free text, which may name the subject)."""
+        return Extension(self.months, tuple(replace(s, reason="") for s in self.history))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -340,6 +348,9 @@ class AccessRequest:
     extension: Extension | None = None
     package: Package | None = None
     answered_at: str | None = None  # first download or link of the package
+    # When the request ended without a package (`ENDED_WITHOUT_PACKAGE`): set once, by
+    # `mark_ended`; retention purges RETENTION_DAYS after it.
+    ended_at: str | None = None
     purged_at: str | None = None
     # One visit works on the whole record.
     lease: Lease | None = None
@@ -417,13 +428,33 @@ class AccessRequest:
         self.answered_at = at
         return True
 
-    def mark_purged(self, subject_digest: str, at: str) -> None:
-        """Everything stored for the request is deleted: keep the facts, not the subject."""
+    @property
+    def ended_without_package(self) -> bool:
+        """Every source is final and none holds data (failed, expired): nothing to package."""
+        return self.purged_at is None and self.status in ENDED_WITHOUT_PACKAGE
+
+    def mark_ended(self, at: str) -> bool:
+        """Note when the request ended without a package; True the first time only (the caller
+        then puts its retention marker before it writes the record)."""
+        if self.ended_at is not None or not self.ended_without_package:
+            return False
+        self.ended_at = at
+        return True
+
+    def mark_purged(self, at: str, subject_digest: Callable[[str, str], str]) -> None:
+        """Everything stored for the request is deleted: keep the facts for the register (ids,
+        dates, status, sources count, sizes, sha256s), not the subject. Each source's subject
+        becomes its keyed digest (`subject_digest(type, id)`); free text that may name the
+        subject (errors, the reasons of extensions) goes."""
         self.purged_at = at
         self.lease = None
         self.next_poll_at = None
+        if self.extension is not None:
+            self.extension = self.extension.without_reasons()
         for data_request in self.data_requests:
-            data_request.subject_id = f"hmac-sha256:{subject_digest}"
+            if not data_request.subject_id.startswith("hmac-sha256:"):
+                digest = subject_digest(data_request.subject_type, data_request.subject_id)
+                data_request.subject_id = f"hmac-sha256:{digest}"
             data_request.last_error = None
 
     def take_lease(self, owner: str, until: datetime) -> None:
@@ -448,6 +479,7 @@ class AccessRequest:
             "extension": None if self.extension is None else self.extension.to_json(),
             "package": None if self.package is None else self.package.to_json(),
             "answered_at": self.answered_at,
+            "ended_at": self.ended_at,
             "purged_at": self.purged_at,
             "lease": None if self.lease is None else self.lease.to_json(),
             "next_poll_at": self.next_poll_at,
@@ -473,6 +505,7 @@ class AccessRequest:
             extension=_opt(raw.get("extension"), Extension.from_json),
             package=_opt(raw.get("package"), Package.from_json),
             answered_at=raw.get("answered_at"),
+            ended_at=raw.get("ended_at"),
             purged_at=raw.get("purged_at"),
             lease=_opt(raw.get("lease"), Lease.from_json),
             next_poll_at=raw.get("next_poll_at"),

@@ -79,6 +79,26 @@ class Keys:
         """`when` is a schedule stamp (`service.requests.schedule.stamp`)."""
         return f"{self.schedule_folder()}{when}/{request_id}"
 
+    def housekeeping_lease(self) -> str:
+        """The housekeeping lease: which replica runs census, janitor, backfill and retention
+        (`service.collect.housekeeping`), until when, and its last census."""
+        return f"{self.prefix}leases/housekeeping.json"
+
+    def retention_folder(self) -> str:
+        """Requests that ended without a package (failed, expired; later refused): one marker
+        per request under the UTC day it ended, so retention finds those due by listing only
+        the days `RETENTION_DAYS` ago and earlier (`service.answer.retention`)."""
+        return f"{self.prefix}retention/"
+
+    def retention_marker(self, request_id: str, ended: date) -> str:
+        return f"{self.retention_folder()}{ended.isoformat()}/{request_id}"
+
+    def retention_marker_parts(self, key: str) -> tuple[date, str]:
+        """The day and request id a retention marker names (the inverse of
+        `retention_marker`); ValueError for a key of another shape."""
+        day, request_id = key[len(self.retention_folder()) :].split("/")
+        return date.fromisoformat(day), request_id
+
     def migration_done(self, name: str) -> str:
         """The marker a finished migration leaves, so later processes skip it."""
         return f"{self.prefix}migrations/{name}.done"

@@ -7,6 +7,11 @@ them; one that silently ignores them would let two replicas overwrite each other
 record without anybody noticing. So before serving, each replica writes a probe object under
 `{prefix}startup-probe/` and checks that each condition is refused with 412 when it should be;
 a missing or unwritable bucket is refused the same way, by name. About ten S3 calls.
+
+It also looks at the bucket's versioning (GetBucketVersioning: enabled, suspended, or never
+enabled) and reports it: the `store_checked` log line and the `receiver_bucket_versioning`
+metric. Versioning is allowed; retention then deletes every version of what it purges
+(`service.answer.retention`), and the probe's own versions are deleted here.
 """
 
 from __future__ import annotations
@@ -16,10 +21,19 @@ import contextlib
 from collections.abc import Awaitable
 from datetime import timedelta
 
+import structlog
 from ulid import ULID
 
 from service.clock import SYSTEM, Clock
-from service.storage.s3 import ArchiveStore, ArchiveUnavailable, NotFound, PreconditionFailed
+from service.storage.s3 import (
+    VERSIONING_UNKNOWN,
+    ArchiveStore,
+    ArchiveUnavailable,
+    NotFound,
+    PreconditionFailed,
+)
+
+log = structlog.get_logger(__name__)
 
 # How long start-up waits for an S3 that does not answer before it gives up.
 REACH_ATTEMPTS, REACH_PAUSE_SECONDS = 5, 1.0
@@ -34,6 +48,7 @@ async def prove_store(store: ArchiveStore, clock: Clock = SYSTEM) -> None:
     """Return if the bucket exists, can be written and honours conditional writes; else
     UnsafeStore naming what is wrong."""
     await _reach(store)
+    versioning = await store.bucket_versioning()
     key = store.keys.probe(str(ULID.from_datetime(clock.now())))
     try:
         await _prove(store, key)
@@ -43,6 +58,20 @@ async def prove_store(store: ArchiveStore, clock: Clock = SYSTEM) -> None:
         ) from None
     with contextlib.suppress(ArchiveUnavailable):
         await abort_stale_probes(store, clock)
+    # The bucket's name and state only: never an endpoint's credentials.
+    log.info(
+        "store_checked",
+        bucket=store.bucket,
+        conditional_writes="honoured",
+        versioning=versioning.lower(),
+        keeps_versions=store.keeps_versions,
+    )
+    if versioning == VERSIONING_UNKNOWN:
+        log.warning(
+            "store_versioning_unknown",
+            bucket=store.bucket,
+            hint="grant s3:GetBucketVersioning; retention deletes by version id meanwhile",
+        )
 
 
 async def abort_stale_probes(store: ArchiveStore, clock: Clock = SYSTEM) -> int:
@@ -94,7 +123,14 @@ async def _prove(store: ArchiveStore, key: str) -> None:
             await store.abort_upload(key, upload_id)
     finally:
         with contextlib.suppress(ArchiveUnavailable, NotFound):
-            await store.delete(key)  # a probe object left behind is harmless
+            # A probe object left behind is harmless; in a bucket that keeps versions its
+            # three versions go too, so starts do not pile them up.
+            if store.keeps_versions:
+                async for version in store.versions(key):
+                    if version.key == key:
+                        await store.delete_version(key, version.version_id)
+            else:
+                await store.delete(key)
 
 
 async def _reach(store: ArchiveStore) -> None:

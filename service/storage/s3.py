@@ -75,6 +75,23 @@ class Listed:
     modified: datetime
 
 
+@dataclass(frozen=True)
+class Version:
+    """One version of an object in a bucket that keeps versions (`null`: written while
+    versioning was never enabled or suspended), or a delete marker."""
+
+    key: str
+    version_id: str
+    latest: bool
+    delete_marker: bool
+
+
+# GetBucketVersioning's Status; a bucket whose versioning was never enabled has none, and
+# "Unknown" is ours: the look failed (S3 down, or no s3:GetBucketVersioning permission).
+VERSIONING_OFF, VERSIONING_ENABLED, VERSIONING_SUSPENDED = "Off", "Enabled", "Suspended"
+VERSIONING_UNKNOWN = "Unknown"
+
+
 class Reading:
     """An object being read: its size and metadata, and its bytes as chunks."""
 
@@ -109,6 +126,10 @@ class ArchiveStore:
         self._metrics = metrics
         self._sse: dict[str, str] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
+        # The bucket's versioning state at the last look (`bucket_versioning`); None: not
+        # looked yet. An enabled or suspended bucket keeps earlier versions.
+        self.versioning: str | None = None
+        self.versioning_seen_at = 0.0  # time.monotonic() of that look
         if settings.archive_sse:
             self._sse["ServerSideEncryption"] = settings.archive_sse
             if settings.archive_kms_key_id:
@@ -203,6 +224,53 @@ class ArchiveStore:
 
     async def delete(self, key: str) -> None:
         await self._call("delete_object", Key=key)
+
+    # -- versions (a bucket with versioning enabled, or suspended after it was) ---------------
+
+    async def bucket_versioning(self) -> str:
+        """Look at the bucket's versioning state (`VERSIONING_OFF`, `_ENABLED`, `_SUSPENDED`,
+        or `_UNKNOWN` if the look failed): one GetBucketVersioning, remembered in
+        `versioning` and shown on /metrics. Never raises."""
+        try:
+            answer = await self._call("get_bucket_versioning")
+            state = str(answer.get("Status") or VERSIONING_OFF)
+        except (ArchiveUnavailable, NotFound):
+            state = VERSIONING_UNKNOWN
+        if state not in (VERSIONING_ENABLED, VERSIONING_SUSPENDED, VERSIONING_UNKNOWN):
+            state = VERSIONING_OFF
+        self.versioning, self.versioning_seen_at = state, time.monotonic()
+        self._metrics.bucket_versioning.state(state.lower())
+        return state
+
+    @property
+    def keeps_versions(self) -> bool:
+        """A delete here may leave earlier versions behind: versioning enabled, or suspended
+        (a suspended bucket keeps the versions written while it was enabled), or unknown
+        (then deleting by version is the safe way; it works on any bucket)."""
+        return self.versioning != VERSIONING_OFF
+
+    async def versions(self, prefix: str, *, page_size: int = 1000) -> AsyncIterator[Version]:
+        """Every version and delete marker of every key under `prefix`: one
+        ListObjectVersions per `page_size` (at most 1000), made as the caller reads on."""
+        markers: dict[str, str] = {}
+        while True:
+            answer = await self._call(
+                "list_object_versions", Prefix=prefix, MaxKeys=page_size, **markers
+            )
+            for item in answer.get("Versions", []):
+                yield Version(item["Key"], item["VersionId"], bool(item["IsLatest"]), False)
+            for item in answer.get("DeleteMarkers", []):
+                yield Version(item["Key"], item["VersionId"], bool(item["IsLatest"]), True)
+            if not answer.get("IsTruncated") or not answer.get("NextKeyMarker"):
+                return
+            markers = {"KeyMarker": answer["NextKeyMarker"]}
+            if answer.get("NextVersionIdMarker"):
+                markers["VersionIdMarker"] = answer["NextVersionIdMarker"]
+
+    async def delete_version(self, key: str, version_id: str) -> None:
+        """Delete one version (or delete marker) for good; one already gone is fine."""
+        with contextlib.suppress(NotFound):
+            await self._call("delete_object", Key=key, VersionId=version_id)
 
     @contextlib.asynccontextmanager
     async def open(self, key: str, chunk_bytes: int = 1024 * 1024) -> AsyncIterator[Reading]:
