@@ -1,8 +1,15 @@
-"""Fixtures: a real S3 API (moto's server, a separate process), the Copernica simulator and
-the service itself, each over real HTTP on loopback, built the way production builds them."""
+"""Fixtures: a real S3 API (moto's server, or SeaweedFS: each a separate process), the
+Copernica simulator and the service itself, each over real HTTP on loopback, built the way
+production builds them.
+
+The store: `TEST_S3=moto|seaweedfs` picks the one behind `s3_endpoint`, `bucket` and `store`
+for every test. Unset, it is moto, and the tests marked `both_stores` (the store-facing ones)
+run on each of the two, their ids ending `[moto]` / `[seaweedfs]`. Each store is one process
+per session, started when a test first needs it; each test has a bucket of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -23,6 +30,7 @@ from aiobotocore.session import get_session
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from deploy.seaweedfs import SeaweedFS
 from service.app import create_app, create_public_app
 from service.config import Secret, Settings
 from service.intake.callback import callback_url
@@ -91,8 +99,39 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
+STORES = ("moto", "seaweedfs")
+TEST_S3 = os.environ.get("TEST_S3", "")
+if TEST_S3 not in ("", *STORES):
+    raise pytest.UsageError(f"TEST_S3={TEST_S3!r}: one of {', '.join(STORES)}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "both_stores: runs on moto and on SeaweedFS (one of them if TEST_S3 names it); "
+        "the test id says which",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked `both_stores` that reaches the store (`store_kind`, through
+    `s3_endpoint`) runs once per store; unmarked ones run on TEST_S3's (moto unless set)."""
+    if "store_kind" not in metafunc.fixturenames:
+        return
+    if metafunc.definition.get_closest_marker("both_stores") is None:
+        return
+    kinds = (TEST_S3,) if TEST_S3 else STORES
+    metafunc.parametrize("store_kind", kinds, indirect=True)
+
+
+@pytest.fixture
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Which store the test runs on: "moto" or "seaweedfs"."""
+    return str(getattr(request, "param", TEST_S3 or "moto"))
+
+
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
+def moto_endpoint() -> Iterator[str]:
     """moto's S3 server in its own process: the real S3 HTTP API, in memory."""
     port = free_port()
     proc = subprocess.Popen(
@@ -108,6 +147,20 @@ def s3_endpoint() -> Iterator[str]:
         proc.wait(10)
 
 
+@pytest.fixture(scope="session")
+def seaweedfs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A SeaweedFS (`weed mini`, deploy/seaweedfs.py) in its own process, its state on disk
+    in the session's temporary directory."""
+    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as seaweedfs:
+        yield seaweedfs.endpoint
+
+
+@pytest.fixture
+def s3_endpoint(store_kind: str, request: pytest.FixtureRequest) -> str:
+    """The S3 endpoint of the test's store (`store_kind`)."""
+    return str(request.getfixturevalue(f"{store_kind}_endpoint"))
+
+
 @pytest.fixture
 async def s3(s3_endpoint: str) -> AsyncIterator[Any]:
     """A plain S3 client for the test's own looks into the bucket."""
@@ -116,11 +169,16 @@ async def s3(s3_endpoint: str) -> AsyncIterator[Any]:
 
 
 @pytest.fixture
-async def bucket(s3: Any) -> str:
-    """A fresh bucket per test: tests never see each other's objects."""
+async def bucket(s3: Any, store_kind: str) -> AsyncIterator[str]:
+    """A fresh bucket per test: tests never see each other's objects. On SeaweedFS each
+    bucket is a collection with a volume of its own, and a volume server holds a limited
+    number (free disk / volume size): the bucket goes with its test, objects and all."""
     name = f"test-{uuid.uuid4().hex[:20]}"
     await s3.create_bucket(Bucket=name)
-    return name
+    yield name
+    if store_kind == "seaweedfs":
+        with contextlib.suppress(Exception):  # a test that stopped the store, say
+            await s3.delete_bucket(Bucket=name)
 
 
 @dataclass
@@ -132,10 +190,18 @@ class Bucket:
     prefix: str = "copernica/"
 
     async def keys(self, under: str = "") -> list[str]:
+        """Keys under the prefix (and `under`); without `under`, the housekeeping lease (the
+        replicas' own state, written from start-up on) is left out: `keys("leases/")`."""
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.name, Prefix=self.prefix + under
         )
-        return [item["Key"] async for page in pages for item in page.get("Contents", [])]
+        lease = f"{self.prefix}leases/"
+        return [
+            item["Key"]
+            async for page in pages
+            for item in page.get("Contents", [])
+            if under or not item["Key"].startswith(lease)
+        ]
 
     async def read(self, key: str) -> bytes:
         answer = await self.client.get_object(Bucket=self.name, Key=key)
