@@ -18,7 +18,7 @@ from service.answer.package import PackageBuilder
 from service.answer.retention import Retention
 from service.clock import Clock
 from service.collect.filing import Filing
-from service.collect.housekeeping import Housekeeping
+from service.collect.housekeeping import Housekeeping, count_s3_calls
 from service.collect.visits import Poller
 from service.collect.work import RequestWork
 from service.config import Settings
@@ -118,6 +118,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     key = hash_key(settings)
     async with s3_client(settings) as s3, aiohttp.ClientSession() as http:
         store = ArchiveStore(s3, settings, metrics)
+        count_s3_calls(s3, metrics)  # housekeeping's share of S3 calls, on /metrics
         await prove_store(store, clock)  # UnsafeStore: the process does not start
         ledger = Ledger(store, key, clock=clock)
         schedule = Schedule(store, clock)
@@ -179,8 +180,10 @@ async def _polling(app: web.Application) -> AsyncIterator[None]:
 
 async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
     """Janitor, census, backfill and retention's sweep: a task of their own beside the
-    poller, stopped with it (the round in progress may finish until the shutdown deadline,
-    then it is cancelled: a round is only ever repeated, nothing is lost)."""
+    poller, run while this replica holds the housekeeping lease, stopped with the poller (the
+    round in progress may finish until the shutdown deadline, then it is cancelled: a round
+    is only ever repeated, nothing is lost). A stopped task has released the lease; a
+    cancelled one releases it here, so the next replica need not wait it out."""
     housekeeping = app[HOUSEKEEPING]
     task = asyncio.create_task(housekeeping.run(), name="housekeeping")
     yield
@@ -188,6 +191,8 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
     if not await _finished_by_deadline(app, task):
         log.warning("housekeeping_cancelled", reason="shutdown deadline (drain + grace) reached")
         await _cancel(task)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(housekeeping.release(), app[SETTINGS].s3_timeout_seconds)
 
 
 async def _finished_by_deadline(app: web.Application, task: asyncio.Task[None]) -> bool:

@@ -173,12 +173,16 @@ async def metric(service: Service, name: str, **labels: str) -> float:
 
 
 async def metric_counts(service: Service) -> dict[str, float]:
-    """S3 calls by operation ("s3:<op>") and poller ticks, from the service's /metrics."""
+    """S3 calls by operation ("s3:<op>") and poller ticks, from the service's /metrics;
+    housekeeping's calls (the lease, census, janitor, backfill, retention) left out."""
     counts: dict[str, float] = {}
     for name, labels, value in await scrape(service.http, service.admin_url):
         if name == "receiver_s3_request_duration_seconds_count":
             key = f"s3:{labels['operation']}"
             counts[key] = counts.get(key, 0) + value
+        elif name == "receiver_housekeeping_s3_requests_total":
+            key = f"s3:{labels['operation']}"
+            counts[key] = counts.get(key, 0) - value
         elif name == "receiver_poll_ticks_total":
             counts[name] = value
     return counts

@@ -110,13 +110,11 @@ class Console:
         self.link_hours = settings.package_link_seconds / 3600
 
     def census(self) -> dict[str, int]:
-        """Counts across all requests that cost no S3 call: the poller's last census of the
-        poll schedule (requests not yet final) and of the overdue ones."""
-        registry = self.metrics.registry
-        return {
-            "in_progress": int(registry.get_sample_value("receiver_pending_requests") or 0),
-            "overdue": int(registry.get_sample_value("receiver_requests_overdue") or 0),
-        }
+        """Counts across all requests that cost no S3 call: housekeeping's last census of the
+        poll schedule (requests not yet final) and of the overdue ones (on a replica not
+        holding the housekeeping lease, the holder's census as its lease object shows it)."""
+        census = self.metrics.census
+        return {"in_progress": census.pending, "overdue": census.overdue}
 
 
 CONSOLE = web.AppKey("console", Console)
