@@ -31,12 +31,12 @@ SHUTDOWN_SLACK = 5.0
 LIBRARY_NOISE = ("Task exception was never retrieved", "ClientRequest.write_bytes()")
 
 
-@dataclass
 def first_source(record: dict[str, Any]) -> dict[str, Any]:
     """The record's first data request (the filed subject): its archive, events, error."""
     return dict(record["data_requests"][0])
 
 
+@dataclass
 class Row:
     name: str
     checked: int = 0
