@@ -251,6 +251,9 @@ def s3_objects(endpoint: str, keys: list[str]) -> dict[str, bytes]:
     return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
+SUBJECT = "restarted.subject@example.com"
+
+
 async def test_make_run_keeps_requests_packages_records_and_settings_across_a_restart(
     tmp_path: Path,
 ) -> None:
@@ -277,7 +280,7 @@ async def test_make_run_keeps_requests_packages_records_and_settings_across_a_re
         }
         async with aiohttp.ClientSession() as http:
             async with http.post(
-                f"{admin}/v1/data-requests", json={"email": "alice@example.com"}, headers=auth
+                f"{admin}/v1/data-requests", json={"email": SUBJECT}, headers=auth
             ) as answer:
                 assert answer.status == 202, await answer.text()
                 request_id = (await answer.json())["id"]
@@ -287,9 +290,10 @@ async def test_make_run_keeps_requests_packages_records_and_settings_across_a_re
                     assert r.status == 200, await r.text()
                     return dict(await r.json())
 
-            before = await eventually(
-                lambda: shown(http), lambda r: r["package"] is not None, timeout=20, what="packaged"
-            )
+            def packaged(shown: dict[str, Any]) -> bool:
+                return shown["package"] is not None
+
+            before = await eventually(lambda: shown(http), packaged, timeout=20, what="packaged")
             async with http.get(f"{sim}/_sim/state") as answer:
                 deliveries = (await answer.json())["deliveries"]
             [callback_url] = {d["url"] for d in deliveries if d["status"] == 200}
@@ -331,6 +335,10 @@ async def test_make_run_keeps_requests_packages_records_and_settings_across_a_re
                 assert (await answer.json())["request_id"] == request_id
         assert stack.stop("sigterm") == 0
         assert stack.listening() == []
+        # What make run printed in the terminal names neither the subject nor a secret.
+        generated = json.loads((local / "settings.json").read_text())
+        printed = stack.log.read_text()
+        assert [v for v in [SUBJECT, *generated.values()] if v in printed] == []
     finally:
         if stack.proc is not None:
             stack.stop("sigterm")
