@@ -99,7 +99,9 @@ class OperatorApi:
             return record  # with events asked for, the poller decides when all is stored
         key = self._store.keys.archive(record.id)
         head = await self._store.head(key)
-        if head is None:
+        if head is None or head.get("Metadata", {}).get("closed"):
+            # No data, or the poller's tombstone of an expiring request (it writes `expired`
+            # next): never an archive.
             return record
         info = Archive.from_head(head, self._store.bucket, key)
 
