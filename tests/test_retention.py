@@ -3,8 +3,12 @@ RETENTION_DAYS, and nothing of a request that is not due is ever touched."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from datetime import timedelta
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+
+import pytest
 
 from service.answer.retention import Retention
 from service.clock import FixedClock, isoformat, parse_isoformat, utcnow
@@ -12,7 +16,7 @@ from service.metrics import Metrics
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
 from service.storage.s3 import ArchiveStore, s3_client
-from tests.conftest import Bucket, ServiceFactory, Simulator, make_settings
+from tests.conftest import Bucket, Service, ServiceFactory, Simulator, make_settings
 from tests.support import (
     archive_key,
     eventually,
@@ -20,8 +24,12 @@ from tests.support import (
     metric,
     record_of,
     snapshot,
+    wait_for_status,
     wait_until_packaged,
 )
+
+# On moto and on SeaweedFS (tests/conftest.py): the test ids say which.
+pytestmark = pytest.mark.both_stores
 
 FAST = {"POLL_INTERVAL_SECONDS": "0.2", "POLL_LEASE_SECONDS": "5"}
 KEY = b"k" * 32
@@ -188,3 +196,264 @@ async def test_the_service_purges_on_its_own_after_retention(
     assert (await record_of(store, waiting["id"]))["data_requests"][0][
         "subject_id"
     ] == "pat@example.com"
+
+
+# -- deleted means deleted: every version, and requests that ended without a package --------
+
+
+async def versions_of(store: Bucket, request_id: str) -> dict[tuple[str, str], tuple]:
+    """Every version and delete marker in the bucket whose key names the request, with its
+    bytes: (key, version id) -> (latest, delete marker, bytes or None). The poll schedule's
+    markers (`due/`, empty, named by request id and time) are left out: retention does not
+    look for them (docs/answering.md#retention)."""
+    found: dict[tuple[str, str], tuple] = {}
+    pages = store.client.get_paginator("list_object_versions").paginate(Bucket=store.name)
+    async for page in pages:
+        for item in page.get("Versions", []) + page.get("DeleteMarkers", []):
+            key = item["Key"]
+            if request_id not in key or "/due/" in key:
+                continue
+            body = None
+            if "Size" in item:  # a version, not a delete marker
+                answer = await store.client.get_object(
+                    Bucket=store.name, Key=key, VersionId=item["VersionId"]
+                )
+                async with answer["Body"] as stream:
+                    body = bytes(await stream.read())
+            found[(key, item["VersionId"])] = (item["IsLatest"], "Size" not in item, body)
+    return found
+
+
+async def all_versions(store: Bucket, under: str) -> list[tuple[str, str]]:
+    answer = await store.client.list_object_versions(Bucket=store.name, Prefix=store.prefix + under)
+    return [
+        (item["Key"], item["VersionId"])
+        for item in answer.get("Versions", []) + answer.get("DeleteMarkers", [])
+    ]
+
+
+def only_tombstone_and_record(
+    found: dict[tuple[str, str], tuple], request_id: str, *, null_markers: bool = False
+) -> None:
+    """What a purge leaves of a request: the archive's empty tombstone and the scrubbed record,
+    each one current version; not one other version, delete marker or object (`null_markers`:
+    but for `null` delete markers, which SeaweedFS 4.48 does not delete in a suspended bucket;
+    they hold no bytes)."""
+    if null_markers:
+        found = {k: v for k, v in found.items() if not (k[1] == "null" and v[1])}
+    assert sorted((key, latest, marker) for (key, _), (latest, marker, _) in found.items()) == [
+        (archive_key(request_id), True, False),
+        (f"copernica/requests/{request_id}.json", True, False),
+    ]
+    assert found[next(k for k in found if k[0] == archive_key(request_id))][2] == b""
+
+
+async def versioning(store: Bucket, status: str) -> None:
+    await store.client.put_bucket_versioning(
+        Bucket=store.name, VersioningConfiguration={"Status": status}
+    )
+
+
+@contextlib.asynccontextmanager
+async def sweeper(bucket: str, s3_endpoint: str) -> AsyncIterator[ArchiveStore]:
+    """A replica's store for a sweep of the test's own (its Retention on a FixedClock)."""
+    settings = make_settings(ARCHIVE_BUCKET=bucket, S3_ENDPOINT_URL=s3_endpoint)
+    async with s3_client(settings) as s3:
+        yield ArchiveStore(s3, settings, Metrics())
+
+
+async def built_later(store: Bucket, request_id: str, built: datetime) -> None:
+    """The request's package as if built at `built` (its record written as an operator
+    would, with a plain PUT)."""
+    record = await record_of(store, request_id)
+    record["package"]["built_at"] = isoformat(built)
+    record["version"] += 1
+    await store.client.put_object(
+        Bucket=store.name,
+        Key=f"copernica/requests/{request_id}.json",
+        Body=json.dumps(record).encode(),
+    )
+
+
+async def download(service: Service, store: Bucket, request_id: str) -> None:
+    """The operator downloads the package: `answered_at` (written beside the download), and
+    the deadline marker goes."""
+    async with service.http.get(
+        f"{service.admin_url}/v1/data-requests/{request_id}/package", headers=service.auth
+    ) as answer:
+        assert answer.status == 200
+        await answer.read()
+    await eventually(lambda: record_of(store, request_id), lambda r: r["answered_at"] is not None)
+    await eventually(
+        lambda: store.keys("deadlines/"), lambda keys: not any(request_id in k for k in keys)
+    )
+
+
+async def test_versioned_bucket_a_due_request_loses_every_version_a_young_one_none(
+    make_service: ServiceFactory, store: Bucket, s3_endpoint: str, bucket: str
+) -> None:
+    """Versioning on from the start: every write of the record left a version holding the
+    address. The purge leaves the tombstone's and the scrubbed record's current versions and
+    nothing else; the request not yet due keeps every version, byte for byte."""
+    await versioning(store, "Enabled")
+    service = await make_service(**FAST)
+    # The start-up check saw the versioning.
+    assert (
+        await metric(service, "receiver_bucket_versioning", receiver_bucket_versioning="enabled")
+        == 1
+    )
+    due = await filed(service, {"email": "vera@example.com"}, **{"Idempotency-Key": "v-1"})
+    async with service.http.post(service.callback_url(due["id"]), data=b"{broken") as answer:
+        assert answer.status == 422  # a quarantined body: the request's too
+    young = await filed(service, {"email": "walt@example.com"})
+    built = parse_isoformat((await wait_until_packaged(service, due["id"]))["package"]["built_at"])
+    await wait_until_packaged(service, young["id"])
+    await download(service, store, due["id"])  # the deadline marker: a version and a delete marker
+    await built_later(store, young["id"], built + timedelta(minutes=1))
+    before = await versions_of(store, due["id"])
+    # The test can fail: earlier versions of the record hold the address, and there are
+    # delete markers (the answered deadline marker).
+    assert any(
+        not latest and b"vera@example.com" in (body or b"") for latest, _, body in before.values()
+    )
+    assert any(marker for _, marker, _ in before.values())
+    assert await all_versions(store, "idempotency/")
+    young_before = await versions_of(store, young["id"])
+
+    async with sweeper(bucket, s3_endpoint) as archive:
+        clock = FixedClock(built + timedelta(days=1, seconds=1))
+        assert await retention_of(archive, 1.0, clock).sweep() == 1
+
+    after = await versions_of(store, due["id"])
+    only_tombstone_and_record(after, due["id"])
+    assert await all_versions(store, "idempotency/") == []
+    purged = next(body for (key, _), (_, _, body) in after.items() if "/requests/" in key)
+    assert purged is not None and b"vera@example.com" not in purged
+    assert json.loads(purged)["status"] == "purged"
+    assert await versions_of(store, young["id"]) == young_before
+
+
+async def test_failed_and_expired_requests_are_purged_after_retention_not_before(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket, s3_endpoint: str, bucket: str
+) -> None:
+    """Requests that end without a package are purged RETENTION_DAYS after they ended
+    (`ended_at`), found through their retention marker; a microsecond before, every version of
+    everything of theirs stays as it was."""
+    await versioning(store, "Enabled")
+    service = await make_service(**FAST, REQUEST_EXPIRY_HOURS="0.0003")  # about one second
+    simulator.state.faults.reject_create = True
+    failed = await filed(service, {"email": "xena@example.com"})
+    assert failed["status"] == "failed"
+    simulator.state.faults.reject_create = False
+    simulator.state.config.ready_after = 3600
+    expired = await filed(service, {"email": "yuri@example.com"}, **{"Idempotency-Key": "y-1"})
+    await wait_for_status(service, expired["id"], "expired")
+    ends = {}
+    for request in (failed, expired):
+        record = await record_of(store, request["id"])
+        assert record["ended_at"]
+        ends[request["id"]] = parse_isoformat(record["ended_at"])
+    assert len(await store.keys("retention/")) == 2
+
+    async with sweeper(bucket, s3_endpoint) as archive:
+        for request_id, ended in sorted(ends.items(), key=lambda item: item[1]):
+            everything = {i: await versions_of(store, i) for i in ends}
+            clock = FixedClock(ended + timedelta(days=2) - timedelta(microseconds=1))
+            retention = retention_of(archive, 2.0, clock)
+            assert await retention.sweep() == 0
+            assert {i: await versions_of(store, i) for i in ends} == everything
+            clock.advance(timedelta(microseconds=1))
+            assert await retention.sweep() == 1
+            only_tombstone_and_record(await versions_of(store, request_id), request_id)
+            # The other one (purged already, or not due yet) is as it was, every version.
+            for other in set(ends) - {request_id}:
+                assert await versions_of(store, other) == everything[other]
+
+    assert await all_versions(store, "retention/") == []
+    assert await all_versions(store, "idempotency/") == []
+    for request_id, address in ((failed["id"], b"xena@"), (expired["id"], b"yuri@")):
+        raw = await store.read(f"copernica/requests/{request_id}.json")
+        assert address not in raw
+        purged = json.loads(raw)
+        assert purged["status"] == "purged" and purged["purged_at"] and purged["ended_at"]
+        assert purged["received_on"] and len(purged["data_requests"]) == 1
+        assert purged["data_requests"][0]["subject_id"].startswith("hmac-sha256:")
+        assert (await service.show(request_id))["status"] == "purged"
+
+
+async def extend(service: Service, request_id: str, reason: str) -> None:
+    async with service.http.post(
+        f"{service.admin_url}/v1/data-requests/{request_id}/extend",
+        headers=service.auth,
+        json={"months": 1, "reason": reason},
+    ) as answer:
+        assert answer.status == 200
+
+
+async def test_versioning_switched_on_after_data_exists(
+    make_service: ServiceFactory, store: Bucket, s3_endpoint: str, bucket: str
+) -> None:
+    """Objects written before versioning was switched on are `null` versions, and writes
+    since leave them behind as noncurrent ones: the purge deletes them all. An extension's
+    reason (free text naming the subject) does not outlive it either."""
+    service = await make_service(**FAST)
+    assert (
+        await metric(service, "receiver_bucket_versioning", receiver_bucket_versioning="off") == 1
+    )
+    due = await filed(service, {"email": "zoe@example.com"})
+    young = await filed(service, {"email": "abe@example.com"})
+    built = parse_isoformat((await wait_until_packaged(service, due["id"]))["package"]["built_at"])
+    await wait_until_packaged(service, young["id"])
+    await built_later(store, young["id"], built + timedelta(minutes=1))
+    await versioning(store, "Enabled")
+    await extend(service, due["id"], "zoe@example.com asked about three databases")
+    await download(service, store, due["id"])
+    before = await versions_of(store, due["id"])
+    assert any(version == "null" and not latest for (_, version), (latest, _, _) in before.items())
+    young_before = await versions_of(store, young["id"])
+
+    async with sweeper(bucket, s3_endpoint) as archive:
+        clock = FixedClock(built + timedelta(days=1, seconds=1))
+        assert await retention_of(archive, 1.0, clock).sweep() == 1
+        assert archive.versioning == "Enabled"
+
+    only_tombstone_and_record(await versions_of(store, due["id"]), due["id"])
+    raw = await store.read(f"copernica/requests/{due['id']}.json")
+    assert b"zoe@example.com" not in raw
+    assert json.loads(raw)["extension"]["months"] == 1
+    assert await versions_of(store, young["id"]) == young_before
+
+
+async def test_suspended_versioning_keeps_old_versions_and_the_purge_deletes_them(
+    make_service: ServiceFactory, store: Bucket, s3_endpoint: str, bucket: str, store_kind: str
+) -> None:
+    """A bucket whose versioning was enabled, then suspended, keeps the versions written
+    while it was enabled; writes since are `null` versions. The purge deletes them all."""
+    if store_kind == "moto":
+        pytest.skip(
+            "moto 5.2.6 does not keep versions in a suspended bucket (a PUT or DELETE drops "
+            "every version of the key) and answers 500 to a DELETE by version id of a key "
+            "whose current version is a delete marker"
+        )
+    await versioning(store, "Enabled")
+    service = await make_service(**FAST)
+    due = await filed(service, {"email": "ida@example.com"})
+    built = parse_isoformat((await wait_until_packaged(service, due["id"]))["package"]["built_at"])
+    await extend(service, due["id"], "more time")
+    await versioning(store, "Suspended")
+    # SeaweedFS 4.48 answers 412 to If-Match on a key whose current version was written
+    # while versioning was enabled (docs/answering.md#retention): a plain write of the same
+    # record makes its current version a `null` one, and the service can update it again.
+    key = f"copernica/requests/{due['id']}.json"
+    await store.client.put_object(Bucket=store.name, Key=key, Body=await store.read(key))
+    await download(service, store, due["id"])
+    before = await versions_of(store, due["id"])
+    assert sum(not latest for latest, _, _ in before.values()) >= 5
+
+    async with sweeper(bucket, s3_endpoint) as archive:
+        clock = FixedClock(built + timedelta(days=1, seconds=1))
+        assert await retention_of(archive, 1.0, clock).sweep() == 1
+        assert archive.versioning == "Suspended"
+
+    only_tombstone_and_record(await versions_of(store, due["id"]), due["id"], null_markers=True)
+    assert b"ida@example.com" not in await store.read(key)
