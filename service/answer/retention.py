@@ -22,12 +22,12 @@ digest) and marked `purged`, the record's earlier versions deleted, and the pack
 marker deleted last: a crash anywhere leaves it listed, so the next sweep finishes the job
 (deleting is idempotent), and a record that says `purged` lets it delete the leftovers.
 
-Versions. The bucket's versioning state is looked at once at start-up (`prove_store`), then
-once by every sweep that has something to purge, before its first purge, and once an hour by
-an idle one (for /metrics); an idle sweep costs nothing extra. In a bucket that never had
-versioning on, each key is one DELETE, as before. In one that keeps versions (enabled, or
-suspended after it was: the old versions stay; or unknown), each key or folder purged is one
-ListObjectVersions and a DeleteObject per version id, delete markers and the `null` versions
+Versions. The bucket's versioning state is read at start-up (`prove_store`), then by the
+first delete of every sweep, and once an hour by a sweep that deletes nothing (for /metrics):
+an idle sweep costs nothing extra. In a bucket that never had versioning on, each key is one
+DELETE, as before. In one that keeps versions (enabled, or suspended after it was: the old
+versions stay; or unknown), each key or folder purged is one ListObjectVersions and a
+DeleteObject per version id, delete markers and the `null` versions
 written before versioning was switched on included, the current version last (a crash then
 leaves the key listed). The archive's tombstone keeps only its own (current) version, and the
 scrubbed record only its current one: its earlier versions hold the subject. A sweep that

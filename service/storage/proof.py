@@ -6,7 +6,7 @@ PutObject (a record changes only from the version read). Not every S3-compatible
 them; one that silently ignores them would let two replicas overwrite each other's archive or
 record without anybody noticing. So before serving, each replica writes a probe object under
 `{prefix}startup-probe/` and checks that each condition is refused with 412 when it should be;
-a missing or unwritable bucket is refused the same way, by name. About ten S3 calls.
+a missing or unwritable bucket is refused the same way, by name. About a dozen S3 calls.
 
 It also looks at the bucket's versioning (GetBucketVersioning: enabled, suspended, or never
 enabled) and reports it: the `store_checked` log line and the `receiver_bucket_versioning`
