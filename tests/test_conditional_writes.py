@@ -63,6 +63,9 @@ from tests.support import (
     record_of,
 )
 
+# On moto and on SeaweedFS (tests/conftest.py): the test ids say which.
+pytestmark = pytest.mark.both_stores
+
 PART = 5 * MIB  # S3's smallest part: bodies above it go up as multipart uploads
 
 

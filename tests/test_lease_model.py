@@ -78,6 +78,9 @@ from service.requests.schedule import Schedule, stamp
 from service.storage.s3 import ArchiveStore, PreconditionFailed, s3_client
 from tests.conftest import make_settings
 
+# On moto and on SeaweedFS (tests/conftest.py): the test ids say which.
+pytestmark = pytest.mark.both_stores
+
 T = TypeVar("T")
 
 # Lease seconds: LONG never runs out here; RUN_OUT has run out before anybody else looks, as

@@ -42,6 +42,9 @@ from tests.support import (
     wait_until_packaged,
 )
 
+# On moto and on SeaweedFS (tests/conftest.py): the test ids say which.
+pytestmark = pytest.mark.both_stores
+
 FAST = {"POLL_INTERVAL_SECONDS": "0.2", "POLL_LEASE_SECONDS": "5"}
 
 

@@ -217,9 +217,16 @@ class ArchiveStore:
             extra["IfMatch"] = if_match
         if metadata:
             extra["Metadata"] = {k: _ascii(v) for k, v in metadata.items()}
-        answer = await self._call(
-            "put_object", Key=key, Body=body, ContentType=content_type, **extra
-        )
+        try:
+            answer = await self._call(
+                "put_object", Key=key, Body=body, ContentType=content_type, **extra
+            )
+        except NotFound:
+            if if_match is None:
+                raise
+            # If-Match on a key that is gone: AWS and moto answer 404 NoSuchKey, SeaweedFS
+            # 412. Either way the object is not the one read: the condition does not hold.
+            raise PreconditionFailed("put_object") from None
         return str(answer["ETag"])
 
     async def delete(self, key: str) -> None:

@@ -8,9 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.conftest import Bucket, ServiceProcess, Simulator
 from tests.support import archive_key, eventually, file_request
+
+# On moto and on SeaweedFS (tests/conftest.py): the test ids say which.
+pytestmark = pytest.mark.both_stores
 
 REQUESTS = 200
 
