@@ -57,7 +57,7 @@ lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
 # The benchmarks, each against a baseline measured side by side in the same run;
-# each prints its table and replaces its section of bench/RESULTS.md. About 25 minutes.
+# each prints its table and replaces its section of bench/RESULTS.md. About 35 minutes.
 bench: install nginx
 	$(PY) bench/callbacks.py
 	$(PY) bench/giant_callback.py --mib 1024
@@ -65,6 +65,7 @@ bench: install nginx
 	$(PY) bench/replicas.py
 	$(PY) bench/package.py
 	$(PY) bench/listing.py
+	$(PY) bench/idle.py
 
 # The combined-fault soak: three replicas behind nginx, moto behind a fault proxy, the
 # simulator, a seeded schedule of faults, then an invariant checker over S3 and the simulator.

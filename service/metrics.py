@@ -130,6 +130,13 @@ class Metrics:
             "backfill and retention), else 0.",
             registry=r,
         )
+        self.housekeeping_rounds = Counter(
+            "receiver_housekeeping_rounds_total",
+            "Housekeeping rounds, by role: holder (held the lease and did the work) or "
+            "standby (read the lease, another replica holds it).",
+            ["role"],
+            registry=r,
+        )
         self.housekeeping_s3 = Counter(
             "receiver_housekeeping_s3_requests_total",
             "S3 calls made by housekeeping, by part (lease, janitor, census, backfill, "

@@ -14,13 +14,14 @@ fails (S3 down) is only logged: the next one tries again.
 
 **One replica at a time.** Only the replica holding the housekeeping lease (`Lease`, an
 object `leases/housekeeping.json` written with conditional PUTs) runs a round's work; the
-others read the lease (one GET a round) and do nothing else, so an idle deployment's S3 calls
-do not grow with replicas times pending requests. The lease lasts `LEASE_ROUNDS` rounds and the
-holder renews it every round (one PUT, which also carries its census); a crashed holder's
-lease runs out and the first replica to look after that takes it; a holder that stops writes
-its lease expired, so the next replica takes it at its next round. Overlap is harmless (every
-part of a round was made to run on many replicas at once): the lease saves calls, it does not
-guard correctness.
+others read the lease (one GET a round) and do nothing else, so an idle deployment's S3
+calls do not grow with replicas times pending requests. The lease lasts `LEASE_ROUNDS` rounds;
+the holder renews it at the start of every round (one PUT, which also carries its last census
+for the other replicas' consoles), and within a round whose work outlasts half of it. A
+crashed holder's lease runs out and the first replica to look after that takes it; a holder
+that stops writes its lease expired, so the next replica takes it at its next round. Overlap
+is harmless (every part of a round was made to run on many replicas at once): the lease saves
+calls, it does not guard correctness.
 """
 
 from __future__ import annotations
@@ -176,12 +177,12 @@ class Lease:
             return 0.0
         return max(0.0, (self.seen.until - self._clock.now()).total_seconds())
 
-    async def take(self) -> bool:
-        """Hold the lease for a round. No S3 call while our own has not run out; otherwise one
-        GET, and a conditional PUT when it is absent, has run out, or is ours. False when
-        another replica holds it (or won the race to take it)."""
+    async def take(self, census: Census | None = None) -> bool:
+        """Hold the lease for a round: while ours has not run out, renew it (one conditional
+        PUT, with `census`); otherwise one GET, and a conditional PUT when it is absent, has
+        run out, or is ours. False when another replica holds it (or won the race)."""
         if self.held():
-            return True
+            return await self.renew(census)
         self._etag = None
         found = await self._store.get(self._key)
         state = LeaseState.parse(found.body) if found is not None else None
@@ -195,10 +196,13 @@ class Lease:
         )
 
     async def renew(self, census: Census | None) -> bool:
-        """Extend our lease by a period from now, with `census` in it (one conditional PUT).
-        False when it is no longer ours (another replica took it after it ran out)."""
+        """Extend our lease by a period from now, with `census` in it (else the census it
+        carries; one conditional PUT). False when it is no longer ours (another replica took
+        it after it ran out)."""
         if self._etag is None:
             return False
+        if census is None and self.seen is not None:
+            census = self.seen.census
         return await self._write(census, self._clock.now() + self._period, if_match=self._etag)
 
     async def keep(self, census: Census | None) -> bool:
@@ -286,27 +290,23 @@ class Housekeeping:
         self._publish(holding=False)
 
     async def round(self, *, backfill: bool = True) -> None:
-        """One round: take or keep the lease; if held, the census (written into the lease as
-        it is renewed), the janitor, a backfill page and retention's sweep."""
+        """One round: take or renew the lease (carrying the last census, for the others);
+        if held, the census, the janitor, a backfill page and retention's sweep, the lease
+        renewed between them if half of it has gone by."""
         try:
             with _part("lease"):
-                holding = await self.lease.take()
+                holding = await self.lease.take(self._census_counted)
             self._publish(holding)
-            if not holding:
-                return
-            with _part("census"):
-                self._census_counted = await self._census()
-            with _part("lease"):
-                holding = await self.lease.renew(self._census_counted)
-            self._publish(holding)
+            self._metrics.housekeeping_rounds.labels("holder" if holding else "standby").inc()
             if not holding:
                 return
             steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+                ("census", self._count),
                 ("janitor", self._janitor),
                 ("retention", self._retention.sweep),
             ]
             if self._backfill is not None and backfill:
-                steps.insert(1, ("backfill", self._backfill_page))
+                steps.insert(2, ("backfill", self._backfill_page))
             for part, step in steps:
                 with _part("lease"):
                     if not await self.lease.keep(self._census_counted):
@@ -330,8 +330,14 @@ class Housekeeping:
             oldest = census.oldest
             age = (self._clock.now() - oldest).total_seconds() if oldest else 0.0
             self._metrics.census.set(census.pending, age, census.overdue)
+        if not holding:
+            self._census_counted = None  # a later turn as holder starts from the lease's
         self._metrics.census.exported = holding
         self._metrics.housekeeping_holder.set(1 if holding else 0)
+
+    async def _count(self) -> None:
+        self._census_counted = await self._census()
+        self._publish(holding=True)
 
     async def _janitor(self) -> None:
         await self._store.abort_superseded_uploads()
