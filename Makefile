@@ -67,12 +67,14 @@ bench: install nginx
 	$(PY) bench/listing.py
 	$(PY) bench/idle.py
 
-# The combined-fault soak: three replicas behind nginx, moto behind a fault proxy, the
+# The combined-fault soak: three replicas behind nginx, the S3 store behind a fault proxy, the
 # simulator, a seeded schedule of faults, then an invariant checker over S3 and the simulator.
-# SOAK_SECONDS (default 300) and SOAK_SEED (default: random, printed) make a run reproducible.
-# `make test` runs the same for 60 seconds (tests/scenarios/test_soak.py).
+# SOAK_SECONDS (default 300) and SOAK_SEED (default: random, printed) make a run reproducible;
+# SOAK_S3=seaweedfs soaks on SeaweedFS (default moto). `make test` runs a short one on each
+# store (tests/scenarios/test_soak.py: 60 seconds on moto, 45 on SeaweedFS).
 soak: install nginx
-	$(PY) -m tests.soak --seconds $${SOAK_SECONDS:-300} $${SOAK_SEED:+--seed $$SOAK_SEED}
+	$(PY) -m tests.soak --seconds $${SOAK_SECONDS:-300} $${SOAK_SEED:+--seed $$SOAK_SEED} \
+	  --s3 $${SOAK_S3:-moto}
 
 # Removes each conditional write (If-Match, If-None-Match) in turn from a scratch copy of the
 # checkout and runs the tests that guard it: every one must go red. 2-4 minutes.

@@ -1,6 +1,7 @@
-"""The combined-fault soak (`make soak`; 60 seconds of it in `make test`).
+"""The combined-fault soak (`make soak`; a shorter one on each store in `make test`).
 
-Three replicas behind deploy/nginx.conf, moto behind a fault proxy, the Copernica simulator,
-a seeded load of requests of mixed sizes with events, and a seeded schedule of faults
-(plan.py); then an invariant checker that reads only S3 and the simulator (checker.py).
+Three replicas behind deploy/nginx.conf, the S3 store (moto, or SeaweedFS: `--s3`, SOAK_S3)
+behind a fault proxy, the Copernica simulator, a seeded load of requests of mixed sizes with
+events, and a seeded schedule of faults (plan.py); then an invariant checker that reads only
+S3 and the simulator (checker.py).
 """

@@ -1,11 +1,13 @@
-"""`python -m tests.soak --seconds N [--seed S] [--workdir DIR]`: one soak run, its table, and
-exit status 1 on any violated invariant (`make soak`; SOAK_SECONDS, SOAK_SEED)."""
+"""`python -m tests.soak --seconds N [--seed S] [--workdir DIR] [--s3 moto|seaweedfs]`: one
+soak run, its table, and exit status 1 on any violated invariant (`make soak`; SOAK_SECONDS,
+SOAK_SEED, SOAK_S3)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import random
 import sys
 import tempfile
@@ -16,15 +18,15 @@ from pathlib import Path
 from .checker import Checker, audit_while_running, table
 from .plan import make_plan
 from .run import Outcome, play_faults, play_load, settle, summary
-from .stack import Stack
+from .stack import STORES, Stack
 
 
-async def soak(seconds: float, seed: int, workdir: Path) -> bool:
+async def soak(seconds: float, seed: int, workdir: Path, store: str = "moto") -> bool:
     plan = make_plan(seconds, seed)
     print(f"plan: {summary(plan)}", flush=True)
     outcome = Outcome(started=time.time())
-    async with Stack(plan, workdir) as stack:
-        print(f"stack up: 3 replicas behind nginx, moto behind a fault proxy; logs in {workdir}")
+    async with Stack(plan, workdir, store) as stack:
+        print(f"stack up: 3 replicas behind nginx, {store} behind a fault proxy; logs in {workdir}")
         began = time.monotonic()
         stop_audit = asyncio.Event()
         auditor = asyncio.create_task(audit_while_running(stack, outcome, stop_audit))
@@ -60,7 +62,8 @@ async def soak(seconds: float, seed: int, workdir: Path) -> bool:
         print(f"\nVIOLATED: {row.name}")
         for line in row.violations[:10]:
             print(f"  {line}")
-    print(f"\nseed {seed}, {seconds:g} s: {'FAILED' if broken else 'all invariants hold'}")
+    verdict = "FAILED" if broken else "all invariants hold"
+    print(f"\nseed {seed}, {seconds:g} s on {store}: {verdict}")
     return not broken
 
 
@@ -72,16 +75,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--s3",
+        choices=STORES,
+        default=os.environ.get("SOAK_S3") or "moto",
+        help="the S3 store behind the fault proxy (default: SOAK_S3, else moto)",
+    )
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
     print(
-        f"soak: seed {seed}, {args.seconds:g} s"
-        f" (again: make soak SOAK_SEED={seed} SOAK_SECONDS={args.seconds:g})",
+        f"soak: seed {seed}, {args.seconds:g} s on {args.s3} (again: make soak"
+        f" SOAK_SEED={seed} SOAK_SECONDS={args.seconds:g} SOAK_S3={args.s3})",
         flush=True,
     )
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    sys.exit(0 if asyncio.run(soak(args.seconds, seed, workdir)) else 1)
+    sys.exit(0 if asyncio.run(soak(args.seconds, seed, workdir, args.s3)) else 1)
 
 
 if __name__ == "__main__":

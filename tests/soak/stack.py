@@ -1,4 +1,5 @@
-"""The parts a soak runs: moto (its own process) behind a fault proxy, the Copernica simulator
+"""The parts a soak runs: the S3 store (moto or SeaweedFS, its own process) behind a fault
+proxy, the Copernica simulator
 (in this process, so its state is read directly), replicas of the service (each its own
 process, restarted after a kill as an orchestrator would) and nginx in front of them."""
 
@@ -20,6 +21,7 @@ from aiobotocore.session import get_session
 from aiohttp import web
 
 from deploy.local_nginx import Nginx
+from deploy.seaweedfs import SeaweedFS
 from service.simulator.app import SIM_STATE, SimState, SimulatorConfig, create_simulator_app
 from tests.conftest import (
     ACCESS_TOKEN,
@@ -46,6 +48,8 @@ from .plan import (
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+STORES = ("moto", "seaweedfs")  # the S3 stores a soak runs on (`--s3`, SOAK_S3)
 
 
 class Replica(Listeners):
@@ -116,35 +120,50 @@ async def _listens(port: int) -> bool:
 class Stack:
     """Everything of one soak run, started in `__aenter__` and stopped in `__aexit__`."""
 
-    def __init__(self, plan: Plan, workdir: Path) -> None:
+    def __init__(self, plan: Plan, workdir: Path, store: str = "moto") -> None:
+        if store not in STORES:
+            raise ValueError(f"store {store!r}: one of {', '.join(STORES)}")
         self.plan = plan
         self.workdir = workdir
+        self.store = store
         self.bucket = f"soak-{uuid.uuid4().hex[:12]}"
         self._exit = contextlib.AsyncExitStack()
         self.replicas: list[Replica] = []
         self.moto: asyncio.subprocess.Process | None = None
+        self.seaweedfs: SeaweedFS | None = None
         self.nginx: Nginx | None = None
-        self.s3: Any = None  # a client straight to moto, for the checker (not through the proxy)
+        self.s3: Any = None  # a client straight to the store, for the checker (not the proxy)
         self.sim_state: SimState
 
     @property
     def s3_url(self) -> str:
-        return f"http://127.0.0.1:{self.moto_port}"
+        return f"http://127.0.0.1:{self.s3_port}"
 
-    async def __aenter__(self) -> Stack:
-        self.moto_port = free_port()
+    async def _start_store(self) -> None:
+        """moto (in memory), or SeaweedFS with its state under the workdir and one identity,
+        the AWS_* credentials every replica and the checker sign with."""
+        if self.store == "seaweedfs":
+            credentials = (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])
+            self.seaweedfs = SeaweedFS(self.workdir / "seaweedfs", credentials=credentials)
+            await asyncio.to_thread(self.seaweedfs.start)
+            self.s3_port = self.seaweedfs.ports["s3.port"]
+            return
+        self.s3_port = free_port()
         self.moto = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.moto_port)),
+            *(sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        await asyncio.to_thread(wait_for_port, self.moto_port)
+        await asyncio.to_thread(wait_for_port, self.s3_port)
+
+    async def __aenter__(self) -> Stack:
+        await self._start_store()
         self.s3 = await self._exit.enter_async_context(
             get_session().create_client("s3", endpoint_url=self.s3_url)
         )
         await self.s3.create_bucket(Bucket=self.bucket)
 
-        self.proxy = TcpProxy(self.moto_port)
+        self.proxy = TcpProxy(self.s3_port)
         await self.proxy.start()
 
         app = create_simulator_app(
@@ -222,3 +241,5 @@ class Stack:
         if self.moto is not None:
             self.moto.terminate()
             await self.moto.wait()
+        if self.seaweedfs is not None:
+            await asyncio.to_thread(self.seaweedfs.stop)
