@@ -19,7 +19,7 @@ from tests.conftest import leaks_in
 from tests.support import archive_key
 
 from .plan import DRAIN, GRACE, RATE, REPLICAS, Plan, PlannedRequest
-from .run import Outcome, purge_overdue, records, uploads
+from .run import Outcome, purge_overdue, records, retention_start, uploads
 from .stack import Stack
 
 FINAL = ("archived", "failed", "expired", "purged")
@@ -168,9 +168,15 @@ class Checker:
             if request is None:
                 row.check(False, f"{record['id']}: no Copernica request names it")
                 continue
-            wanted = ("expired",) if request.never_ready else ("archived", "purged")
+            # never ready: expired, then purged RETENTION_DAYS after it ended (no package)
+            wanted = ("expired", "purged") if request.never_ready else ("archived", "purged")
+            ended = (
+                not request.never_ready
+                or record["status"] == "expired"
+                or (record.get("ended_at") and not record.get("package"))
+            )
             row.check(
-                record["status"] in wanted,
+                record["status"] in wanted and bool(ended),
                 f"{record['id']} (plan {request.n}, {request.kind}): {record['status']} "
                 f"({first_source(record).get('last_error')})",
             )
@@ -188,6 +194,11 @@ class Checker:
                 row.check(
                     actual in expected and actual == recorded,
                     f"{record['id']}: stored {actual}, recorded {recorded}, Copernica {expected}",
+                )
+            elif record["status"] == "purged" and not record.get("package"):
+                row.check(  # ended without data (expired): the tombstone, no data recorded
+                    stored in (None, b"") and recorded is None,
+                    f"{record['id']}: purged unpackaged, object {len(stored or b'')} B",
                 )
             elif record["status"] == "purged":
                 row.check(
@@ -287,18 +298,18 @@ class Checker:
         for record in found.values():
             if record["status"] != "purged":
                 continue
-            package = record.get("package") or {}
-            if not package.get("built_at"):
-                row.check(False, f"{record['id']}: purged without a package")
+            start = retention_start(record)
+            if not start:
+                row.check(False, f"{record['id']}: purged without a package or an end")
                 continue
-            age = (_time(record["purged_at"]) - _time(package["built_at"])).total_seconds()
+            age = (_time(record["purged_at"]) - _time(start)).total_seconds()
             row.check(age >= self.plan.retention, f"{record['id']}: purged {age:.1f} s after")
         return row
 
     def purged_when_due(self, found: dict[str, dict[str, Any]], now: datetime) -> Row:
         row = Row("everything purged once due (retention + a housekeeping round)")
         for record in found.values():
-            if record.get("package"):
+            if retention_start(record):
                 row.check(
                     not purge_overdue(record, self.plan, now), f"{record['id']}: overdue, kept"
                 )

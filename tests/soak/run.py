@@ -198,17 +198,26 @@ def unsettled(found: dict[str, dict[str, Any]], plan: Plan, now: datetime) -> li
             why.append(f"{record['id']} {status}")
         elif status == "archived" and record.get("package") is None:
             why.append(f"{record['id']} archived, no package yet")
-        elif status == "archived" and purge_overdue(record, plan, now):
+        elif purge_overdue(record, plan, now):
             why.append(f"{record['id']} due for purging")
     return why
 
 
-def purge_overdue(record: dict[str, Any], plan: Plan, now: datetime) -> bool:
+def retention_start(record: dict[str, Any]) -> str | None:
+    """Where RETENTION_DAYS counts from: the package's build, or, for a request that ended
+    without one (failed, expired), its `ended_at`."""
     package = record.get("package")
-    if record["status"] == "purged" or not package:
+    if package:
+        return str(package["built_at"])
+    return record.get("ended_at")
+
+
+def purge_overdue(record: dict[str, Any], plan: Plan, now: datetime) -> bool:
+    start = retention_start(record)
+    if record["status"] == "purged" or not start:
         return False
-    built = datetime.fromisoformat(package["built_at"].replace("Z", "+00:00"))
-    return (now - built).total_seconds() > plan.retention + PURGE_SLACK
+    since = datetime.fromisoformat(start.replace("Z", "+00:00"))
+    return (now - since).total_seconds() > plan.retention + PURGE_SLACK
 
 
 async def settle(stack: Stack, outcome: Outcome, within: float) -> None:
