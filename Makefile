@@ -50,6 +50,8 @@ run: install
 run-fresh: install
 	FRESH=1 $(PY) deploy/local.py
 
+# Everything: the README's test command (and CI's). A quick subset by hand, without the
+# scenario suites and the slowest modules (marked `slow`): $(PY) -m pytest -m "not slow"
 test: install nginx browser
 	$(PY) -m pytest
 

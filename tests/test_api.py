@@ -25,6 +25,9 @@ from tests.conftest import (
 )
 from tests.support import archive_key, eventually, wait_for_status
 
+# Over ~20 s in all: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
+
 
 async def test_filed_request_is_called_back_and_archived_exactly(
     service: Service, simulator: Simulator, store: Bucket

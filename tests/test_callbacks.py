@@ -35,6 +35,9 @@ from tests.support import (
     raw_exchange,
 )
 
+# Over ~20 s in all: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
+
 
 async def archive_keys(store: Bucket) -> list[str]:
     return await store.keys("archive/")

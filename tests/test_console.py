@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from playwright.async_api import Page, expect
@@ -33,6 +34,9 @@ from tests.conftest import (
     sha256,
 )
 from tests.support import eventually, filed, metric, metric_counts, wait_until_packaged
+
+# Over ~20 s in all: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
 
 FAST = {"POLL_INTERVAL_SECONDS": "0.2", "POLL_LEASE_SECONDS": "5"}
 TODAY = datetime.now(UTC).date()

@@ -19,6 +19,9 @@ from service.storage.s3 import ArchiveStore, s3_client
 from tests.conftest import Bucket, Service, ServiceFactory, Simulator, make_settings
 from tests.support import eventually, metric, record_of
 
+# Over ~20 s in all: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
+
 TODAY = datetime.now(UTC).date()
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import botocore.session
+import pytest
 import yaml
 
 from deploy.seaweedfs import weed_binary
@@ -254,6 +255,7 @@ def s3_objects(endpoint: str, keys: list[str]) -> dict[str, bytes]:
 SUBJECT = "restarted.subject@example.com"
 
 
+@pytest.mark.slow  # over ~20 s: left out of the quick subset, `pytest -m "not slow"`
 async def test_make_run_keeps_requests_packages_records_and_settings_across_a_restart(
     tmp_path: Path,
 ) -> None:

@@ -31,7 +31,8 @@ from tests.conftest import (
 from tests.support import eventually, filed, scrape
 
 # On moto and on SeaweedFS (tests/conftest.py): the test ids say which.
-pytestmark = pytest.mark.both_stores
+# Over ~20 s in all: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
 
 LEASE_KEY = "copernica/leases/housekeeping.json"
 # A tick of 0.05 s, so a housekeeping round every 0.5 s and a lease of 1.5 s.

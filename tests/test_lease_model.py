@@ -79,7 +79,8 @@ from service.storage.s3 import ArchiveStore, PreconditionFailed, s3_client
 from tests.conftest import make_settings
 
 # On moto and on SeaweedFS (tests/conftest.py): the test ids say which.
-pytestmark = pytest.mark.both_stores
+# Over ~20 s in all: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
 
 T = TypeVar("T")
 

@@ -19,6 +19,9 @@ from tests.support import (
     wait_for_status,
 )
 
+# Over ~20 s in all: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
+
 FAST = {"POLL_INTERVAL_SECONDS": "0.3", "POLL_LEASE_SECONDS": "5"}
 
 

@@ -29,7 +29,8 @@ from tests.support import (
 )
 
 # On moto and on SeaweedFS (tests/conftest.py): the test ids say which.
-pytestmark = pytest.mark.both_stores
+# Over ~20 s in all: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
 
 FAST = {"POLL_INTERVAL_SECONDS": "0.2", "POLL_LEASE_SECONDS": "5"}
 KEY = b"k" * 32

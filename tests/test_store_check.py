@@ -30,7 +30,8 @@ from tests.conftest import (
 )
 
 # On moto and on SeaweedFS (tests/conftest.py): the test ids say which.
-pytestmark = pytest.mark.both_stores
+# Over ~20 s in all: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
 
 # What a store that does not implement conditional requests does: it never sees them.
 CONDITIONS = ("If-None-Match", "If-Match")
@@ -165,6 +166,7 @@ async def test_a_mistyped_bucket_is_refused_by_name(s3_endpoint: str) -> None:
     assert "'copernica-archvie' does not exist" in line
 
 
+@pytest.mark.any_store  # no store answers here
 async def test_an_unreachable_store_is_refused(store: Bucket) -> None:
     code, err = await serve(store.name, f"http://127.0.0.1:{free_port()}")
 

@@ -32,7 +32,8 @@ from service.storage.s3 import (
 from tests.conftest import Bucket, ServiceFactory, Simulator, make_settings, sha256
 from tests.support import MIB, filed, wait_until_packaged
 
-pytestmark = pytest.mark.both_stores
+# Over ~20 s in all: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
 
 PART = 5 * MIB  # S3's smallest part
 # Presigned URLs as the service makes them (botocore presigns with SigV2 for a custom endpoint)

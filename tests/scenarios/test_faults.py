@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from service.config import Secret
 from service.intake.callback import callback_url
@@ -34,6 +35,9 @@ from tests.support import (
     post,
     wait_for_status,
 )
+
+# A scenario suite: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
 
 FAST_POLL = {"POLL_INTERVAL_SECONDS": "0.5", "POLL_LEASE_SECONDS": "3", "S3_TIMEOUT_SECONDS": "2"}
 

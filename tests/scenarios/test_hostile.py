@@ -39,6 +39,9 @@ from tests.support import (
     text_of,
 )
 
+# A scenario suite: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
+
 
 async def still_serving(service: Service, simulator: Simulator, store: Bucket) -> None:
     """After whatever came before, a fresh request is still archived normally."""

@@ -19,6 +19,9 @@ from service.simulator.payloads import PayloadSpec, payload_bytes
 from tests.conftest import CALLBACK_SECRET, Bucket, ServiceProcess, Simulator, free_port
 from tests.support import MIB, archive_key, eventually, file_request
 
+# A scenario suite: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
+
 REQUESTS = 100
 DELIVERIES = 3  # per request: two at once, one later -> 300 callbacks
 

@@ -14,7 +14,8 @@ from tests.conftest import Bucket, ServiceProcess, Simulator
 from tests.support import archive_key, eventually, file_request
 
 # On moto and on SeaweedFS (tests/conftest.py): the test ids say which.
-pytestmark = pytest.mark.both_stores
+# A scenario suite: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
 
 REQUESTS = 200
 

@@ -7,12 +7,16 @@ import signal
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
+import pytest
 
 from service.config import Secret
 from service.intake.callback import callback_url
 from service.simulator.payloads import PayloadSpec, payload_bytes
 from tests.conftest import CALLBACK_SECRET, Bucket, ServiceProcess, Simulator, sha256
 from tests.support import MIB, archive_key, eventually, file_request, text_of
+
+# A scenario suite: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
 
 
 async def test_sigterm_finishes_the_callback_in_flight_and_exits_cleanly(

@@ -21,7 +21,8 @@ SEED = int(os.environ.get("SOAK_SEED", "20261124"))
 SECONDS = {"moto": 60, "seaweedfs": 45}
 
 # On moto and on SeaweedFS (tests/conftest.py): the test ids say which.
-pytestmark = pytest.mark.both_stores
+# A scenario suite: left out of the quick subset, `pytest -m "not slow"`.
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
 
 
 @pytest.mark.timeout(600)
