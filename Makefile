@@ -59,7 +59,7 @@ lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
 # The benchmarks, each against a baseline measured side by side in the same run;
-# each prints its table and replaces its section of bench/RESULTS.md. About 35 minutes.
+# each prints its table and replaces its section of bench/RESULTS.md. About 40 minutes.
 bench: install nginx
 	$(PY) bench/callbacks.py
 	$(PY) bench/giant_callback.py --mib 1024

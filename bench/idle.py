@@ -202,6 +202,7 @@ async def measure(stack: Stack, endpoint: str, bucket: str, replicas: int, round
 
 
 async def run(pending: int, rounds: int) -> None:
+    began = time.perf_counter()
     stack = Stack().start(service=False)  # the simulator (and a moto, unused here)
     directory = Path(tempfile.mkdtemp(prefix="bench-idle-"))
     store = SeaweedFS(directory / "seaweedfs", bucket="idle-empty").start()
@@ -241,9 +242,11 @@ async def run(pending: int, rounds: int) -> None:
         "census/janitor: census, janitor, backfill and retention's sweep (only the lease holder "
         "runs them); lease: the holder's renewal and the other replicas' reads, one a round "
         "each; poll ticks: one LIST per tick per replica.",
+        "",
         f"With {pending:,} pending, 3 replicas' census/janitor share is "
         f"{three.work / one.work:.2f}x one replica's (before the lease every replica ran it: "
-        f"3x). Seeding {pending:,} markers took {seeding:.0f} s.",
+        f"3x). Seeding {pending:,} markers took {seeding:.0f} s; the whole run "
+        f"{(time.perf_counter() - began) / 60:.0f} min.",
     ]
     print("\n".join(lines))
     append_results("Idle S3 calls", lines)
