@@ -116,14 +116,23 @@ async def post(
 
 async def delivery_cost(service: Service, url: str, body: bytes) -> tuple[int, dict[str, float]]:
     """One callback delivery to `url`: its status, and the S3 calls (and other counters) it
-    moved on the service's /metrics, the poller's tick and census left out."""
-    before = await metric_counts(service)
+    moved on the service's /metrics; a poller tick's and a housekeeping round's left out."""
+
+    async def counts() -> dict[str, float]:
+        found = await metric_counts(service)
+        for name, labels, value in await scrape(service.http, service.admin_url):
+            if name == "receiver_housekeeping_s3_requests_total":
+                key = f"s3:{labels['operation']}"  # counted in metric_counts too
+                found[key] = found.get(key, 0) - value
+        return found
+
+    before = await counts()
     async with service.http.post(url, data=body) as answer:
         status = answer.status
-    after = await metric_counts(service)
+    after = await counts()
     spent = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
     for key in ("s3:list_objects_v2", "s3:list_multipart_uploads", "receiver_poll_ticks_total"):
-        spent.pop(key, None)  # the poller's tick or census, if one fell in between
+        spent.pop(key, None)  # the poller's tick, if one fell in between
     return status, spent
 
 
