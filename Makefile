@@ -51,7 +51,7 @@ run-fresh: install
 	FRESH=1 $(PY) deploy/local.py
 
 # Everything: the README's test command (and CI's). A quick subset by hand, without the
-# scenario suites and the slowest modules (marked `slow`): $(PY) -m pytest -m "not slow"
+# scenario suites and the slowest modules (marked `slow`): .venv/bin/python -m pytest -m "not slow"
 test: install nginx browser
 	$(PY) -m pytest
 
