@@ -113,6 +113,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
+        "any_store: in a both_stores module, a test no store behaviour decides (an unreachable "
+        "endpoint, say): it runs once, on TEST_S3's store",
+    )
+    config.addinivalue_line(
+        "markers",
         "store_bug(store, reason): with both_stores, the test is expected to fail on that "
         "store (a bug of the store, docs/stores.md); strict: once the store is fixed, it says so",
     )
@@ -124,6 +129,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "store_kind" not in metafunc.fixturenames:
         return
     if metafunc.definition.get_closest_marker("both_stores") is None:
+        return
+    if metafunc.definition.get_closest_marker("any_store") is not None:
         return
     kinds = (TEST_S3,) if TEST_S3 else STORES
     bugs = {m.args[0]: m.kwargs["reason"] for m in metafunc.definition.iter_markers("store_bug")}
