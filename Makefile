@@ -73,7 +73,7 @@ bench: install nginx
 # simulator, a seeded schedule of faults, then an invariant checker over S3 and the simulator.
 # SOAK_SECONDS (default 300) and SOAK_SEED (default: random, printed) make a run reproducible;
 # SOAK_S3=seaweedfs soaks on SeaweedFS (default moto). `make test` runs a short one on each
-# store (tests/scenarios/test_soak.py: 60 seconds on moto, 30 on SeaweedFS).
+# store (tests/scenarios/test_soak.py: 40 seconds on moto, 25 on SeaweedFS).
 soak: install nginx
 	$(PY) -m tests.soak --seconds $${SOAK_SECONDS:-300} $${SOAK_SEED:+--seed $$SOAK_SEED} \
 	  --s3 $${SOAK_S3:-moto}

@@ -1,5 +1,5 @@
 """The combined-fault soak, short (`make soak` runs 300 seconds, with a seed of its own), on
-each store: sixty seconds on moto, thirty on SeaweedFS. Three replicas behind nginx, the
+each store: forty seconds on moto, twenty-five on SeaweedFS. Three replicas behind nginx, the
 store behind a fault proxy, the simulator, a seeded load and a seeded schedule of faults, then
 every invariant of tests/soak/checker.py must hold.
 
@@ -18,7 +18,7 @@ import pytest
 SEED = int(os.environ.get("SOAK_SEED", "20261124"))
 # Seconds of load and faults per store: SeaweedFS's run is shorter to keep `make test` within
 # its budget (the settling and the checks after the load come on top).
-SECONDS = {"moto": 60, "seaweedfs": 30}
+SECONDS = {"moto": 40, "seaweedfs": 25}
 
 # On moto and on SeaweedFS (tests/conftest.py): the test ids say which.
 # A scenario suite: left out of the quick subset, `pytest -m "not slow"`.
