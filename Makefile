@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock nginx browser run run-fresh test lint bench soak mutate image clean
+.PHONY: install lock nginx browser run run-fresh test lint bench bench-seaweedfs soak mutate image clean
 
 # Versions come from constraints.txt (every package pinned): the same install on every machine.
 $(STAMP): pyproject.toml constraints.txt
@@ -68,6 +68,13 @@ bench: install nginx
 	$(PY) bench/package.py
 	$(PY) bench/listing.py
 	$(PY) bench/idle.py
+
+# The callback and access-package benchmarks on SeaweedFS (deploy/seaweedfs.py, `weed mini`):
+# service and floor on the same store, each table its own section of bench/RESULTS.md
+# ("... on SeaweedFS"; the moto sections stay). About 12 minutes on moto's figures.
+bench-seaweedfs: install
+	$(PY) bench/callbacks.py --s3 seaweedfs
+	$(PY) bench/package.py --s3 seaweedfs
 
 # The combined-fault soak: three replicas behind nginx, the S3 store behind a fault proxy, the
 # simulator, a seeded schedule of faults, then an invariant checker over S3 and the simulator.

@@ -38,9 +38,13 @@ must not hold such a body whole, so that is the least it can do.
 Targets (issue 13): 2 KB warm and cold >= 0.9x the floor's throughput and <= 1.3x its CPU;
 1 MB <= 1.3x its CPU. About 10 minutes on 2 cores (`--quick`: about 4); 13-16 on a slower machine.
 
-    .venv/bin/python bench/callbacks.py [--quick] [--sizes "1 MB"]
+    .venv/bin/python bench/callbacks.py [--quick] [--sizes "1 MB"] [--concurrency 16]
+        [--s3 moto|seaweedfs]
 
-A run of some sizes only (`--sizes`, for trying a change) prints its rows and records nothing.
+`--s3 seaweedfs` (or BENCH_S3=seaweedfs) runs it all on SeaweedFS (deploy/seaweedfs.py, one
+`weed mini`): the replicas and the floors on the same store, its table a section of its own
+in bench/RESULTS.md ("... on SeaweedFS"). A run of some sizes or concurrencies only
+(`--sizes`, `--concurrency`, for trying a change) prints its rows and records nothing.
 """
 
 from __future__ import annotations
@@ -58,7 +62,16 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.stack import Stack, append_results, cpu_seconds, free_port, sized_body, wait_for
+from bench.stack import (
+    Stack,
+    append_results,
+    cpu_seconds,
+    free_port,
+    on_store,
+    sized_body,
+    store_argument,
+    wait_for,
+)
 from service.config import Secret
 from service.intake.urls import callback_url
 
@@ -319,10 +332,11 @@ def verdicts(rows: list[Row]) -> list[str]:
     return lines
 
 
-async def run(quick: bool, sizes: list[str]) -> None:
+async def run(quick: bool, sizes: list[str], concurrencies: list[int], store: str) -> None:
     # No poller visit (a package build) of the benchmark's requests falls within the run.
     stack = Stack(
-        service_env={"SHUTDOWN_DRAIN_SECONDS": "0", "POLL_INTERVAL_SECONDS": "3600"}
+        service_env={"SHUTDOWN_DRAIN_SECONDS": "0", "POLL_INTERVAL_SECONDS": "3600"},
+        store=store,
     ).start()
     floor_port = free_port()
     floor = stack.spawn(
@@ -361,7 +375,7 @@ async def run(quick: bool, sizes: list[str]) -> None:
                 if quick:
                     count = max(4, count // 4)
                 body = sized_body(SUBJECT, size)
-                for concurrency in CONCURRENCY:
+                for concurrency in concurrencies:
                     ways = [WARM, COLD] + ([EARLIER] if (name, concurrency) in EARLIER_AT else [])
                     ways += [REPEAT] if (name, concurrency) in REPEAT_AT else []
                     for how in ways:
@@ -387,7 +401,8 @@ async def run(quick: bool, sizes: list[str]) -> None:
         stack.stop()
     notes = [
         "",
-        "Targets (issue 13), ratios to the floor by concurrency:",
+        f"Targets (issue 13), ratios to the floor by concurrency (S3: {stack.store_name}, "
+        "the service's and the floors' one store):",
         *verdicts(measured),
         *(
             f"- {r.size} {r.replicas}, concurrency {r.concurrency}: {r.calls:.1f} S3 calls "
@@ -400,9 +415,10 @@ async def run(quick: bool, sizes: list[str]) -> None:
         f"- whole run {time.perf_counter() - started:.0f} s",
     ]
     print("\n".join(rows + notes))
-    if sizes != list(SIZES):
+    if sizes != list(SIZES) or concurrencies != list(CONCURRENCY):
         return
-    title = "Callback throughput: service vs floor" + (" (quick run)" if quick else "")
+    title = on_store("Callback throughput: service vs floor", store)
+    title += " (quick run)" if quick else ""
     # A full run's table supersedes a quick one's.
     append_results(title, rows + notes, replaces=() if quick else (f"{title} (quick run)",))
 
@@ -415,11 +431,23 @@ def main() -> None:
         default=",".join(SIZES),
         help="comma-separated, of %(default)s; not all: nothing is recorded",
     )
+    parser.add_argument(
+        "--concurrency",
+        default=",".join(map(str, CONCURRENCY)),
+        help="comma-separated, of %(default)s; not all: nothing is recorded",
+    )
+    store_argument(parser)
     args = parser.parse_args()
     sizes = [name.strip() for name in args.sizes.split(",")]
     if unknown := set(sizes) - set(SIZES):
         parser.error(f"unknown sizes: {', '.join(sorted(unknown))}")
-    asyncio.run(run(args.quick, sizes))
+    try:
+        concurrencies = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        parser.error(f"--concurrency: whole numbers, of {', '.join(map(str, CONCURRENCY))}")
+    if unknown_c := set(concurrencies) - set(CONCURRENCY):
+        parser.error(f"unknown concurrency: {', '.join(map(str, sorted(unknown_c)))}")
+    asyncio.run(run(args.quick, sizes, concurrencies, args.s3))
 
 
 if __name__ == "__main__":

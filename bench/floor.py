@@ -13,6 +13,8 @@
 
 Both use the S3 client settings the service uses (`UNSIGNED`: no payload signature over
 plain http, as botocore does over https), so the comparison is of the work, not of a setting.
+The store is the benchmark's (bench/stack.py: moto, or SeaweedFS with `--s3 seaweedfs`), the
+one the service writes to, with the same credentials (the AWS_* environment).
 
     python bench/floor.py PORT S3_ENDPOINT BUCKET [PART_BYTES]
 """

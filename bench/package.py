@@ -15,9 +15,13 @@ its own; its peak is read from VmHWM, reset once the client is made:
 Targets (the issue): the build's peak RSS above idle <= 64 MiB, its time <= 2x the copy's.
 
     .venv/bin/python bench/package.py [--mib 512] [--string-mib 1] [--rounds 2]
+        [--s3 moto|seaweedfs] [--no-results]
 
 At the defaults a run takes about 2 minutes on 2 cores (15-20 s of it making and uploading
-the archive, 5 s checking the first package); `--mib 64` takes about 20 s.
+the archive, 5 s checking the first package); `--mib 64` takes about 20 s. `--s3 seaweedfs`
+(or BENCH_S3=seaweedfs) runs both cases on SeaweedFS (deploy/seaweedfs.py) instead of moto;
+the table's store CPU column is then `weed`'s, and the section in bench/RESULTS.md its own
+("... on SeaweedFS").
 """
 
 from __future__ import annotations
@@ -47,7 +51,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.stack import CREDENTIALS, ROOT, Stack, append_results, cpu_seconds
+from bench.stack import (
+    CREDENTIALS,
+    ROOT,
+    STORES,
+    Stack,
+    append_results,
+    cpu_seconds,
+    on_store,
+    store_argument,
+)
 
 MIB = 1024 * 1024
 SEED = 20260601
@@ -306,10 +319,11 @@ async def copy(store: Any, source: str, target: str) -> dict[str, Any]:
 
 
 def measure(
-    env: dict[str, str], moto: int, case: str, archive: dict[str, Any], target: str
+    env: dict[str, str], store: int, case: str, archive: dict[str, Any], target: str
 ) -> dict[str, Any]:
-    """Run one case in a fresh interpreter; its result, with the S3 server's CPU meanwhile."""
-    moto_cpu = cpu_seconds(moto)
+    """Run one case in a fresh interpreter; its result, with the S3 server's (process
+    `store`) CPU meanwhile."""
+    store_cpu = cpu_seconds(store)
     done = subprocess.run(
         [sys.executable, __file__, "--child", case, archive["id"], target],
         cwd=ROOT,
@@ -321,7 +335,7 @@ def measure(
         sys.stderr.write(done.stderr.decode(errors="replace")[-4000:])
         raise RuntimeError(f"{case} failed with exit code {done.returncode}")
     result = dict(json.loads(done.stdout.decode().strip().splitlines()[-1]))
-    result["moto_cpu"] = cpu_seconds(moto) - moto_cpu
+    result["store_cpu"] = cpu_seconds(store) - store_cpu
     return result
 
 
@@ -392,35 +406,31 @@ async def check_package(
 # -- the run --------------------------------------------------------------------------------
 
 
-def _table(rows: list[dict[str, Any]], archive_mib: float) -> list[str]:
+def _table(rows: list[dict[str, Any]], archive_mib: float, store: str) -> list[str]:
     lines = [
-        "| case | round | seconds | MiB/s | CPU s | moto CPU s | RSS idle MiB "
+        f"| case | round | seconds | MiB/s | CPU s | {store} CPU s | RSS idle MiB "
         "| peak above idle MiB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         lines.append(
             f"| {row['case']} | {row['round']} | {row['seconds']:.2f} "
-            f"| {archive_mib / row['seconds']:.1f} | {row['cpu']:.2f} | {row['moto_cpu']:.2f} "
+            f"| {archive_mib / row['seconds']:.1f} | {row['cpu']:.2f} | {row['store_cpu']:.2f} "
             f"| {row['idle_kib'] / 1024:.1f} | {(row['peak_kib'] - row['idle_kib']) / 1024:.1f} |"
         )
     return lines
 
 
-def run(mib: float, string_mib: float, rounds: int, record: bool) -> None:
+def run(mib: float, string_mib: float, rounds: int, record: bool, store: str) -> None:
     started, load = time.perf_counter(), os.getloadavg()[0]
-    stack = Stack()
+    stack = Stack(store=store)
     try:
-        moto = stack.spawn(
-            ["-m", "moto.server", "-H", "127.0.0.1", "-p", str(stack.s3_port)],
-            port=stack.s3_port,
-        )
+        store_pid = stack.start_store()
         import botocore.session
 
         s3 = botocore.session.get_session().create_client(
             "s3", endpoint_url=stack.endpoint, region_name="us-east-1"
         )
-        s3.create_bucket(Bucket=stack.bucket)
         env = service_environment(stack)
         archive = asyncio.run(seed(env, mib, string_mib))
         seeded = time.perf_counter() - started
@@ -436,7 +446,7 @@ def run(mib: float, string_mib: float, rounds: int, record: bool) -> None:
         for n in range(1, rounds + 1):
             for case in ("copy", "build"):
                 target = f"bench/copy-{n}.json"
-                row = measure(env, moto.pid, case, archive, target)
+                row = measure(env, store_pid, case, archive, target)
                 row["round"] = n
                 rows.append(row)
                 print(
@@ -472,9 +482,10 @@ def run(mib: float, string_mib: float, rounds: int, record: bool) -> None:
         f"(~{string_mib} MiB as a JSON string, mostly a base64 attachment of random bytes), "
         "an open and a click; each case in a fresh interpreter, as the service runs (uvloop, "
         "mmap threshold 1 MiB, default S3_PART_BYTES); peak = VmHWM reset after start-up; "
-        "CPU s = the case's process (all threads), moto CPU s = the S3 server's meanwhile",
+        f"CPU s = the case's process (all threads), {STORES[store]} CPU s = the S3 server's "
+        f"({STORES[store]}'s one process) meanwhile",
         "",
-        *_table(rows, archive_mib),
+        *_table(rows, archive_mib, STORES[store]),
         "",
         f"- build/copy time (medians): {ratio:.2f} (target <= {TARGET_RATIO:.0f}): "
         f"{verdict(ratio <= TARGET_RATIO)}; CPU build/copy {cpu_ratio:.2f}",
@@ -496,7 +507,7 @@ def run(mib: float, string_mib: float, rounds: int, record: bool) -> None:
     ]
     print("\n".join(lines))
     if record:
-        append_results(f"Access package ({mib:g} MiB archive)", lines)
+        append_results(on_store(f"Access package ({mib:g} MiB archive)", store), lines)
 
 
 def main() -> None:
@@ -512,8 +523,9 @@ def main() -> None:
     parser.add_argument(
         "--no-results", action="store_true", help="print only, leave bench/RESULTS.md alone"
     )
+    store_argument(parser)
     args = parser.parse_args()
-    run(args.mib, args.string_mib, args.rounds, not args.no_results)
+    run(args.mib, args.string_mib, args.rounds, not args.no_results, args.s3)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,30 @@
-"""What every benchmark starts: moto's S3 server, the simulator, the service, as processes on
-loopback, and readings of a process's CPU time and memory from /proc."""
+"""What every benchmark starts: an S3 store (moto's server, or SeaweedFS with `--s3 seaweedfs`
+or BENCH_S3=seaweedfs, where a benchmark offers it), the simulator, the service, as processes
+on loopback, and readings of a process's CPU time and memory from /proc."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import platform
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy.seaweedfs import SeaweedFS
+
 ROOT = Path(__file__).resolve().parent.parent
+# The S3 stores a benchmark can run on (`--s3`, BENCH_S3), and the name its tables give each.
+STORES = {"moto": "moto", "seaweedfs": "SeaweedFS"}
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "bench",
     "AWS_SECRET_ACCESS_KEY": "bench",
@@ -52,6 +60,27 @@ def memory_kib(pid: int, field_name: str = "VmHWM") -> int:
     raise KeyError(field_name)
 
 
+def default_store() -> str:
+    """BENCH_S3, else moto."""
+    return os.environ.get("BENCH_S3", "moto")
+
+
+def store_argument(parser: argparse.ArgumentParser) -> None:
+    """A benchmark's `--s3 moto|seaweedfs` (default BENCH_S3, else moto)."""
+    parser.add_argument(
+        "--s3",
+        choices=list(STORES),
+        default=default_store(),
+        help="the S3 store the service and its baseline share (default: BENCH_S3, else moto)",
+    )
+
+
+def on_store(title: str, store: str) -> str:
+    """A RESULTS.md section title for a run on `store`: moto's runs keep their titles, a
+    SeaweedFS run gets a section of its own (" on SeaweedFS")."""
+    return title if store == "moto" else f"{title} on {STORES[store]}"
+
+
 def machine() -> str:
     return (
         f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
@@ -61,16 +90,23 @@ def machine() -> str:
 
 @dataclass
 class Stack:
-    """moto + simulator + service; `start()` returns once all listen."""
+    """S3 store + simulator + service; `start()` returns once all listen. The store is
+    `store` (STORES: moto, or SeaweedFS signing-checked with CREDENTIALS, its state in a
+    temporary directory removed at `stop()`); `store_pid` is its process, for its CPU."""
 
     service_env: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     # The simulator's command (after the interpreter) and extra arguments for it.
     simulator: list[str] = field(default_factory=lambda: ["-m", "service", "simulate", "--control"])
     simulator_args: list[str] = field(default_factory=list)
+    store: str = field(default_factory=default_store)
 
     def __post_init__(self) -> None:
+        if self.store not in STORES:
+            raise ValueError(f"store {self.store!r}: one of {', '.join(STORES)}")
         os.environ.update(CREDENTIALS)
+        self.seaweedfs: SeaweedFS | None = None
+        self.store_pid = 0
         self.token, self.secret = secrets.token_hex(8), secrets.token_hex(16)
         self.api = secrets.token_hex(8)
         self.s3_port, self.sim_port, self.port = free_port(), free_port(), free_port()
@@ -95,16 +131,38 @@ class Stack:
             wait_for(port)
         return proc
 
-    def start(self, service: bool = True) -> Stack:
-        """Start moto and the simulator, and (unless `service=False`) the service."""
+    @property
+    def store_name(self) -> str:
+        """The store as tables name it: moto, SeaweedFS."""
+        return STORES[self.store]
+
+    def start_store(self) -> int:
+        """Start the S3 store on `s3_port` with the bucket made; the pid of its process.
+        moto is the stack's first process (`procs[0]`); SeaweedFS (`weed mini`, one
+        process) is stopped last, by `stop()`."""
+        if self.store == "seaweedfs":
+            directory = Path(tempfile.mkdtemp(prefix="bench-seaweedfs-"))
+            credentials = (CREDENTIALS["AWS_ACCESS_KEY_ID"], CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+            self.seaweedfs = SeaweedFS(
+                directory, bucket=self.bucket, s3_port=self.s3_port, credentials=credentials
+            ).start()
+            assert self.seaweedfs.proc is not None
+            self.store_pid = self.seaweedfs.proc.pid
+            return self.store_pid
         import botocore.session
 
-        self.spawn(
+        moto = self.spawn(
             ["-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)], port=self.s3_port
         )
         botocore.session.get_session().create_client(
             "s3", endpoint_url=self.endpoint, region_name="us-east-1"
         ).create_bucket(Bucket=self.bucket)
+        self.store_pid = moto.pid
+        return self.store_pid
+
+    def start(self, service: bool = True) -> Stack:
+        """Start the S3 store and the simulator, and (unless `service=False`) the service."""
+        self.start_store()
         self.sim = self.spawn(
             [
                 *self.simulator,
@@ -200,6 +258,10 @@ class Stack:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if self.seaweedfs is not None:
+            self.seaweedfs.stop()
+            shutil.rmtree(self.seaweedfs.directory, ignore_errors=True)
+            self.seaweedfs = None
 
 
 def append_results(title: str, lines: list[str], replaces: tuple[str, ...] = ()) -> None:
