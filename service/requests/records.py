@@ -14,7 +14,7 @@ each. Status changes happen only through the `mark_*` methods: a data request's 
 `DataRequest`, the access request's (packaged, answered, purged) on `AccessRequest`.
 
 Records written before the split (one flat object per request, `format` absent) are read as an
-access request with one data request (`_from_flat`); they are written back in the new form.
+access request with one data request (`_unflattened`); they are written back in the new form.
 """
 
 from __future__ import annotations
@@ -493,7 +493,7 @@ class AccessRequest:
     def from_bytes(cls, body: bytes) -> AccessRequest:
         raw = json.loads(body)
         if "format" not in raw:
-            return cls._from_flat(raw)
+            raw = cls._unflattened(raw)
         return cls(
             id=raw["id"],
             data_requests=[DataRequest.from_json(d) for d in raw["data_requests"]],
@@ -511,41 +511,15 @@ class AccessRequest:
             next_poll_at=raw.get("next_poll_at"),
         )
 
-    @classmethod
-    def _from_flat(cls, raw: dict[str, Any]) -> AccessRequest:
-        """A record of the release before the split: one flat object for the access request
-        and its one data request. Its `purged` status is the access request's now; the data
-        request it purged had been archived (only packaged requests were purged then)."""
-        status = Status(raw.get("status", "submitting"))
-        purged_at = raw.get("purged_at")
-        if status is Status.PURGED:
-            status = Status.ARCHIVED
-            purged_at = purged_at or raw.get("updated_at", "")
-        first = DataRequest(
-            subject_type=raw["subject_type"],
-            subject_id=raw["subject_id"],
-            status=status,
-            copernica_id=raw.get("copernica_id"),
-            attempts=int(raw.get("attempts", 0)),
-            last_error=raw.get("last_error"),
-            report=bool(raw.get("report", False)),
-            archive=_opt(raw.get("archive"), Archive.from_json),
-            events=_opt(raw.get("events"), Events.from_json),
-            poll_errors=int(raw.get("poll_errors", 0)),
-            resubmitted=int((raw.get("extra") or {}).get("resubmitted", 0)),
-        )
-        return cls(
-            id=raw["id"],
-            data_requests=[first],
-            created_at=raw.get("created_at", ""),
-            updated_at=raw.get("updated_at", ""),
-            version=int(raw.get("version", 0)),
-            idempotency_key=raw.get("idempotency_key"),
-            received_on=raw.get("received_on"),
-            extension=_opt(raw.get("extension"), Extension.from_json),
-            package=_opt(raw.get("package"), Package.from_json),
-            answered_at=raw.get("answered_at"),
-            purged_at=purged_at,
-            lease=_opt(raw.get("lease"), Lease.from_json),
-            next_poll_at=raw.get("next_poll_at"),
-        )
+    @staticmethod
+    def _unflattened(raw: dict[str, Any]) -> dict[str, Any]:
+        """A record of the release before the split (one flat object for the access request
+        and its one data request) in the current form, so one reader serves both. Its
+        `purged` status is the access request's now; the data request it purged had been
+        archived (only packaged requests were purged then)."""
+        status, purged_at = raw.get("status", "submitting"), raw.get("purged_at")
+        if status == Status.PURGED:
+            status, purged_at = Status.ARCHIVED, purged_at or raw.get("updated_at", "")
+        resubmitted = (raw.get("extra") or {}).get("resubmitted", 0)
+        first = {**raw, "status": status, "resubmitted": resubmitted}
+        return {**raw, "purged_at": purged_at, "data_requests": [first]}
