@@ -100,7 +100,7 @@ class Intake:
         `signed_digest` (from a verified signature) the body must hash to it too."""
         received_at = utcnow()
         upload = self._store.upload(
-            self._store.keys.archive(request.id),
+            request.archive_key(self._store.keys),
             {
                 "source": source,
                 "request-id": request.id,
@@ -121,8 +121,8 @@ class Intake:
         finally:
             # Whatever went wrong (S3, a dropped connection), leave no upload behind.
             await upload.abort()
-        if receipt.outcome in (Outcome.ARCHIVED, Outcome.DUPLICATE):
-            self._ledger.archived(request.id)
+        if receipt.outcome in (Outcome.ARCHIVED, Outcome.DUPLICATE) and not request.discovered:
+            self._ledger.archived(request.id)  # the cache holds the filed subject's addressee
         return receipt
 
     async def _stream(

@@ -22,7 +22,7 @@ from aiohttp import StreamReader, web
 from service.config import Settings
 from service.intake.body import BodyBrokeOff, BodyStalled, Intake, Outcome, Receipt
 from service.intake.signatures import BodyDigest, SignatureInvalid, SignatureVerifier, Signed
-from service.intake.urls import ULID_PATTERN, token_valid
+from service.intake.urls import SOURCE, ULID_PATTERN, token_role
 from service.intake.urls import callback_url as callback_url  # for tests and benchmarks
 from service.metrics import Metrics
 from service.requests.ledger import Ledger
@@ -46,9 +46,11 @@ class CallbackReceiver:
         stream: StreamReader,
         signed_digest: BodyDigest | None = None,
         subject: str | None = None,
+        discovered: bool = False,
     ) -> Receipt:
         """Take the body for the request; `subject` is the digest the URL carries (none in
-        the earlier URL form, whose subject comes from the record)."""
+        the earlier URL form, whose subject comes from the record); `discovered`: the URL is
+        a discovered source's (its token says so)."""
         if subject is not None:
             try:
                 first = await self._intake.read(stream)
@@ -56,7 +58,7 @@ class CallbackReceiver:
                 return Receipt(Outcome.TIMEOUT, reason=str(exc), body_unread=True)
             except BodyBrokeOff as exc:
                 return Receipt(Outcome.BROKE_OFF, reason=str(exc), body_unread=True)
-            addressee = self._ledger.addressee_by_digest(request_id, subject)
+            addressee = self._ledger.addressee_by_digest(request_id, subject, discovered)
             return await self._intake.take(addressee, first, stream, "callback", signed_digest)
         # The record read (if needed) overlaps with the arrival of the first body bytes.
         lookup = asyncio.ensure_future(self._ledger.addressee(request_id))
@@ -109,10 +111,14 @@ class CallbackView:
         self._max_bytes = settings.max_callback_bytes
         self._metrics = metrics
 
+    def _role(self, request: web.Request) -> str | None:
+        """Whose data the URL brings (`urls.FIRST`/`urls.SOURCE`); None: a wrong token."""
+        request_id, token = request.match_info["request_id"], request.match_info["token"]
+        return token_role(self._secret, request_id, token, request.match_info.get("subject"))
+
     def _refusal(self, request: web.Request) -> Receipt | None:
         """A wrong token or a declared oversize body is refused before any body byte."""
-        request_id, token = request.match_info["request_id"], request.match_info["token"]
-        if not token_valid(self._secret, request_id, token, request.match_info.get("subject")):
+        if self._role(request) is None:
             return Receipt(Outcome.UNKNOWN, reason="not found", body_unread=True)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
@@ -162,6 +168,7 @@ class CallbackView:
                     request.content,
                     signed.digest if signed else None,
                     request.match_info.get("subject"),
+                    discovered=self._role(request) == SOURCE,
                 )
             except SignatureInvalid as exc:
                 receipt = Receipt(Outcome.UNAUTHORIZED, reason=str(exc), body_unread=True)

@@ -24,9 +24,20 @@ ROUTE = "/callbacks/datarequest/{request_id}/{subject}/{token}"
 ROUTE_BY_ID = "/callbacks/datarequest/{request_id}/{token}"  # the earlier form
 
 
-def callback_token(secret: Secret, request_id: str, subject: str | None = None) -> str:
+# A URL's token also says whose data it brings: the filed subject's (`FIRST`, whose archive is
+# `archive/{yyyy}/{mm}/{dd}/{id}.json`) or a source found by discovery (`SOURCE`, archived under
+# `sources/{id}/{digest}/data.json`). The role is authenticated with the rest, so the callback
+# route knows the archive key from the URL alone, with no record read.
+FIRST, SOURCE = "first", "source"
+_LABELS = {FIRST: b"datarequest-callback:", SOURCE: b"datarequest-source:"}
+
+
+def callback_token(
+    secret: Secret, request_id: str, subject: str | None = None, role: str = FIRST
+) -> str:
     """URL-safe HMAC-SHA256 of the request id (and the subject's digest, if given)."""
-    message = b"datarequest-callback:" + request_id.encode()
+    assert subject is not None or role == FIRST, "a source's URL always names its subject"
+    message = _LABELS[role] + request_id.encode()
     if subject is not None:
         message += b":" + subject.encode()
     mac = hmac.new(secret.reveal().encode(), message, hashlib.sha256).digest()
@@ -34,17 +45,34 @@ def callback_token(secret: Secret, request_id: str, subject: str | None = None) 
 
 
 def callback_url(
-    public_base_url: str, secret: Secret, request_id: str, subject: str | None = None
+    public_base_url: str,
+    secret: Secret,
+    request_id: str,
+    subject: str | None = None,
+    role: str = FIRST,
 ) -> str:
     """The `report` address; without `subject` (a keyed digest) the earlier form."""
-    token = callback_token(secret, request_id, subject)
+    token = callback_token(secret, request_id, subject, role)
     middle = f"{subject}/" if subject is not None else ""
     return f"{public_base_url}/callbacks/datarequest/{request_id}/{middle}{token}"
 
 
-def token_valid(secret: Secret, request_id: str, token: str, subject: str | None = None) -> bool:
+def token_role(
+    secret: Secret, request_id: str, token: str, subject: str | None = None
+) -> str | None:
+    """`FIRST` or `SOURCE` for a valid token (which data the URL brings); None otherwise."""
     if not ULID_PATTERN.match(request_id) or len(token) > 64:
-        return False
-    if subject is not None and not DIGEST_PATTERN.match(subject):
-        return False
-    return hmac.compare_digest(callback_token(secret, request_id, subject), token)
+        return None
+    if subject is None:
+        valid = hmac.compare_digest(callback_token(secret, request_id), token)
+        return FIRST if valid else None
+    if not DIGEST_PATTERN.match(subject):
+        return None
+    for role in (FIRST, SOURCE):
+        if hmac.compare_digest(callback_token(secret, request_id, subject, role), token):
+            return role
+    return None
+
+
+def token_valid(secret: Secret, request_id: str, token: str, subject: str | None = None) -> bool:
+    return token_role(secret, request_id, token, subject) is not None

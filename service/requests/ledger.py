@@ -22,7 +22,8 @@ from service.clock import SYSTEM, Clock, isoformat
 from service.copernica.subject import SUBJECT_TYPES
 from service.errors import Conflict, Unavailable
 from service.logs import subject_digest
-from service.requests.records import AccessRequest, Status
+from service.requests.records import AccessRequest, DataRequest, Status
+from service.storage.keys import Keys
 from service.storage.s3 import ArchiveStore, PreconditionFailed
 
 
@@ -39,10 +40,19 @@ class Addressee:
     subject_digest: str
     key: bytes = field(repr=False, compare=False)
     archived: bool = False
+    # A source found by discovery (its data goes to `sources/{id}/{digest}/data.json`), not
+    # the filed subject (`archive/.../{id}.json`).
+    discovered: bool = False
 
     @property
     def log_subject(self) -> str:
         return self.subject_digest[:16]
+
+    def archive_key(self, keys: Keys) -> str:
+        """Where this data request's data is archived."""
+        if self.discovered:
+            return keys.source_data(self.id, self.subject_digest)
+        return keys.archive(self.id)
 
     def matches(self, info_type: Any, info_id: Any) -> bool:
         """The body's `info` names this subject: same type (the digest covers it too); an
@@ -121,13 +131,34 @@ class Ledger:
         if known is not None and not known.archived:
             self._recent[request_id] = replace(known, archived=True)
 
-    def addressee_by_digest(self, request_id: str, digest: str) -> Addressee:
+    def addressee_by_digest(
+        self, request_id: str, digest: str, discovered: bool = False
+    ) -> Addressee:
         """The addressee a callback URL of the current form names: no record read."""
-        return Addressee(request_id, None, None, digest, self._key)
+        return Addressee(request_id, None, None, digest, self._key, discovered=discovered)
+
+    def source_addressee(self, record: AccessRequest, data: DataRequest) -> Addressee:
+        """The addressee of one of the request's data requests (the first one's, or a
+        discovered source's)."""
+        if data is record.first:
+            return self.addressee_of(record)
+        return Addressee(
+            record.id,
+            data.copernica_id,
+            data.subject_type,
+            self.digest_of(data),
+            self._key,
+            archived=data.status is Status.ARCHIVED,
+            discovered=True,
+        )
+
+    def digest_of(self, data: DataRequest) -> str:
+        """The keyed digest of a data request's subject: its callback URL's middle and, for
+        a discovered source, its folder in S3 (`Keys.source_folder`)."""
+        return subject_digest(self._key, data.subject_type, data.subject_id)
 
     def subject_digest_of(self, record: AccessRequest) -> str:
-        first = record.first
-        return subject_digest(self._key, first.subject_type, first.subject_id)
+        return self.digest_of(record.first)
 
     async def addressee(self, request_id: str) -> Addressee | None:
         """The request's addressee: remembered, else read from its record (None: no record)."""

@@ -46,11 +46,22 @@ class Status(StrEnum):
     ARCHIVED = "archived"  # the data (and the events asked for) are stored
     FAILED = "failed"  # Copernica refused it or says the data is gone
     EXPIRED = "expired"  # no data before REQUEST_EXPIRY_HOURS
+    GONE = "gone"  # a source Copernica says no longer exists ("No entity with supplied ID")
+    UNSUPPORTED = "unsupported"  # a source whose data request Copernica answers "Invalid method"
     PURGED = "purged"  # everything stored was deleted after RETENTION_DAYS
 
 
-STATUSES = tuple(s.value for s in Status)
-FINAL_STATUSES = (Status.ARCHIVED, Status.FAILED, Status.EXPIRED, Status.PURGED)
+# What an access request can be (a source's `gone`/`unsupported` is its own, never the request's).
+STATUSES = tuple(s.value for s in Status if s not in (Status.GONE, Status.UNSUPPORTED))
+SOURCE_STATUSES = tuple(s.value for s in Status if s is not Status.PURGED)
+FINAL_STATUSES = (
+    Status.ARCHIVED,
+    Status.FAILED,
+    Status.EXPIRED,
+    Status.GONE,
+    Status.UNSUPPORTED,
+    Status.PURGED,
+)
 # An access request in one of these ended without a package (later also `refused`): retention
 # counts RETENTION_DAYS from its `ended_at`.
 ENDED_WITHOUT_PACKAGE = (Status.FAILED, Status.EXPIRED)
@@ -236,6 +247,165 @@ class Lease:
         return cls(raw["owner"], raw["until"])
 
 
+@dataclass(frozen=True, slots=True)
+class Place:
+    """A database or collection a source was found in: its Copernica id and name."""
+
+    id: str
+    name: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Place:
+        return cls(str(raw["id"]), str(raw.get("name", "")))
+
+
+@dataclass(frozen=True, slots=True)
+class Details:
+    """A profile's or subprofile's own record (`GET profile/{id}`), archived as Copernica
+    answered it: where it lies and what it is."""
+
+    key: str
+    sha256: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "sha256": self.sha256, "size": self.size}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Details:
+        return cls(raw["key"], raw["sha256"], int(raw["size"]))
+
+
+class DiscoveryStatus(StrEnum):
+    """Where the search for the person stands (SPEC "Sources and discovery")."""
+
+    OFF = "off"  # not asked for: the filed subject only
+    RUNNING = "running"  # listing databases and collections, or querying them
+    DONE = "done"  # every database and collection was asked; every match is a source
+    OVER_LIMIT = "over_limit"  # more matches than the limit: waits for an operator
+    RETRYING = "retrying"  # Copernica failing; retried with backoff (see last_error)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One place to ask: a database's profiles or a collection's subprofiles, with the
+    address fields it really has (its `email`-typed one and the DISCOVERY_FIELDS it holds)."""
+
+    kind: str  # database | collection
+    id: str
+    name: str
+    database: Place  # the database itself, or the collection's database
+    fields: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "id": self.id,
+            "name": self.name,
+            "database": self.database.to_json(),
+            "fields": list(self.fields),
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Target:
+        return cls(
+            raw["kind"],
+            str(raw["id"]),
+            raw.get("name", ""),
+            Place.from_json(raw["database"]),
+            tuple(raw.get("fields", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    """The search for every profile and subprofile holding `address`, resumable: the record
+    is saved after each page, so a crash re-reads at most the page it was on.
+
+    Phases: `listing` (databases page by page from `next_start`, each turned into targets),
+    then `querying` (target `cursor`, its field `field_index`, page `next_start`), then done.
+    Matches become data requests of the access request as they are found."""
+
+    status: DiscoveryStatus
+    address: str | None = None  # the address looked for (in the record only, never logged)
+    phase: str = "listing"  # listing | querying | done
+    targets: tuple[Target, ...] = ()
+    cursor: int = 0  # the target being queried
+    field_index: int = 0  # its field being queried
+    next_start: int = 0  # the next page's `start`, in the current listing or query
+    databases: int = 0
+    collections: int = 0
+    queries: int = 0
+    matches: int = 0
+    calls: int = 0
+    max_sources: int | None = None  # an operator's raise of DISCOVERY_MAX_SOURCES, for this one
+    errors: int = 0  # consecutive failures, for backoff
+    last_error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Nothing left to discover: off or done (over_limit and retrying still wait)."""
+        return self.status in (DiscoveryStatus.OFF, DiscoveryStatus.DONE)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status.value,
+            "address": self.address,
+            "phase": self.phase,
+            "targets": [t.to_json() for t in self.targets],
+            "cursor": self.cursor,
+            "field_index": self.field_index,
+            "next_start": self.next_start,
+            "databases": self.databases,
+            "collections": self.collections,
+            "queries": self.queries,
+            "matches": self.matches,
+            "calls": self.calls,
+            "max_sources": self.max_sources,
+            "errors": self.errors,
+            "last_error": self.last_error,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """What the API shows (SPEC): no address, no plan."""
+        return {
+            "status": self.status.value,
+            "databases": self.databases,
+            "collections": self.collections,
+            "queries": self.queries,
+            "matches": self.matches,
+            "calls": self.calls,
+            "max_sources": self.max_sources,
+            "last_error": self.last_error,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Discovery:
+        return cls(
+            status=DiscoveryStatus(raw["status"]),
+            address=raw.get("address"),
+            phase=raw.get("phase", "listing"),
+            targets=tuple(Target.from_json(t) for t in raw.get("targets", ())),
+            cursor=int(raw.get("cursor", 0)),
+            field_index=int(raw.get("field_index", 0)),
+            next_start=int(raw.get("next_start", 0)),
+            databases=int(raw.get("databases", 0)),
+            collections=int(raw.get("collections", 0)),
+            queries=int(raw.get("queries", 0)),
+            matches=int(raw.get("matches", 0)),
+            calls=int(raw.get("calls", 0)),
+            max_sources=_opt(raw.get("max_sources"), int),
+            errors=int(raw.get("errors", 0)),
+            last_error=raw.get("last_error"),
+        )
+
+
+DISCOVERY_OFF = Discovery(DiscoveryStatus.OFF)
+
+
 def _opt(raw: dict[str, Any] | None, build: Any) -> Any:
     return None if raw is None else build(raw)
 
@@ -258,6 +428,13 @@ class DataRequest:
     events: Events | None = None
     poll_errors: int = 0  # consecutive failed polls, for backoff
     resubmitted: int = 0  # filed again after a lost answer
+    # Where a profile or subprofile source was found (None for the address itself) and its
+    # own record as Copernica answered it (`details`); `found_by`: the field that matched.
+    database: Place | None = None
+    collection: Place | None = None
+    profile: str | None = None  # a subprofile's profile id
+    found_by: str | None = None
+    details: Details | None = None
 
     @property
     def subject(self) -> Subject:
@@ -289,6 +466,17 @@ class DataRequest:
     def mark_expired(self, error: str) -> None:
         self.status, self.last_error = Status.EXPIRED, error
 
+    def mark_gone(self, error: str) -> None:
+        """Copernica says the profile or subprofile no longer exists."""
+        self.status, self.last_error = Status.GONE, error
+
+    def mark_unsupported(self, error: str) -> None:
+        """Copernica does not offer this data request ("Invalid method")."""
+        self.status, self.last_error = Status.UNSUPPORTED, error
+
+    def note_details(self, details: Details) -> None:
+        self.details = self.details or details
+
     def mark_archived(self, archive: Archive | None = None) -> None:
         """The data is stored (`archive`: its facts, if not recorded yet)."""
         self.status, self.last_error = Status.ARCHIVED, None
@@ -312,6 +500,11 @@ class DataRequest:
             "events": None if self.events is None else self.events.to_json(),
             "poll_errors": self.poll_errors,
             "resubmitted": self.resubmitted,
+            "database": None if self.database is None else self.database.to_json(),
+            "collection": None if self.collection is None else self.collection.to_json(),
+            "profile": self.profile,
+            "found_by": self.found_by,
+            "details": None if self.details is None else self.details.to_json(),
         }
 
     @classmethod
@@ -328,6 +521,11 @@ class DataRequest:
             events=_opt(raw.get("events"), Events.from_json),
             poll_errors=int(raw.get("poll_errors", 0)),
             resubmitted=int(raw.get("resubmitted", 0)),
+            database=_opt(raw.get("database"), Place.from_json),
+            collection=_opt(raw.get("collection"), Place.from_json),
+            profile=raw.get("profile"),
+            found_by=raw.get("found_by"),
+            details=_opt(raw.get("details"), Details.from_json),
         )
 
 
@@ -355,6 +553,8 @@ class AccessRequest:
     # One visit works on the whole record.
     lease: Lease | None = None
     next_poll_at: str | None = None  # when the poller looks next; its schedule marker's time
+    # The search for the person's profiles and subprofiles (off: the filed subject only).
+    discovery: Discovery = DISCOVERY_OFF
 
     @classmethod
     def new(cls, request_id: str, first: DataRequest, **facts: Any) -> AccessRequest:
@@ -370,6 +570,23 @@ class AccessRequest:
         """The subject as filed."""
         return self.first.subject
 
+    def source(self, name: str) -> DataRequest | None:
+        """The data request of source `name` (`email`, `profile:{id}`, `subprofile:{id}`)."""
+        return next((d for d in self.data_requests if d.source == name), None)
+
+    def add_source(self, data_request: DataRequest) -> bool:
+        """A source found by discovery, recorded before Copernica is called for it; False
+        (and nothing added) if the request has that source already."""
+        if self.source(data_request.source) is not None:
+            return False
+        self.data_requests.append(data_request)
+        return True
+
+    @property
+    def discovered(self) -> list[DataRequest]:
+        """The sources besides the filed subject."""
+        return self.data_requests[1:]
+
     @property
     def status(self) -> Status:
         """`purged` once purged; else, while any data request is still open, `submitting`
@@ -384,8 +601,12 @@ class AccessRequest:
             ):
                 return Status.SUBMITTING
             return Status.PENDING
+        if not self.discovery.finished:
+            return Status.PENDING
         if any(d.status is Status.ARCHIVED for d in self.data_requests):
             return Status.ARCHIVED
+        if self.first.status in (Status.GONE, Status.UNSUPPORTED):
+            return Status.FAILED  # nothing to answer with: the request failed
         return self.first.status
 
     @property
@@ -401,7 +622,8 @@ class AccessRequest:
 
     @property
     def needs_package(self) -> bool:
-        """Every source is final, one holds data, and the package is not built yet."""
+        """Discovery is done, every source is final, one holds data, and the package is not
+        built yet."""
         return self.status is Status.ARCHIVED and self.package is None
 
     @property
@@ -456,6 +678,8 @@ class AccessRequest:
                 digest = subject_digest(data_request.subject_type, data_request.subject_id)
                 data_request.subject_id = f"hmac-sha256:{digest}"
             data_request.last_error = None
+        # The address looked for goes; the counts stay (sources found, calls made).
+        self.discovery = replace(self.discovery, address=None, targets=(), last_error=None)
 
     def take_lease(self, owner: str, until: datetime) -> None:
         self.lease = Lease(owner, isoformat(until))
@@ -483,6 +707,7 @@ class AccessRequest:
             "purged_at": self.purged_at,
             "lease": None if self.lease is None else self.lease.to_json(),
             "next_poll_at": self.next_poll_at,
+            "discovery": self.discovery.to_json(),
             "data_requests": [d.to_json() for d in self.data_requests],
         }
 
@@ -509,6 +734,7 @@ class AccessRequest:
             purged_at=raw.get("purged_at"),
             lease=_opt(raw.get("lease"), Lease.from_json),
             next_poll_at=raw.get("next_poll_at"),
+            discovery=_opt(raw.get("discovery"), Discovery.from_json) or DISCOVERY_OFF,
         )
 
     @staticmethod

@@ -40,6 +40,32 @@ class Keys:
         created = ULID.from_str(request_id).datetime
         return f"{self.prefix}archive/{created:%Y/%m/%d}/{request_id}.json"
 
+    # -- sources found by discovery (SPEC "Sources and discovery") ------------------------------
+    # Everything of one source lies under `sources/{id}/{digest}/`, the digest being the keyed
+    # digest of the source's subject (`service.logs.subject_digest`, never the address or the
+    # profile id): its data (`data.json`, the archive rules of the first source's archive),
+    # its profile or subprofile record (`details.json`) and its events (`events/`). The first
+    # source's data stays at `archive(...)`; its details, when it is a profile or subprofile,
+    # lie under its own digest here too.
+
+    def sources_folder(self, request_id: str) -> str:
+        return f"{self.prefix}sources/{request_id}/"
+
+    def source_folder(self, request_id: str, digest: str) -> str:
+        return f"{self.sources_folder(request_id)}{digest}/"
+
+    def source_data(self, request_id: str, digest: str) -> str:
+        return f"{self.source_folder(request_id, digest)}data.json"
+
+    def source_details(self, request_id: str, digest: str) -> str:
+        return f"{self.source_folder(request_id, digest)}details.json"
+
+    def source_events(self, request_id: str, digest: str, window_start: str) -> str:
+        return f"{self.source_events_folder(request_id, digest)}{window_start}.jsonl"
+
+    def source_events_folder(self, request_id: str, digest: str) -> str:
+        return f"{self.source_folder(request_id, digest)}events/"
+
     def quarantine(self, request_id: str, received_at: datetime) -> str:
         return f"{self.quarantine_folder(request_id)}{received_at:%Y%m%dT%H%M%S.%fZ}.bin"
 
