@@ -77,6 +77,8 @@ class NewRequest:
     fingerprint: str
     events: dict[str, str] | None = None  # {"since", "until"} asked for with the request
     received_on: date | None = None  # None: today
+    # Look for the person in every database and collection; None: not said (DISCOVERY).
+    discover: bool | None = None
 
 
 def parse_new_request(body: Any) -> NewRequest:
@@ -86,10 +88,13 @@ def parse_new_request(body: Any) -> NewRequest:
     kinds = [k for k in ("email", "profile", "subprofile") if k in body]
     if len(kinds) != 1:
         raise InvalidRequest("give exactly one of 'email', 'profile', 'subprofile'")
-    unknown = set(body) - {"email", "profile", "subprofile", "events", "received_on"}
+    unknown = set(body) - {"email", "profile", "subprofile", "events", "received_on", "discover"}
     if unknown:
         raise InvalidRequest(f"unknown member(s): {', '.join(sorted(unknown))}")
     events = _events_range(body["events"]) if "events" in body else None
+    discover = body.get("discover")
+    if "discover" in body and not isinstance(discover, bool):
+        raise InvalidRequest("'discover' must be true or false", field="discover")
     today = utcnow().date()
     try:
         received_on = parse_received_on(body.get("received_on", today.isoformat()), today)
@@ -111,8 +116,10 @@ def parse_new_request(body: Any) -> NewRequest:
     identity = f"{kind}:{subject_id.casefold()}:{json.dumps(events, sort_keys=True)}"
     if "received_on" in body:
         identity += f":{received_on}"
+    if discover is not None:
+        identity += f":discover={str(discover).lower()}"
     fingerprint = hashlib.sha256(identity.encode()).hexdigest()
-    return NewRequest(Subject(kind, subject_id), fingerprint, events, received_on)
+    return NewRequest(Subject(kind, subject_id), fingerprint, events, received_on, discover)
 
 
 def _events_range(value: Any) -> dict[str, str]:
