@@ -153,6 +153,15 @@ def _event_loop(name: str, value: str) -> str:
     return _choice(name, value.lower(), ("uvloop", "asyncio"))
 
 
+def _on_off(name: str, value: str) -> bool:
+    return _choice(name, value.lower(), ("on", "off")) == "on"
+
+
+def _names(_name: str, value: str) -> tuple[str, ...]:
+    """A comma-separated list of names, blanks and repeats dropped, order kept."""
+    return tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+
+
 def _readable(name: str, value: str) -> str:
     if not Path(value).is_file():
         raise ConfigError(f"{name} must name a readable file, got {value!r}")
@@ -215,6 +224,10 @@ class Settings:
         "SIGNATURE_MAX_SKEW_SECONDS", _positive_float, "60"
     )
     event_loop: str = _setting("EVENT_LOOP", _event_loop, "uvloop")
+    # Discovery (SPEC "Sources and discovery"): every profile and subprofile holding the address.
+    discovery: bool = _setting("DISCOVERY", _on_off, "on")
+    discovery_fields: tuple[str, ...] | None = _setting("DISCOVERY_FIELDS", _names)
+    discovery_max_sources: int = _setting("DISCOVERY_MAX_SOURCES", _positive_int, "100")
 
     @classmethod
     def from_env(
