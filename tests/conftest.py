@@ -17,6 +17,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -83,9 +84,27 @@ CALLBACK_SECRET = "callback-secret-3d2b"
 
 
 def free_port() -> int:
+    """A port free a moment ago. Racy: another process may take it before it is bound again
+    (`OSError: Address already in use`). An in-process listener takes `bound_socket()`
+    instead; a child process binds port 0 itself and says which (moto), or its start is
+    retried with other ports (`ServiceProcess.start`)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def bound_socket() -> socket.socket:
+    """A loopback socket bound to a port the kernel picked, kept bound until a server
+    listens on it (aiohttp's `TestServer(socket_factory=...)`): no other process can take
+    the port in between."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def port_of(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout: float = 20.0) -> None:
@@ -151,14 +170,27 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
-    """moto's S3 server in its own process: the real S3 HTTP API, in memory."""
-    port = free_port()
+    """moto's S3 server in its own process: the real S3 HTTP API, in memory. It binds port 0
+    itself and says which port it got (" * Running on http://127.0.0.1:PORT" on stderr), so
+    no other process can take the port between choosing and binding it."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
+        assert proc.stderr is not None
+        running = re.compile(r"Running on http://127\.0\.0\.1:(\d+)")
+        port = 0
+        for line in proc.stderr:  # until the line naming the port (EOF: it died)
+            if found := running.search(line):
+                port = int(found[1])
+                break
+        if not port:
+            raise RuntimeError(f"moto did not start (exit code {proc.wait(10)})")
+        # Its request log goes on to stderr: read and dropped, so the pipe never fills.
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
         wait_for_port(port)
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -370,7 +402,9 @@ async def make_service(
     subjects: dict[str, Subject] = {}
 
     async def start(**overrides: str) -> Service:
-        port, admin_port = free_port(), free_port()
+        # Bound now, listened on below: the ports are ours from the start (no race).
+        public_socket, admin_socket = bound_socket(), bound_socket()
+        port, admin_port = port_of(public_socket), port_of(admin_socket)
         base = f"http://127.0.0.1:{port}"
         env = {
             "ARCHIVE_BUCKET": bucket,
@@ -383,9 +417,9 @@ async def make_service(
         }
         settings = make_settings(**env)
         app = create_app(settings)
-        admin = ServiceServer(app, host="127.0.0.1", port=admin_port)
+        admin = ServiceServer(app, socket_factory=lambda *_: admin_socket)
         await admin.start_server()
-        public = ServiceServer(create_public_app(app), host="127.0.0.1", port=port)
+        public = ServiceServer(create_public_app(app), socket_factory=lambda *_: public_socket)
         await public.start_server()
         http = aiohttp.ClientSession()
         started.append(([public, admin], http))
@@ -501,17 +535,16 @@ class Listeners:
     """The two loopback ports of a service process and the environment that names them."""
 
     def __init__(self, env: dict[str, str]) -> None:
+        self.env = {**os.environ, **env, "HOST": "127.0.0.1", "LOG_FORMAT": "json"}
+        self.pick_ports()
+
+    def pick_ports(self) -> None:
+        """Two ports free a moment ago (`free_port`: the process binds them itself, so another
+        may take one first; its start then tries again with others)."""
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
-        self.env = {
-            **os.environ,
-            **env,
-            "HOST": "127.0.0.1",
-            "PORT": str(self.port),
-            "ADMIN_PORT": str(self.admin_port),
-            "LOG_FORMAT": "json",
-        }
+        self.env.update(PORT=str(self.port), ADMIN_PORT=str(self.admin_port))
 
 
 class ServiceProcess(Listeners):
@@ -523,16 +556,34 @@ class ServiceProcess(Listeners):
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServiceProcess:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_for_port(self.port)
-        wait_for_port(self.admin_port)
-        return self
+        """Start it and wait until it serves (its `serving` log line: both ports are its own,
+        not another process's that took one). A start that found a port taken (the race
+        `free_port` leaves) is tried again on two other ports."""
+        for _ in range(5):
+            log_path = Path(self.log_path)
+            offset = log_path.stat().st_size if log_path.exists() else 0
+            with log_path.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "service", "serve"],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            deadline = time.monotonic() + 30
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                with log_path.open("rb") as log:
+                    log.seek(offset)
+                    if re.search(rb'"event": ?"serving"', log.read()):
+                        return self
+                time.sleep(0.05)
+            if self.proc.poll() is None:
+                raise RuntimeError(f"the service does not serve: see {self.log_path}")
+            with log_path.open("rb") as log:
+                log.seek(offset)
+                if b"address already in use" not in log.read().lower():
+                    raise RuntimeError(f"the service exited: see {self.log_path}")
+            self.pick_ports()
+        raise RuntimeError(f"no free ports for the service: see {self.log_path}")
 
     def kill(self) -> None:
         assert self.proc is not None
