@@ -9,6 +9,24 @@ and delivery of the result by POST to the `report` web address, signed as Copern
 webhook calls when given a key (`sign_key`, `account_id`). v1 events and the v4 bearer
 authentication are served too. A control API under `/_sim/` (no auth) lets tests and
 operators switch faults and read what happened: calls, deliveries, the observed call rate.
+
+It also holds an account to find people in (account.py: databases, collections, fields,
+profiles and subprofiles; the list calls and their `fields[]` filter as the live API behaves),
+loaded by `POST /_sim/account` or `simulate --account FILE`:
+
+    {"databases": [{"id": "1", "name": "Newsletter",
+                    "fields": [{"name": "Email", "type": "email"}, {"name": "Name"}],
+                    "interests": [{"ID": "1", "name": "news"}],
+                    "collections": [{"id": "11", "name": "Orders",
+                                     "fields": [{"name": "Email", "type": "email"}]}]}],
+     "profiles": [{"id": "101", "database": "1", "interests": ["news"],
+                   "fields": {"Email": "alice@example.com", "Name": "Alice"}}],
+     "subprofiles": [{"id": "1001", "profile": "101", "collection": "11",
+                      "fields": {"Email": "alice@example.com"}}]}
+
+(ids are strings of digits; a field's type defaults to text; `created`, `modified` as
+`YYYY-MM-DD HH:MM:SS`, `removed` (true or a time) and `secret` are optional). Once an account
+is loaded, a profile or subprofile data request must name one of its records.
 """
 
 from __future__ import annotations
@@ -37,6 +55,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from yarl import URL
 
+from service.simulator.account import (
+    Account,
+    AccountError,
+    Collection,
+    Database,
+    Page,
+    Record,
+    filter_texts,
+    php_json,
+    query_records,
+)
 from service.simulator.payloads import (
     PayloadSpec,
     payload_bytes,
@@ -71,6 +100,12 @@ class Faults:
     garbage_next: int = 0  # the next N API calls answer 200 with an HTML page (a bad proxy)
     slow_seconds: float = 0.0  # delay before every API answer
     reject_create: bool = False  # create answers 400 "No entity with supplied ID"
+    # The account's faults (global only):
+    email_invalid_method: bool = False  # POST email/{x}/datarequest: 400 "Invalid method"
+    # "profile:101", "subprofile:1001": still listed, but GET and data request answer 400
+    gone_sources: list[str] = field(default_factory=list)
+    list_errors: int = 0  # the next N account calls answer 503 "Loadbalancer Error"
+    ignore_filter_databases: list[str] = field(default_factory=list)  # profiles: fields[] ignored
 
 
 # Faults that make sense for one request; the others concern API calls as a whole.
@@ -189,7 +224,8 @@ class CopernicaSigner:
             # The Host header as sent (set explicitly with the others, so they cannot differ).
             "host": target.raw_authority.rpartition("@")[2],
             "date": email.utils.formatdate(usegmt=True),  # RFC 7231 IMF-fixdate
-            "digest": "SHA-256=" + base64.b64encode(sha256).decode(),
+            # Lower case: Copernica's own verifier (webhook-security) knows no other.
+            "digest": "sha-256=" + base64.b64encode(sha256).decode(),
             "x-nonce": secrets.token_hex(16),
             "x-copernica-id": account_id,
         }
@@ -237,6 +273,8 @@ class SimState:
         self.jwts: dict[str, float] = {}  # issued v4 tokens and when they expire
         self.events: list[dict[str, Any]] = []  # {"event", "data": {id, time, email, ...}}
         self.events_calls: list[tuple[str, str, date, date]] = []
+        self.account = Account()
+        self.account_calls: collections.Counter[str] = collections.Counter()
 
     def count_call(self) -> None:
         """One API call; keeps the most calls seen in any one-second window."""
@@ -280,6 +318,7 @@ class SimState:
                 wrong_subject=faults.wrong_subject,
                 malformed=faults.malformed_json,
                 seed=self.config.payload_seed,
+                to=self.account.email_of(request.subject_type, request.subject_id),
             )
         return request.spec
 
@@ -308,9 +347,12 @@ class SimState:
             "overrides": self.overrides,
             "api_calls": self.api_calls,
             "max_rps": self.max_rps,
+            "account": self.account.summary(),
+            "account_calls": dict(self.account_calls),
             "requests": {
                 cid: {
                     "copernica_id": cid,
+                    "subject": r.subject_key,
                     "subject_type": r.subject_type,
                     "subject_id": r.subject_id,
                     "report": r.report,
@@ -359,8 +401,14 @@ async def _api_calls(request: web.Request, handler: Any) -> web.StreamResponse:
     faults = state.faults
     if faults.slow_seconds:
         await asyncio.sleep(faults.slow_seconds)
+    account_route = request.match_info.route.name
+    if account_route in ACCOUNT_ROUTES:
+        state.account_calls[account_route] += 1
     if not _authorized(request, state):
         return _error(401, "Invalid access token")
+    if account_route in ACCOUNT_ROUTES and faults.list_errors > 0:
+        faults.list_errors -= 1
+        return _error(503, "Loadbalancer Error")
     if faults.fail_next > 0:
         faults.fail_next -= 1
         return _error(503, "Service temporarily unavailable")
@@ -398,14 +446,31 @@ async def _report_of(request: web.Request) -> str | None:
     return report or None
 
 
-def _refusal(kind: str, subject_id: str) -> str | None:
-    """Copernica's message for a subject it will not take, or None."""
-    unknown = (
+def _unknown(kind: str) -> str:
+    return (
         "No subprofile with supplied ID" if kind == "subprofile" else "No entity with supplied ID"
     )
+
+
+def _refusal(kind: str, subject_id: str, state: SimState | None = None) -> str | None:
+    """Copernica's message for a subject it will not take, or None. With an account loaded,
+    a profile or subprofile must be one of its records, not removed, not switched gone."""
     if kind == "email":
+        if state is not None and state.faults.email_invalid_method:
+            return "Invalid method"
         return None if _EMAIL.match(subject_id) else "Invalid email address"
-    return None if subject_id.isdigit() and int(subject_id) > 0 else unknown
+    if not (subject_id.isdigit() and int(subject_id) > 0):
+        return _unknown(kind)
+    if state is None:
+        return None
+    if f"{kind}:{subject_id}" in state.faults.gone_sources:
+        return _unknown(kind)
+    if not state.account.loaded:
+        return None
+    record = state.account.record(kind, subject_id)
+    if record is None:
+        return _unknown(kind)
+    return f"This {kind} has already been removed" if record.removed else None
 
 
 async def create(request: web.Request) -> web.Response:
@@ -414,7 +479,7 @@ async def create(request: web.Request) -> web.Response:
     subject_id = request.match_info["subject"]  # aiohttp has percent-decoded it
     if request.method != "POST":
         return _error(400, "Invalid method")
-    refusal = _refusal(kind, subject_id)
+    refusal = _refusal(kind, subject_id, state)
     if refusal is None and state.faults.reject_create:
         refusal = _refusal(kind, "0")
     if refusal is not None:
@@ -725,6 +790,135 @@ async def events(request: web.Request) -> web.Response:
     return web.json_response(found)
 
 
+# -- the account: finding the person -------------------------------------------------------
+# Every handler here is an account call: counted per route in `account_calls` and subject to
+# `list_errors` (in _api_calls, by route name), besides the faults of every API call.
+ACCOUNT_ROUTES = frozenset(
+    {
+        "databases",
+        "database",
+        "database_fields",
+        "database_collections",
+        "collection_fields",
+        "profiles",
+        "subprofiles",
+        "profile",
+        "subprofile",
+    }
+)
+
+
+def _answer(value: Any) -> web.Response:
+    return web.Response(body=php_json(value), content_type="application/json")
+
+
+def _database(request: web.Request) -> Database:
+    found = request.app[SIM_STATE].account.databases.get(request.match_info["id"])
+    if found is None:
+        raise _Refused("No database with supplied ID")
+    return found
+
+
+def _collection(request: web.Request) -> Collection:
+    found = request.app[SIM_STATE].account.collections.get(request.match_info["id"])
+    if found is None:
+        raise _Refused("No collection with given ID")
+    return found
+
+
+class _Refused(Exception):
+    """A 400 `{"error": {"message": ...}}` from an account handler (turned into the answer
+    by _account_errors)."""
+
+
+@web.middleware
+async def _account_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except _Refused as refused:
+        return _error(400, str(refused))
+
+
+async def databases(request: web.Request) -> web.Response:
+    found = sorted(request.app[SIM_STATE].account.databases.values(), key=lambda d: int(d.id))
+    return _answer(Page.of(request.query).wrap(found, Database.json))
+
+
+async def database(request: web.Request) -> web.Response:
+    return _answer(_database(request).json())
+
+
+async def database_fields(request: web.Request) -> web.Response:
+    return _answer(Page.of(request.query).wrap(_database(request).fields, lambda f: f.json()))
+
+
+async def database_collections(request: web.Request) -> web.Response:
+    return _answer(Page.of(request.query).wrap(_database(request).collections, Collection.json))
+
+
+async def collection_fields(request: web.Request) -> web.Response:
+    return _answer(Page.of(request.query).wrap(_collection(request).fields, lambda f: f.json()))
+
+
+def _dataonly(request: web.Request) -> bool:
+    return request.query.get("dataonly", "").casefold() in ("true", "yes", "1")
+
+
+async def profiles(request: web.Request) -> web.Response:
+    """`fields[]` applied as the live API does; a database in `ignore_filter_databases`
+    ignores it (every live profile comes back)."""
+    state, found = request.app[SIM_STATE], _database(request)
+    texts = filter_texts(request.query.items())
+    if found.id in state.faults.ignore_filter_databases:
+        texts = []
+    records = query_records(state.account.members("profile", found.id), texts, found.fields)
+    dataonly = _dataonly(request)
+    render: Callable[[Record], Any] = lambda r: r.profile_json(dataonly)  # noqa: E731
+    return _answer(Page.of(request.query).wrap(records, render))
+
+
+async def subprofiles(request: web.Request) -> web.Response:
+    state, found = request.app[SIM_STATE], _collection(request)
+    texts = filter_texts(request.query.items())
+    records = query_records(state.account.members("subprofile", found.id), texts, found.fields)
+    dataonly = _dataonly(request)
+    render: Callable[[Record], Any] = lambda r: r.subprofile_json(dataonly)  # noqa: E731
+    return _answer(Page.of(request.query).wrap(records, render))
+
+
+def _record(request: web.Request, kind: str) -> Record:
+    state, rid = request.app[SIM_STATE], request.match_info["id"]
+    found = state.account.record(kind, rid)
+    if found is None or f"{kind}:{rid}" in state.faults.gone_sources:
+        raise _Refused(_unknown(kind))
+    return found
+
+
+async def profile(request: web.Request) -> web.Response:
+    return _answer(_record(request, "profile").profile_json())
+
+
+async def subprofile(request: web.Request) -> web.Response:
+    return _answer(_record(request, "subprofile").subprofile_json())
+
+
+def _setup_account(app: web.Application, version: str) -> None:
+    """The account's routes, each named as `account_calls` counts it."""
+    routes = {
+        "/databases": databases,
+        "/database/{id}": database,
+        "/database/{id}/fields": database_fields,
+        "/database/{id}/collections": database_collections,
+        "/collection/{id}/fields": collection_fields,
+        "/database/{id}/profiles": profiles,
+        "/collection/{id}/subprofiles": subprofiles,
+        "/profile/{id}": profile,
+        "/subprofile/{id}": subprofile,
+    }
+    for path, handler in routes.items():
+        app.router.add_get(version + path, handler, name=handler.__name__)
+
+
 # -- control API (/_sim/, no auth) ---------------------------------------------------------
 
 
@@ -751,6 +945,8 @@ def _checked(changes: Any, current: object, allowed: Iterable[str]) -> dict[str,
         elif isinstance(old, set):
             ok = isinstance(value, list) and set(value) <= READINESS_FORMS
             value = set(value) if ok else value
+        elif isinstance(old, list):
+            ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
         else:
             ok = isinstance(value, str)
         if name == "create_id_header":
@@ -813,6 +1009,16 @@ async def sim_reset(request: web.Request) -> web.Response:
     return web.json_response({"status": "reset"})
 
 
+async def sim_account(request: web.Request) -> web.Response:
+    """Replace the account (the JSON of this module's docstring); 400 says what is wrong."""
+    try:
+        account = Account.from_json(await request.json())
+    except ValueError as exc:  # not JSON, or AccountError
+        return _error(400, f"account: {exc}" if not isinstance(exc, AccountError) else str(exc))
+    request.app[SIM_STATE].account = account
+    return web.json_response({"account": account.summary()})
+
+
 def _sim_request(request: web.Request) -> SimRequest:
     found = request.app[SIM_STATE].requests.get(request.match_info["id"])
     if found is None:
@@ -855,7 +1061,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_simulator_app(config: SimulatorConfig | None = None) -> web.Application:
-    app = web.Application(middlewares=[_api_calls])
+    # Room for a large account posted to /_sim/account.
+    app = web.Application(middlewares=[_api_calls, _account_errors], client_max_size=256 * 2**20)
     app[SIM_STATE] = SimState(config or SimulatorConfig())
     app.cleanup_ctx.append(_lifecycle)
     version = "/{version:v[1-4]}"
@@ -868,6 +1075,7 @@ def create_simulator_app(config: SimulatorConfig | None = None) -> web.Applicati
     app.router.add_get(version + "/" + kinds + "/{id}/events", events)
     app.router.add_get(version + "/{old:old}/{kind:message|template|document}/{id}/events", events)
     app.router.add_post("/authenticate", authenticate)
+    _setup_account(app, version)
     if app[SIM_STATE].config.control:
         _setup_control(app)
     return app
@@ -878,21 +1086,40 @@ def _setup_control(app: web.Application) -> None:
     app.router.add_post("/_sim/faults", sim_faults)
     app.router.add_post("/_sim/config", sim_config)
     app.router.add_post("/_sim/reset", sim_reset)
+    app.router.add_post("/_sim/account", sim_account)
     app.router.add_post("/_sim/requests/{id}/ready", sim_ready)
     app.router.add_post("/_sim/requests/{id}/deliver", sim_deliver)
 
 
+def _account_from(path: str) -> Account:
+    try:
+        return Account.from_json(json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"simulate: cannot load the account {path}: {exc}") from None
+
+
 def run_simulator(
-    host: str, port: int, access_token: str, sign_key_file: str | None = None, **config: Any
+    host: str,
+    port: int,
+    access_token: str,
+    sign_key_file: str | None = None,
+    account_file: str | None = None,
+    **config: Any,
 ) -> None:
     """`python -m service simulate`: serve the fake until interrupted. With `sign_key_file`
-    (a PEM RSA private key) its callbacks are signed as Copernica signs them."""
+    (a PEM RSA private key) its callbacks are signed as Copernica signs them; with
+    `account_file` (JSON, see the module docstring) it holds that account."""
+    account = _account_from(account_file) if account_file is not None else None
     try:
         if sign_key_file is not None:
             config["sign_key"] = Path(sign_key_file).read_text()
         app = create_simulator_app(SimulatorConfig(access_token=access_token, **config))
     except (OSError, ValueError) as exc:
         raise SystemExit(f"simulate: cannot sign callbacks: {exc}") from None
+    if account is not None:
+        app[SIM_STATE].account = account
+        counts = ", ".join(f"{n} {name}" for name, n in account.summary().items())
+        print(f"Copernica simulator account: {counts}", flush=True)
     settings = app[SIM_STATE].config
     signing = (
         f", callbacks signed (keyId {settings.key_id}, X-Copernica-Id {settings.account_id})"

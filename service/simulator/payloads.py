@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import quopri
 import random
 from collections.abc import Iterator
@@ -28,6 +27,8 @@ from datetime import date, datetime, timedelta, timezone
 from email.utils import format_datetime
 from html import escape
 from typing import Any
+
+from service.simulator.account import php_json
 
 CHUNK = 64 * 1024  # every chunk is exactly this long, except the last
 POOL = 16  # distinct mailings per payload; later ones repeat these with a new counter
@@ -45,6 +46,9 @@ class PayloadSpec:
     wrong_subject: bool = False  # info.id names someone else
     malformed: bool = False  # the closing brackets never come
     seed: int = 0
+    # The address the mailings went to, for a profile or subprofile (its e-mail field);
+    # None: a made-up one (`profile-7@customers.shop.test`).
+    to: str | None = None
 
     @property
     def info_id(self) -> str | int:
@@ -56,9 +60,9 @@ class PayloadSpec:
 
 
 def _php_json(value: Any) -> str:
-    """JSON as PHP's json_encode writes it by default: compact, non-ASCII as \\uXXXX and
-    `/` as `\\/`. Copernica is a PHP shop; a receiver must keep such bytes exactly as sent."""
-    return json.dumps(value, separators=(",", ":")).replace("/", "\\/")
+    """JSON as Copernica's PHP writes it (`\\uXXXX`, `\\/`): a receiver must keep such bytes
+    exactly as sent."""
+    return php_json(value).decode()
 
 
 _WORDS = (
@@ -305,7 +309,7 @@ class _Layout:
         self._to = (
             spec.subject_id
             if spec.subject_type == "email"
-            else f"{spec.subject_type}-{spec.subject_id}@customers.shop.test"
+            else spec.to or f"{spec.subject_type}-{spec.subject_id}@customers.shop.test"
         )
         self._pool: list[list[bytes]] = []
         info = _php_json({"type": spec.subject_type, "id": spec.info_id})
