@@ -121,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
         default="one._domainkey.copernica.com",
         help="keyId of the signature (default: %(default)s)",
     )
+    simulate.add_argument(
+        "--account",
+        metavar="FILE",
+        help="JSON account to hold (databases, collections, profiles, subprofiles)",
+    )
     return parser
 
 
@@ -320,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                 key_id=args.key_id,
                 control=args.control,
                 first_id=args.first_id,
+                account_file=args.account,
             )
             return 0
         if args.command == "events":
