@@ -137,7 +137,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         filing = Filing(
             store, ledger, schedule, deadlines, copernica, settings, metrics, key, clock
         )
-        app[OPERATOR] = OperatorApi(filing, ledger, deadlines, store, settings, metrics)
+        app[OPERATOR] = OperatorApi(filing, ledger, schedule, deadlines, store, settings, metrics)
         app[CONSOLE] = Console(app[OPERATOR], filing, ledger, deadlines, store, settings, metrics)
         # Events live in API v1 only; the same rate limit covers both clients.
         events = CopernicaClient(
@@ -282,6 +282,7 @@ def setup_admin_routes(app: web.Application) -> None:
     one = f"/v1/data-requests/{ROUTE_ID}"  # a malformed id is the router's 404
     app.router.add_get(one, _route(app, OPERATOR, OperatorApi.show))
     app.router.add_post(f"{one}/extend", _route(app, OPERATOR, OperatorApi.extend))
+    app.router.add_post(f"{one}/discovery", _route(app, OPERATOR, OperatorApi.discovery))
     app.router.add_get(f"{one}/package", _route(app, OPERATOR, OperatorApi.package))
     app.router.add_post(f"{one}/package/link", _route(app, OPERATOR, OperatorApi.package_link))
     app.router.add_get("/healthz", _route(app, HEALTH, Health.healthz))

@@ -10,9 +10,21 @@ from urllib.parse import urlsplit
 import pytest
 from ulid import ULID
 
-from service.app import hash_key
+from service.app import LEDGER, POLLER, STORE, hash_key
+from service.clock import isoformat, utcnow
 from service.intake.urls import callback_url
 from service.logs import subject_digest
+from service.requests.records import (
+    AccessRequest,
+    Archive,
+    DataRequest,
+    Details,
+    Discovery,
+    DiscoveryStatus,
+    Place,
+    Status,
+)
+from service.requests.schedule import Schedule, parse_stamp
 from tests.conftest import (
     ACCESS_TOKEN,
     API_TOKEN,
@@ -23,7 +35,7 @@ from tests.conftest import (
     TcpProxy,
     sha256,
 )
-from tests.support import archive_key, eventually, wait_for_status
+from tests.support import archive_key, eventually, record_of, run_cli, wait_for_status
 
 # Over ~20 s in all: left out of the quick subset, `pytest -m "not slow"`.
 pytestmark = pytest.mark.slow
@@ -352,6 +364,9 @@ async def test_an_invalid_input_names_its_field(service: Service, simulator: Sim
         ({"profile": 1, "events": {"since": "2026-13-01"}}, "events.since"),
         ({"profile": 1, "events": {"since": "2026-05-10", "until": "2026-05-01"}}, "events.until"),
         ({"email": "a@b.cd", "profile": 1}, None),
+        ({"profile": 1, "discover": "yes"}, "discover"),
+        ({"profile": 1, "discover": None}, "discover"),
+        ({"profile": 1, "discover": 1}, "discover"),
     ]:
         async with await service.file(body) as answer:
             assert answer.status == 400, body
@@ -387,3 +402,245 @@ async def test_storage_unavailable_is_503_with_retry_after(
             assert answer.status == 503, (method, path)
             assert answer.headers["Retry-After"] == "5"
             assert await answer.json() == {"error": "storage unavailable, try again"}
+
+
+# -- sources and discovery -------------------------------------------------------------------
+
+PERSON = "alice@example.com"
+FOUND = Discovery(
+    DiscoveryStatus.DONE,
+    address=PERSON,
+    phase="done",
+    databases=2,
+    collections=1,
+    queries=3,
+    matches=3,
+    calls=11,
+)
+
+
+def whole_person(
+    discovery: Discovery = FOUND, database: str = "Newsletter", collection: str = "Orders"
+) -> AccessRequest:
+    """A request for PERSON found in four places, as discovery records it: the address
+    (archived), a profile (archived, with details), a subprofile that was removed (gone) and
+    a profile still pending. Written by a test through `Ledger.create`."""
+    request_id, now = str(ULID()), isoformat(utcnow())
+    digest = "d" * 64
+    details = Details(f"copernica/sources/{request_id}/{digest}/details.json", "c" * 64, 512)
+
+    def archived(size: int, source: str) -> Archive:
+        return Archive("b", f"copernica/archive/{request_id}.json", "a" * 64, size, source, now)
+
+    newsletter, webshop = Place("1", database), Place("2", "Webshop")
+    record = AccessRequest.new(
+        request_id,
+        DataRequest(
+            "email", PERSON, Status.ARCHIVED, "5001", 1, archive=archived(20480, "callback")
+        ),
+        received_on=utcnow().date().isoformat(),
+        discovery=discovery,
+    )
+    for found in (
+        DataRequest(
+            "profile",
+            "101",
+            Status.ARCHIVED,
+            "5002",
+            1,
+            archive=archived(31000, "poll"),
+            database=newsletter,
+            found_by="Email",
+            details=details,
+        ),
+        DataRequest(
+            "subprofile",
+            "1001",
+            Status.GONE,
+            None,
+            1,
+            last_error="No subprofile with supplied ID",
+            database=newsletter,
+            collection=Place("11", collection),
+            profile="101",
+            found_by="Email",
+        ),
+        DataRequest(
+            "profile", "202", Status.PENDING, "5004", 1, database=webshop, found_by="Contact"
+        ),
+    ):
+        assert record.add_source(found)
+    return record
+
+
+async def seeded(service: Service, record: AccessRequest) -> AccessRequest:
+    await service.app[LEDGER].create(record)
+    return record
+
+
+async def test_a_request_shows_each_source_and_its_discovery(service: Service) -> None:
+    record = await seeded(service, whole_person())
+    async with service.http.get(
+        f"{service.admin_url}/v1/data-requests/{record.id}", headers=service.auth
+    ) as answer:
+        assert answer.status == 200
+        text = await answer.text()
+        shown = await answer.json()
+    assert PERSON not in text  # the address is in the record only
+    assert shown["status"] == "pending"
+    assert shown["archive"]["size"] == 20480  # the first source's own, all its facts
+    assert shown["archive"]["bucket"] == "b"
+    assert shown["discovery"] == {
+        "status": "done",
+        "databases": 2,
+        "collections": 1,
+        "queries": 3,
+        "matches": 3,
+        "calls": 11,
+        "max_sources": None,
+        "last_error": None,
+    }
+    email, profile, subprofile, pending = shown["sources"]
+    assert email == {
+        "source": "email",
+        "status": "archived",
+        "copernica_id": "5001",
+        "database": None,
+        "collection": None,
+        "profile": None,
+        "details": None,
+        "archive": {
+            "key": f"copernica/archive/{record.id}.json",
+            "sha256": "a" * 64,
+            "size": 20480,
+            "source": "callback",
+        },
+        "last_error": None,
+    }
+    assert profile["source"] == "profile:101"
+    assert profile["database"] == {"id": "1", "name": "Newsletter"}
+    assert profile["details"] == {
+        "key": f"copernica/sources/{record.id}/{'d' * 64}/details.json",
+        "sha256": "c" * 64,
+        "size": 512,
+    }
+    assert profile["archive"]["size"] == 31000
+    assert subprofile == {
+        "source": "subprofile:1001",
+        "status": "gone",
+        "copernica_id": None,
+        "database": {"id": "1", "name": "Newsletter"},
+        "collection": {"id": "11", "name": "Orders"},
+        "profile": "101",
+        "details": None,
+        "archive": None,
+        "last_error": "No subprofile with supplied ID",
+    }
+    assert (pending["source"], pending["status"], pending["database"]["name"]) == (
+        "profile:202",
+        "pending",
+        "Webshop",
+    )
+    # The list shows the same.
+    async with service.http.get(
+        f"{service.admin_url}/v1/data-requests", headers=service.auth
+    ) as answer:
+        (item,) = [i for i in (await answer.json())["items"] if i["id"] == record.id]
+    assert [s["source"] for s in item["sources"]] == [s["source"] for s in shown["sources"]]
+
+
+async def test_discover_is_a_boolean_and_part_of_the_idempotency_key(
+    service: Service, simulator: Simulator
+) -> None:
+    simulator.state.faults.lose_callback = True
+    headers = {"Idempotency-Key": "discover-1"}
+    async with await service.file({"profile": 5, "discover": False}, headers=headers) as answer:
+        assert answer.status == 202
+        created = await answer.json()
+    assert created["discovery"]["status"] == "off"
+    async with await service.file({"profile": 5}, headers=headers) as answer:
+        assert answer.status == 422  # another request than the key's first
+    async with await service.file({"profile": 5, "discover": False}, headers=headers) as answer:
+        assert (answer.status, (await answer.json())["id"]) == (202, created["id"])
+
+
+async def test_an_operator_raises_the_limit_of_a_discovery_over_it(
+    make_service: ServiceFactory, store: Bucket
+) -> None:
+    service = await make_service(DISCOVERY_MAX_SOURCES="3", POLL_INTERVAL_SECONDS="600")
+    service.app[POLLER].stop()  # nobody visits: the schedule is as the raise leaves it
+    schedule = Schedule(service.app[STORE])
+    over = whole_person(Discovery(DiscoveryStatus.OVER_LIMIT, address=PERSON, matches=4))
+    over.next_poll_at = schedule.stamp_in(3600)  # its next visit, an hour from now
+    await schedule.schedule(over.id, over.next_poll_at)
+    await seeded(service, over)
+    running = await seeded(service, whole_person(Discovery(DiscoveryStatus.RUNNING)))
+    purged = whole_person(Discovery(DiscoveryStatus.OVER_LIMIT))
+    purged.mark_purged(isoformat(utcnow()), lambda kind, ident: "e" * 64)
+    await seeded(service, purged)
+
+    async def raise_(request_id: str, body: Any) -> tuple[int, dict[str, Any]]:
+        async with service.http.post(
+            f"{service.admin_url}/v1/data-requests/{request_id}/discovery",
+            headers=service.auth,
+            json=body,
+        ) as answer:
+            return answer.status, await answer.json()
+
+    for body in ({"max_sources": 3}, {"max_sources": 0}, {"max_sources": "9"}, {}, [9]):
+        status, error = await raise_(over.id, body)
+        assert status == 400, body
+        assert error.get("field") == "max_sources" or body == [9], (body, error)
+    assert (await raise_(over.id, {"max_sources": 3}))[1]["error"] == (
+        "max_sources must be larger than the current limit (3)"
+    )
+    status, error = await raise_(running.id, {"max_sources": 10})
+    assert (status, error["error"]) == (
+        409,
+        "discovery is running, not over_limit: there is no limit to raise",
+    )
+    assert (await raise_(str(ULID()), {"max_sources": 10}))[0] == 404
+    assert (await raise_(purged.id, {"max_sources": 10}))[0] == 410
+    assert (await record_of(store, over.id))["discovery"]["status"] == "over_limit"
+
+    before = utcnow()
+    status, shown = await raise_(over.id, {"max_sources": 10})
+    assert status == 200
+    assert shown["discovery"]["status"] == "running"
+    assert shown["discovery"]["max_sources"] == 10
+    # Visited at once: the one marker is the record's next_poll_at, due now.
+    stored = await record_of(store, over.id)
+    assert stored["discovery"]["max_sources"] == 10
+    markers = [k for k in await store.keys("due/") if k.endswith(over.id)]
+    assert markers == [f"copernica/due/{stored['next_poll_at']}/{over.id}"]
+    assert before <= parse_stamp(stored["next_poll_at"]) <= utcnow()
+    assert over.id in [i for _, i in await schedule.due(utcnow(), 100)]
+    # Once running, there is nothing to raise.
+    assert (await raise_(over.id, {"max_sources": 20}))[0] == 409
+
+
+async def test_the_cli_shows_sources_and_raises_the_limit(service: Service) -> None:
+    record = await seeded(service, whole_person())
+    over = await seeded(
+        service, whole_person(Discovery(DiscoveryStatus.OVER_LIMIT, address=PERSON, matches=4))
+    )
+    env = {"API_TOKEN": API_TOKEN, "RECEIVER_URL": service.admin_url}
+    code, output = await run_cli("status", record.id, env=env)
+    assert code == 0, output
+    assert PERSON not in output
+    lines = output.splitlines()
+    assert "discovery: done, 2 databases, 1 collections, 3 queries, 3 matches, 11 calls" in lines
+    sources = lines[lines.index("sources (4):") + 1 :]
+    assert [line.split()[:2] for line in sources] == [
+        ["email", "archived"],
+        ["profile:101", "archived"],
+        ["subprofile:1001", "gone"],
+        ["profile:202", "pending"],
+    ]
+    assert "database Newsletter" in sources[1] and "31.0 KB" in sources[1]
+    assert "collection Orders (profile 101)" in sources[2]
+    assert sources[2].endswith("error: No subprofile with supplied ID")
+    code, output = await run_cli("discovery", over.id, "--max-sources", "150", env=env)
+    assert (code, output.strip()) == (0, f"{over.id} discovery running, up to 150 sources")
+    code, output = await run_cli("list", env=env)
+    assert code == 0 and f"{over.id}  pending     email         4 sources" in output

@@ -1,5 +1,5 @@
-"""Command line: `serve` (default), `request`, `status`, `list`, `extend`, `download`,
-`events`, `simulate`."""
+"""Command line: `serve` (default), `request`, `status`, `list`, `extend`, `discovery`,
+`download`, `events`, `simulate`."""
 
 from __future__ import annotations
 
@@ -43,9 +43,25 @@ def _parser() -> argparse.ArgumentParser:
     request.add_argument(
         "--events-until", help="day after the last day of events, YYYY-MM-DD (default tomorrow)"
     )
+    discover = request.add_mutually_exclusive_group()
+    discover.add_argument(
+        "--discover",
+        dest="discover",
+        action="store_const",
+        const=True,
+        help="look for the person in every database and collection (default: DISCOVERY)",
+    )
+    discover.add_argument(
+        "--no-discover",
+        dest="discover",
+        action="store_const",
+        const=False,
+        help="the filed subject only",
+    )
 
-    status = commands.add_parser("status", help="show one request")
+    status = commands.add_parser("status", help="show one request, its sources and discovery")
     status.add_argument("id")
+    status.add_argument("--json", action="store_true", help="the API's JSON as it is")
 
     listing = commands.add_parser("list", help="list requests")
     listing.add_argument(
@@ -65,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     extend.add_argument("id")
     extend.add_argument("--months", type=int, required=True, choices=(1, 2))
     extend.add_argument("--reason", required=True, help="why the extension is necessary")
+
+    discovery = commands.add_parser(
+        "discovery", help="let a discovery over its limit (over_limit) go on"
+    )
+    discovery.add_argument("id")
+    discovery.add_argument(
+        "--max-sources", type=int, required=True, help="the new limit, above the current one"
+    )
 
     download = commands.add_parser("download", help="download a request's access package")
     download.add_argument("id")
@@ -208,6 +232,8 @@ def _client(args: argparse.Namespace) -> int:
             body = {"subprofile": args.subprofile}
         if args.received_on:
             body["received_on"] = args.received_on
+        if args.discover is not None:
+            body["discover"] = args.discover
         if args.events_since:
             body["events"] = {"since": args.events_since}
             if args.events_until:
@@ -226,7 +252,17 @@ def _client(args: argparse.Namespace) -> int:
     elif args.command == "status":
         status, answer = asyncio.run(_call_api("GET", f"/v1/data-requests/{args.id}"))
         if status == 200:
-            print(json.dumps(answer, indent=2))
+            print(json.dumps(answer, indent=2) if args.json else "\n".join(status_lines(answer)))
+            return 0
+    elif args.command == "discovery":
+        body = {"max_sources": args.max_sources}
+        path = f"/v1/data-requests/{args.id}/discovery"
+        status, answer = asyncio.run(_call_api("POST", path, body))
+        if status == 200:
+            print(
+                f"{answer['id']} discovery {answer['discovery']['status']}, up to "
+                f"{answer['discovery']['max_sources']} sources"
+            )
             return 0
     elif args.command == "extend":
         body = {"months": args.months, "reason": args.reason}
@@ -243,8 +279,10 @@ def _client(args: argparse.Namespace) -> int:
         if status == 200:
             for item in answer["items"]:
                 late = "  OVERDUE" if item.get("overdue") else ""
+                sources = len(item.get("sources") or ())
                 print(
                     f"{item['id']}  {item['status']:<10}  {item['subject_type']:<10}  "
+                    f"{sources:>3} source{'s' if sources != 1 else ' '}  "
                     f"{item['created_at']}  due {item.get('due_by')}{late}"
                 )
             if answer.get("next_cursor"):
@@ -252,6 +290,64 @@ def _client(args: argparse.Namespace) -> int:
             return 0
     print(f"error {status}: {answer.get('error', answer)}", file=sys.stderr)
     return 1
+
+
+def status_lines(request: dict[str, Any]) -> list[str]:
+    """A request as `status` prints it: the request, its discovery, one line per source
+    (source, status, where it was found, data size, error)."""
+    late = " OVERDUE" if request.get("overdue") else ""
+    lines = [
+        f"{request['id']}  {request['status']}  received {request['received_on']}  "
+        f"due {request['due_by']} ({request['days_left']} days left){late}"
+    ]
+    if request.get("package"):
+        package = request["package"]
+        lines.append(f"package: {_size(package['size'])}, sha256 {package['sha256']}")
+    found = request.get("discovery") or {}
+    line = f"discovery: {found.get('status', 'off')}"
+    if found.get("status", "off") != "off":
+        line += (
+            f", {found['databases']} databases, {found['collections']} collections, "
+            f"{found['queries']} queries, {found['matches']} matches, {found['calls']} calls"
+        )
+        if found.get("max_sources"):
+            line += f", limit {found['max_sources']}"
+        if found.get("last_error"):
+            line += f"; last error: {found['last_error']}"
+    lines.append(line)
+    sources = request.get("sources") or []
+    lines.append(f"sources ({len(sources)}):")
+    for source in sources:
+        data = source.get("archive")
+        where = _where(source)
+        size = _size(data["size"]) if data else "-"
+        error = f"  error: {source['last_error']}" if source.get("last_error") else ""
+        lines.append(
+            f"  {source['source']:<22} {source['status']:<12} {where:<36} {size:>10}{error}"
+        )
+    return lines
+
+
+def _where(source: dict[str, Any]) -> str:
+    """Where a source was found: its database, or its collection (and profile)."""
+    if source.get("collection"):
+        where = f"collection {source['collection']['name']}"
+        return where + (f" (profile {source['profile']})" if source.get("profile") else "")
+    if source.get("database"):
+        return f"database {source['database']['name']}"
+    return "as filed"
+
+
+def _size(size: int) -> str:
+    """Bytes for people, as the console shows them (decimal units)."""
+    if size < 1000:
+        return f"{size} bytes"
+    value = float(size)
+    for unit in ("KB", "MB", "GB"):
+        value /= 1000
+        if value < 1000:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1000:.1f} TB"
 
 
 def _events(args: argparse.Namespace) -> int:

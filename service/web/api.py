@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 import time
+from dataclasses import replace
 from datetime import date, timedelta
 from typing import Any
 
@@ -28,7 +29,15 @@ from service.metrics import Metrics
 from service.requests.deadline import parse_extension
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger, RecordConflict
-from service.requests.records import STATUSES, AccessRequest, Archive, DataRequest, Status
+from service.requests.records import (
+    STATUSES,
+    AccessRequest,
+    Archive,
+    DataRequest,
+    DiscoveryStatus,
+    Status,
+)
+from service.requests.schedule import Schedule
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable, NotFound
 
 log = structlog.get_logger(__name__)
@@ -57,6 +66,7 @@ class OperatorApi:
         self,
         filing: Filing,
         ledger: Ledger,
+        schedule: Schedule,
         deadlines: DeadlineIndex,
         store: ArchiveStore,
         settings: Settings,
@@ -64,7 +74,9 @@ class OperatorApi:
     ) -> None:
         self._filing = filing
         self._ledger = ledger
+        self._schedule = schedule
         self._deadlines = deadlines
+        self._max_sources = settings.discovery_max_sources
         self._store = store
         self._link_seconds = settings.package_link_seconds
         self._metrics = metrics
@@ -175,6 +187,57 @@ class OperatorApi:
             raise no_such_request()
         log.info("deadline_extended", request_id=request_id, months=months)
         return web.json_response(describe(record))
+
+    async def discovery(self, request: web.Request) -> web.Response:
+        """`{"max_sources": N}`: raise the limit of a discovery waiting `over_limit`."""
+        max_sources = parse_max_sources(await _json_body(request))
+        record = await self.raise_limit(request.match_info["id"], max_sources)
+        return web.json_response(describe(record))
+
+    async def raise_limit(self, request_id: str, max_sources: int) -> AccessRequest:
+        """Let a discovery that stopped `over_limit` go on to `max_sources` sources: it is
+        `running` again and the poller visits the request at once (a marker for now is put
+        first, then the record names it). InvalidInput if `max_sources` is not above the
+        current limit; Conflict if discovery is not over its limit; Gone once purged."""
+        found = await self._ledger.get(request_id)
+        if found is None:
+            raise no_such_request()
+        self._check_raise(found[0], max_sources)
+        when = self._schedule.stamp_in(0)
+        await self._schedule.schedule(request_id, when)
+        replaced: list[str | None] = []
+
+        def change(record: AccessRequest) -> bool:
+            self._check_raise(record, max_sources)
+            replaced[:] = [record.next_poll_at]
+            record.discovery = replace(
+                record.discovery, status=DiscoveryStatus.RUNNING, max_sources=max_sources
+            )
+            record.next_poll_at = when
+            return True
+
+        record = await self._ledger.update(request_id, change)
+        if record is None:
+            raise no_such_request()
+        if replaced and replaced[0] not in (None, when):
+            await self._schedule.unschedule(request_id, str(replaced[0]))
+        log.info("discovery_limit_raised", request_id=request_id, max_sources=max_sources)
+        return record
+
+    def _check_raise(self, record: AccessRequest, max_sources: int) -> None:
+        if record.status is Status.PURGED:
+            raise Gone(f"the request was deleted at {record.purged_at} (RETENTION_DAYS)")
+        discovery = record.discovery
+        if discovery.status is not DiscoveryStatus.OVER_LIMIT:
+            raise Conflict(
+                f"discovery is {discovery.status.value}, not over_limit: there is no limit to raise"
+            )
+        limit = discovery.max_sources or self._max_sources
+        if max_sources <= limit:
+            raise InvalidInput(
+                f"max_sources must be larger than the current limit ({limit})",
+                field="max_sources",
+            )
 
     async def package(self, request: web.Request) -> web.StreamResponse:
         """The access package as a download (`ETag` = its sha256); the first complete one
@@ -320,10 +383,24 @@ class Health:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def parse_max_sources(body: Any) -> int:
+    """`{"max_sources": N}`, N a positive integer (InvalidInput naming `max_sources`)."""
+    if not isinstance(body, dict):
+        raise InvalidInput("body must be a JSON object")
+    unknown = set(body) - {"max_sources"}
+    if unknown:
+        raise InvalidInput(f"unknown member(s): {', '.join(sorted(unknown))}")
+    value = body.get("max_sources")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput('give {"max_sources": N}, a positive integer', field="max_sources")
+    return value
+
+
 def describe(record: AccessRequest, today: date | None = None) -> dict[str, Any]:
     """The operator's view of a request (no raw subject: it stays in the record). The
     top-level `subject_type`, `copernica_id`, `attempts`, `last_error`, `archive` and `events`
-    are the first source's (the filed subject); `sources` lists every data request."""
+    are the first source's (the filed subject); `sources` lists every data request (an
+    address shows as `email`, never itself), `discovery` the search for the others."""
     today = today or utcnow().date()
     deadline = record.deadline
     first = record.first
@@ -347,15 +424,29 @@ def describe(record: AccessRequest, today: date | None = None) -> dict[str, Any]
         "answered_at": record.answered_at,
         "purged_at": record.purged_at,
         "sources": [_source(d) for d in record.data_requests],
+        "discovery": record.discovery.summary(),
     }
 
 
 def _source(data: DataRequest) -> dict[str, Any]:
+    """One source as the API shows it: where it was found, its details and its data."""
+    archive = data.archive
     return {
         "source": data.source,
         "status": data.status,
         "copernica_id": data.copernica_id,
-        "archive": _facts(data.archive),
+        "database": _facts(data.database),
+        "collection": _facts(data.collection),
+        "profile": data.profile,
+        "details": _facts(data.details),
+        "archive": None
+        if archive is None
+        else {
+            "key": archive.key,
+            "sha256": archive.sha256,
+            "size": archive.size,
+            "source": archive.source,
+        },
         "last_error": data.last_error,
     }
 
