@@ -20,14 +20,21 @@ import structlog
 from ulid import ULID
 
 from service.answer.retention import note_ended
-from service.clock import SYSTEM, Clock, utcnow
+from service.clock import SYSTEM, Clock, isoformat, utcnow
 from service.collect.events import lookback, request_windows
 from service.config import Settings
-from service.copernica.client import Backoff, CopernicaClient, CopernicaError, CopernicaUnavailable
+from service.copernica.client import (
+    Backoff,
+    CopernicaClient,
+    CopernicaError,
+    CopernicaUnavailable,
+    says_gone,
+    says_unsupported,
+)
 from service.copernica.events import EventsInputError, add_months, parse_day, plan
 from service.copernica.subject import Subject
 from service.errors import Conflict, InvalidInput, Unprocessable
-from service.intake.urls import callback_url
+from service.intake.urls import FIRST, SOURCE, callback_url
 from service.logs import subject_hash
 from service.metrics import Metrics
 from service.requests.deadline import DeadlineInputError, parse_received_on
@@ -277,10 +284,12 @@ class Filing:
             return None
         return Events(asked["since"], asked["until"], windows=len(request_windows(asked)))
 
-    async def call_copernica(self, record: AccessRequest) -> None:
-        """Ask Copernica for the first data request's data; the data request says how it
-        went (pending, failed, or not yet)."""
-        data = record.first
+    async def call_copernica(self, record: AccessRequest, data: DataRequest | None = None) -> None:
+        """Ask Copernica for one data request's data (the first one's unless `data` is given);
+        the data request says how it went: pending, failed (gone, unsupported), or not yet.
+        A discovered source gets a `report` address of its own (`urls.SOURCE`)."""
+        data = data or record.first
+        discovered = data is not record.first
         settings = self._settings
         report = None
         if settings.public_base_url and settings.callback_secret:
@@ -288,25 +297,26 @@ class Filing:
                 settings.public_base_url,
                 settings.callback_secret,
                 record.id,
-                self._ledger.subject_digest_of(record),
+                self._ledger.digest_of(data),
+                role=SOURCE if discovered else FIRST,
             )
         data.attempts += 1
         outcome = "pending"
         try:
-            data.mark_pending(
-                await self._copernica.create_datarequest(
-                    data.subject, report, backoff=_FILING_BACKOFF
-                )
+            copernica_id = await self._copernica.create_datarequest(
+                data.subject, report, backoff=_FILING_BACKOFF
             )
+            now = isoformat(self._clock.now())
+            data.mark_pending(copernica_id, at=now if discovered else None)
         except CopernicaError as exc:
-            data.mark_failed(str(exc))
-            outcome = "failed"
+            outcome = _refused(data, exc)
         except CopernicaUnavailable as exc:
             data.last_error, outcome = str(exc), "retry"
         self._metrics.requests_filed.labels(outcome).inc()
         log.info(
             "datarequest_filed",
             request_id=record.id,
+            source=data.subject_type,
             subject=subject_hash(self._hash_key, data.subject_type, data.subject_id),
             status=data.status,
             copernica_id=data.copernica_id,
@@ -328,6 +338,19 @@ class Filing:
             if first["fingerprint"] != new.fingerprint:
                 raise IdempotencyConflict(key) from None
             return str(first["request_id"])
+
+
+def _refused(data: DataRequest, exc: CopernicaError) -> str:
+    """A data request Copernica refused: gone (the profile was removed), unsupported (it does
+    not offer the call: the e-mail data request on some accounts) or failed; the outcome."""
+    if data.subject_type != "email" and says_gone(exc):
+        data.mark_gone(exc.message)
+        return "gone"
+    if says_unsupported(exc):
+        data.mark_unsupported(exc.message)
+        return "unsupported"
+    data.mark_failed(str(exc))
+    return "failed"
 
 
 def _key_hash(hash_key: bytes, idempotency_key: str) -> str:

@@ -1,13 +1,18 @@
-"""What a visit of the poller does to one request (`service.collect.visits` holds the lease
-and moves the schedule around it):
+"""What a visit of the poller does to one access request (`service.collect.visits` holds the
+lease and moves the schedule around it):
 
 - an archived record without its package gets the package built (or adopts the one a
   crashed replica left);
-- a `submitting` record is filed again (crash recovery), up to `MAX_SUBMIT_ATTEMPTS`;
-- a `pending` one: first HEAD the archive (a callback may have won), then check expiry
-  (closing the archive key with a tombstone), then archive the events asked for, then ask
-  Copernica and, when ready, stream the data into the archive through the same intake as
-  callbacks, and build the package.
+- discovery (`service.collect.discovery`) moves on by a bounded number of Copernica calls;
+  the sources it finds are recorded (this visit's record write) before any is filed (a
+  later visit), so a crash never files a source nobody knows about;
+- each source that is not final, the filed subject first: a profile or subprofile's own
+  record (details) archived, then
+  - `submitting`: filed (again: crash recovery), up to `MAX_SUBMIT_ATTEMPTS`;
+  - `pending`: first HEAD its archive (a callback may have won), then check expiry (closing
+    the archive key with a tombstone), then archive the events asked for, then ask Copernica
+    and, when ready, stream the data into its archive through the same intake as callbacks;
+- once discovery is done and every source is final, the package is built.
 
 It returns a `Visit`: the outcome (a label of `receiver_poll_visits_total`) and when to come
 back, with backoff after failures; the record is changed in place, never written here.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import random
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -39,13 +45,21 @@ from service.copernica.events import Source
 from service.intake.body import BodyBrokeOff, BodyStalled, Intake, Outcome
 from service.metrics import Metrics
 from service.requests.ledger import Ledger
-from service.requests.records import AccessRequest, Archive, DataRequest, Status
+from service.requests.records import AccessRequest, Archive, DataRequest, DiscoveryStatus, Status
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable, PreconditionFailed
+
+if TYPE_CHECKING:
+    from service.collect.discovery import Discoverer
 
 log = structlog.get_logger(__name__)
 
 MAX_SUBMIT_ATTEMPTS = 5
 MAX_BACKOFF_FACTOR = 16
+# Bounds on one visit's work, so a request with many sources or a long discovery never
+# holds a worker (and the other requests behind it) for long: the rest comes next visit.
+DISCOVERY_CALLS_PER_VISIT = 50
+SOURCES_PER_VISIT = 25
+SOON = 0.0  # come back at the next tick
 
 
 class RequestWork:
@@ -60,12 +74,14 @@ class RequestWork:
         events: CopernicaClient,
         intake: Intake,
         filing: Filing,
+        discoverer: Discoverer | None,
         packages: PackageBuilder,
         settings: Settings,
         metrics: Metrics,
         clock: Clock = SYSTEM,
     ) -> None:
         self._clock = clock
+        self._discoverer = discoverer
         self._store = store
         self._ledger = ledger
         self._copernica = copernica
@@ -81,20 +97,69 @@ class RequestWork:
         """The work of one visit (the caller holds the record's lease and saves it)."""
         if record.needs_package:
             return await self._package(record, "packaged")
-        visit = await self._collect(record, record.first)
+        # Sources found in this visit are filed in the next, once the record holds them.
+        known = [d for d in record.data_requests if not d.final]
+        visits = [await self._discover(record)]
+        for data in self._turn(record, known):
+            visits.append(await self._source(record, data))
+        visit = _earliest(visits)
         if record.needs_package:
             return await self._package(record, visit.outcome)
         # Ended without a package (failed, expired): its retention marker, before the record.
         await note_ended(self._store, record, self._clock.now())
         return visit
 
+    async def _discover(self, record: AccessRequest) -> Visit | None:
+        """Discovery's share of the visit: None when it has nothing to do."""
+        discovery = record.discovery
+        if discovery.finished or discovery.status is DiscoveryStatus.OVER_LIMIT:
+            return None  # over_limit waits for an operator's raise (it reschedules)
+        assert self._discoverer is not None
+        more = await self._discoverer.advance(record, DISCOVERY_CALLS_PER_VISIT)
+        discovery = record.discovery
+        if more:
+            return Visit("discovering", SOON)
+        if discovery.status is DiscoveryStatus.RETRYING:
+            factor = min(MAX_BACKOFF_FACTOR, 2 ** max(0, discovery.errors - 1))
+            return Visit("discovery_retrying", self._interval * factor * random.uniform(0.8, 1.2))
+        if discovery.status is DiscoveryStatus.OVER_LIMIT:
+            return Visit("discovery_over_limit", None)
+        return Visit("discovered", SOON if record.discovered else None)
+
+    @staticmethod
+    def _turn(record: AccessRequest, open_: list[DataRequest]) -> list[DataRequest]:
+        """The open sources this visit works on: all of them, or `SOURCES_PER_VISIT` taken in
+        turn (the record's version moves the window on) with the filed subject always in."""
+        if len(open_) <= SOURCES_PER_VISIT:
+            return open_
+        start = record.version % len(open_)
+        turn = (open_ + open_)[start : start + SOURCES_PER_VISIT]
+        if record.first in open_ and record.first not in turn:
+            turn[-1] = record.first
+        return turn
+
+    async def _source(self, record: AccessRequest, data: DataRequest) -> Visit:
+        """One source: its details archived if it is a profile or subprofile, then collected."""
+        needs_details = data.subject_type != "email" and data.details is None and not data.final
+        if needs_details and self._discoverer is not None:
+            try:
+                await self._discoverer.fetch_details(record, data)
+            except CopernicaUnavailable as exc:
+                data.last_error = str(exc)
+                return self._later(data, "copernica_unavailable", failed=True)
+            if data.final:  # gone: Copernica no longer has it
+                return Visit(data.status.value, None)
+        return await self._collect(record, data)
+
     async def _collect(self, record: AccessRequest, data: DataRequest) -> Visit:
         """One data request: filed again, expired, or its events and data fetched."""
         if data.status is Status.SUBMITTING or data.copernica_id is None:
             return await self._resubmit(record, data)
-        key = self._store.keys.archive(record.id)
+        addressee = self._ledger.source_addressee(record, data)
+        key = addressee.archive_key(self._store.keys)
         head = await self._store.head(key)
-        if head is None and self._clock.now() - parse_isoformat(record.created_at) > self._expiry:
+        filed_at = parse_isoformat(data.filed_at or record.created_at)
+        if head is None and self._clock.now() - filed_at > self._expiry:
             if await self._close_archive(key):
                 data.mark_expired("no data before REQUEST_EXPIRY_HOURS")
                 return Visit("expired", None)
@@ -107,7 +172,7 @@ class RequestWork:
             # An access request is answered completely or not at all: events first (they
             # are small), and `archived` only once both the data and the events are stored.
             if not data.events_complete:
-                await self._archive_events(record.id, data)
+                await self._archive_events(record, data)
             if head is not None:
                 data.mark_archived(Archive.from_head(head, self._store.bucket, key))
                 return Visit("archived", None)
@@ -125,13 +190,18 @@ class RequestWork:
             data.mark_failed(str(exc))
             return Visit("copernica_refused", None)
 
-    async def _archive_events(self, request_id: str, data: DataRequest) -> None:
-        """Every window of the data request's events range into
-        `events/{id}/{window}.jsonl`."""
+    async def _archive_events(self, record: AccessRequest, data: DataRequest) -> None:
+        """Every window of the data request's events range into `events/{id}/{window}.jsonl`
+        (a discovered source's: `sources/{id}/{digest}/events/{window}.jsonl`)."""
         events = data.events
         assert events is not None
         source = Source(data.subject_type, data.subject_id)
-        sink = S3Sink(self._store, lambda w: self._store.keys.events(request_id, w.name))
+        keys = self._store.keys
+        if data is record.first:
+            sink = S3Sink(self._store, lambda w: keys.events(record.id, w.name))
+        else:
+            digest = self._ledger.digest_of(data)
+            sink = S3Sink(self._store, lambda w: keys.source_events(record.id, digest, w.name))
         progress = Progress()
         try:
             await fetch_events(
@@ -154,7 +224,7 @@ class RequestWork:
             try:
                 first = await self._intake.read(body)
                 receipt = await self._intake.take(
-                    self._ledger.addressee_of(record), first, body, "poll"
+                    self._ledger.source_addressee(record, data), first, body, "poll"
                 )
             except (BodyStalled, BodyBrokeOff) as exc:
                 # Copernica's answer broke off mid-stream: nothing was archived; retry later.
@@ -167,7 +237,7 @@ class RequestWork:
         if receipt.outcome is Outcome.ARCHIVED:
             self._metrics.archived_bytes.labels("poll").inc(receipt.size)
         if receipt.outcome in (Outcome.ARCHIVED, Outcome.DUPLICATE):
-            key = self._store.keys.archive(record.id)
+            key = self._ledger.source_addressee(record, data).archive_key(self._store.keys)
             head = await self._store.head(receipt.key or key)
             archive = Archive.from_head(head, self._store.bucket, key) if head else None
             if receipt.outcome is Outcome.ARCHIVED:
@@ -249,14 +319,24 @@ class RequestWork:
             # Copernica may have filed an earlier attempt whose answer we lost; its callback
             # carries the same request id and is deduplicated by the archive's conditional key.
             data.resubmitted += 1
-        await self._filing.call_copernica(record)
+        await self._filing.call_copernica(record, data)
         if data.status is Status.PENDING:
-            return self._later(data, "resubmitted")
-        if data.status is Status.FAILED:
-            return Visit("failed", None)
+            return self._later(data, "resubmitted" if data.resubmitted else "filed")
+        if data.final:  # failed, gone, unsupported
+            return Visit(data.status.value, None)
         return self._later(data, "resubmit_failed", failed=True)
 
     def _later(self, data: DataRequest, outcome: str, *, failed: bool = False) -> Visit:
         data.poll_errors = data.poll_errors + 1 if failed else 0
         factor = min(MAX_BACKOFF_FACTOR, 2**data.poll_errors)
         return Visit(outcome, self._interval * factor * random.uniform(0.8, 1.2))
+
+
+def _earliest(visits: list[Visit | None]) -> Visit:
+    """One visit's verdict from its parts: the first part's outcome (the discovery's, else
+    the filed subject's), back when the soonest part wants to be (None: no part does)."""
+    parts = [v for v in visits if v is not None]
+    if not parts:
+        return Visit("waiting", None)
+    times = [v.next_in for v in parts if v.next_in is not None]
+    return Visit(parts[0].outcome, min(times) if times else None)

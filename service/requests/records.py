@@ -435,6 +435,9 @@ class DataRequest:
     profile: str | None = None  # a subprofile's profile id
     found_by: str | None = None
     details: Details | None = None
+    # When Copernica accepted it: a source found later than its request expires
+    # REQUEST_EXPIRY_HOURS after its own filing (None: the request's creation counts).
+    filed_at: str | None = None
 
     @property
     def subject(self) -> Subject:
@@ -456,9 +459,11 @@ class DataRequest:
 
     # -- the status changes: here and nowhere else ----------------------------------------
 
-    def mark_pending(self, copernica_id: str) -> None:
-        """Copernica accepted the request under `copernica_id`."""
+    def mark_pending(self, copernica_id: str, at: str | None = None) -> None:
+        """Copernica accepted the request under `copernica_id` (`at`: when, for a source
+        found after its request was filed)."""
         self.status, self.copernica_id, self.last_error = Status.PENDING, copernica_id, None
+        self.filed_at = self.filed_at or at
 
     def mark_failed(self, error: str) -> None:
         self.status, self.last_error = Status.FAILED, error
@@ -505,6 +510,7 @@ class DataRequest:
             "profile": self.profile,
             "found_by": self.found_by,
             "details": None if self.details is None else self.details.to_json(),
+            "filed_at": self.filed_at,
         }
 
     @classmethod
@@ -526,6 +532,7 @@ class DataRequest:
             profile=raw.get("profile"),
             found_by=raw.get("found_by"),
             details=_opt(raw.get("details"), Details.from_json),
+            filed_at=raw.get("filed_at"),
         )
 
 
