@@ -40,7 +40,16 @@ from service.metrics import Metrics
 from service.requests.deadline import DeadlineInputError, parse_received_on
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger, RecordConflict
-from service.requests.records import REPLICA, AccessRequest, DataRequest, Events, Status
+from service.requests.records import (
+    DISCOVERY_OFF,
+    REPLICA,
+    AccessRequest,
+    DataRequest,
+    Discovery,
+    DiscoveryStatus,
+    Events,
+    Status,
+)
 from service.requests.schedule import Schedule
 from service.storage.s3 import ArchiveStore, NotFound, PreconditionFailed
 
@@ -220,8 +229,13 @@ class Filing:
             request_id,
             first,
             idempotency_key=_key_hash(self._hash_key, idempotency_key) if idempotency_key else None,
-            next_poll_at=self._schedule.stamp_in(self._settings.poll_interval_seconds),
             received_on=(new.received_on or self._clock.now().date()).isoformat(),
+            discovery=self._discovery_of(new),
+        )
+        # A request that looks for the person is visited at once: discovery is the poller's.
+        first_visit = 0 if record.discovery.status is DiscoveryStatus.RUNNING else None
+        record.next_poll_at = self._schedule.stamp_in(
+            self._settings.poll_interval_seconds if first_visit is None else first_visit
         )
         # The markers go first: a crash after them leaves a marker without a record (dropped
         # when met), never a record the poller or the deadline index does not know about.
@@ -274,6 +288,15 @@ class Filing:
         if current is None:
             raise RecordConflict(ours.id)
         return current
+
+    def _discovery_of(self, new: NewRequest) -> Discovery:
+        """Off, or running: for an e-mail filing it looks for the filed address; for a
+        profile or subprofile, for the address in its record (found by the discoverer)."""
+        discover = self._settings.discovery if new.discover is None else new.discover
+        if not discover:
+            return DISCOVERY_OFF
+        address = new.subject.id if new.subject.type == "email" else None
+        return Discovery(DiscoveryStatus.RUNNING, address=address)
 
     def _events_of(self, new: NewRequest) -> Events | None:
         """What events to archive with the data: asked for, or EVENTS_LOOKBACK_DAYS."""
