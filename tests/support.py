@@ -10,13 +10,14 @@ import json
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import aiohttp
 from ulid import ULID
 
+from service.simulator.account import SAMPLE_PLACES, sample_account
 from tests.conftest import API_TOKEN, Bucket, Service, Simulator
 
 T = TypeVar("T")
@@ -145,6 +146,27 @@ async def raw_exchange(service: Service, request: bytes) -> bytes:
     answer = await asyncio.wait_for(reader.read(65536), 5)
     writer.close()
     return answer
+
+
+async def seed_account(simulator: Simulator, account: dict[str, Any]) -> dict[str, int]:
+    """Give the simulator this account (POST /_sim/account; replaces the one it held): how
+    many databases, collections, profiles and subprofiles it now holds."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{simulator.url}/_sim/account", json=account) as answer,
+    ):
+        assert answer.status == 200, await answer.text()
+        return dict((await answer.json())["account"])
+
+
+def account_with(
+    person: str, places: Iterable[str] = tuple(SAMPLE_PLACES), others: int = 2
+) -> dict[str, Any]:
+    """An account holding `person` in `places`: "Newsletter" (profile 101, `email` field),
+    "Shop" (profile 201, text field "Contact": set DISCOVERY_FIELDS=Contact), "Orders"
+    (subprofile 2101 of profile 201); `others` more people per database, one removed.
+    SAMPLE_PLACES maps each place to its source ("profile:101", ...)."""
+    return sample_account(person, places, others)
 
 
 def archive_key(request_id: str) -> str:

@@ -442,6 +442,7 @@ async def test_the_simulators_signed_callback_is_archived_and_a_tampered_or_fore
         'headers="(request-target) host date digest x-nonce x-copernica-id",signature="'
     )
     assert sent["X-Copernica-Id"] == ACCOUNT
+    assert sent["Digest"].startswith("sha-256=")  # lower case, as Copernica's verifier needs
     assert len({headers["X-Nonce"] for headers in relay.received}) == 3  # new per delivery
     archived = signing_simulator.state.payload_bytes(copernica_id)
     assert await store.read(archive_key(request_id)) == archived

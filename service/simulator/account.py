@@ -556,3 +556,97 @@ class _Loader:
         if record.id in self.account.subprofiles:
             raise AccountError(f"{where}: subprofile {record.id} given twice")
         self.account.subprofiles[record.id] = replace(record, profile=profile.id)
+
+
+# -- a small account with one person in several places (make run, tests) -----------------
+
+# Where `sample_account` puts the person, and the source each place becomes.
+SAMPLE_PLACES = {"Newsletter": "profile:101", "Shop": "profile:201", "Orders": "subprofile:2101"}
+SAMPLE_TEXT_FIELD = "Contact"  # Shop's text field holding an address: a DISCOVERY_FIELDS name
+
+
+def sample_account(
+    person: str, places: Iterable[str] = tuple(SAMPLE_PLACES), others: int = 2
+) -> dict[str, Any]:
+    """An account (the JSON POST /_sim/account takes) where `person` is found in `places`:
+    "Newsletter" (profile 101 by its `email` field), "Shop" (profile 201 by the text field
+    SAMPLE_TEXT_FIELD; its own e-mail field holds another address), "Orders" (subprofile 2101
+    of profile 201 in collection 21 of Shop); and `others` more people in each database, one
+    of them removed. Databases 1 and 2, collection 21."""
+    places = set(places)
+    unknown = places - set(SAMPLE_PLACES)
+    if unknown:
+        raise ValueError(f"unknown places {sorted(unknown)}; known: {list(SAMPLE_PLACES)}")
+    databases = [
+        {
+            "id": "1",
+            "name": "Newsletter",
+            "fields": [{"name": "Email", "type": "email"}, {"name": "Name"}],
+            "interests": [{"id": "1", "name": "weekly", "group": "newsletters"}],
+        },
+        {
+            "id": "2",
+            "name": "Shop",
+            "fields": [
+                {"name": "Email", "type": "email"},
+                {"name": "Name"},
+                {"name": SAMPLE_TEXT_FIELD},
+                {"name": "City"},
+            ],
+            "collections": [
+                {
+                    "id": "21",
+                    "name": "Orders",
+                    "fields": [
+                        {"name": "Email", "type": "email"},
+                        {"name": "Order"},
+                        {"name": "Total", "type": "float"},
+                    ],
+                }
+            ],
+        },
+    ]
+    profiles: list[dict[str, Any]] = [
+        {
+            "id": "101",
+            "database": "1",
+            "fields": {
+                "Email": person if "Newsletter" in places else "someone@example.net",
+                "Name": "Alice Example",
+            },
+            "interests": ["weekly"],
+            "created": "2024-03-02 09:15:00",
+            "modified": "2025-11-20 18:42:07",
+        },
+        {
+            "id": "201",
+            "database": "2",
+            "fields": {
+                "Email": "alice.shop@example.org",
+                "Name": "A. Example",
+                SAMPLE_TEXT_FIELD: person if "Shop" in places else "",
+                "City": "Utrecht",
+            },
+            "created": "2023-06-11 14:03:22",
+        },
+    ]
+    for n in range(others):
+        removed = n == others - 1 and others > 1
+        for database, base in (("1", 110), ("2", 210)):
+            profiles.append(
+                {
+                    "id": str(base + n),
+                    "database": database,
+                    "fields": {"Email": f"customer{n}@example.net", "Name": f"Customer {n}"},
+                    "removed": removed,
+                }
+            )
+    orders = {"Order": "ORD-2025-0042", "Total": "59.90"}
+    email = person if "Orders" in places else "alice.shop@example.org"
+    subprofiles = [
+        {"id": "2101", "profile": "201", "collection": "21", "fields": {"Email": email, **orders}},
+        {"id": "2102", "profile": "210", "collection": "21", "fields": {"Email": "x@example.net"}},
+    ]
+    if not others:
+        subprofiles.pop()
+    return {"databases": databases, "profiles": profiles, "subprofiles": subprofiles}
