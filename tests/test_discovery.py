@@ -193,9 +193,13 @@ async def test_finds_every_place_holding_the_address_at_the_cost_spec_allows(wor
     assert world.calls() == QUERIES  # Legacy ignored the filter: one page, no false match
     assert summary["calls"] == sum(QUERIES.values())
 
-    # Each source's details: Copernica's exact bytes, once; a second fetch adopts them.
+    # Each source's details: Copernica's exact bytes, once; a second fetch adopts them. A
+    # subprofile removed meanwhile is a source gone.
+    await world.sim("faults", {"gone_sources": ["subprofile:1001"]})
     for found in record.discovered:
         await world.discoverer().fetch_details(record, found)
+    assert (orders.status, orders.last_error) == (Status.GONE, "No subprofile with supplied ID")
+    assert orders.details is None
     assert world.calls() == {**QUERIES, "profile": 3, "subprofile": 1}
     assert record.discovery.calls == sum(QUERIES.values()) + len(FOUND)
     details = source(record, "profile:201").details
@@ -314,6 +318,11 @@ async def test_a_profile_filing_looks_for_its_address(world: World) -> None:
     details = record.first.details
     assert details is not None
     assert await world.bucket.read(details.key) == await world.copernica("profile/101")
+
+    # A subprofile filing: the address from its collection's e-mail field.
+    other, _ = await discover(world, access_request("subprofile", "1001"))
+    assert other.discovery.address == ALICE
+    assert set(sources(other)) == {"email", "profile:101", "profile:201", "profile:202"}
 
     # A profile without an address, and one Copernica says is gone: nothing to look for.
     await world.sim("faults", {"gone_sources": ["profile:203"]})
