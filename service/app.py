@@ -16,12 +16,15 @@ from aiohttp import web
 
 from service.answer.package import PackageBuilder
 from service.answer.retention import Retention
+from service.answer.statement import Statement, load_statement
 from service.clock import Clock
+from service.collect.discovery import Discoverer
 from service.collect.filing import Filing
 from service.collect.housekeeping import Housekeeping, count_s3_calls
 from service.collect.visits import Poller
 from service.collect.work import RequestWork
 from service.config import Settings
+from service.copernica.account import Account
 from service.copernica.client import CopernicaClient
 from service.intake.body import Intake
 from service.intake.callback import CallbackReceiver, CallbackView
@@ -99,6 +102,7 @@ POLLER = web.AppKey("poller", Poller)
 WORK = web.AppKey("work", RequestWork)
 HOUSEKEEPING = web.AppKey("housekeeping", Housekeeping)
 SHUTDOWN = web.AppKey("shutdown", Shutdown)
+STATEMENT = web.AppKey("statement", Statement)
 
 # Operator requests are small JSON documents; callbacks stream and are bounded separately.
 OPERATOR_MAX_BODY = 64 * 1024
@@ -139,22 +143,11 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         )
         app[OPERATOR] = OperatorApi(filing, ledger, schedule, deadlines, store, settings, metrics)
         app[CONSOLE] = Console(app[OPERATOR], filing, ledger, deadlines, store, settings, metrics)
-        # Events live in API v1 only; the same rate limit covers both clients.
-        events = CopernicaClient(
-            http,
-            settings,
-            metrics,
-            limiter=copernica.limiter,
-            base_url=settings.copernica_events_url,
-        )
-        packages = PackageBuilder(store, settings.report_controller_name)
         retention = Retention(
             store, ledger, deadlines, settings.retention_days, metrics, key, clock
         )
         migrations = Migrations(store, ledger, deadlines, schedule, clock)
-        work = RequestWork(
-            store, ledger, copernica, events, intake, filing, packages, settings, metrics, clock
-        )
+        work = _work(app, http, store, ledger, copernica, intake, filing)
         app[WORK] = work
         app[POLLER] = Poller(ledger, schedule, work.do, settings, metrics, key, clock)
         app[HOUSEKEEPING] = Housekeeping(
@@ -162,6 +155,34 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         )
         yield
         await store.close()
+
+
+def _work(
+    app: web.Application,
+    http: aiohttp.ClientSession,
+    store: ArchiveStore,
+    ledger: Ledger,
+    copernica: CopernicaClient,
+    intake: Intake,
+    filing: Filing,
+) -> RequestWork:
+    """What a visit of the poller does, on the clients it needs."""
+    settings, metrics, clock = app[SETTINGS], app[METRICS], app[CLOCK]
+    # Events live in API v1 only; the same rate limit covers both clients.
+    events = CopernicaClient(
+        http, settings, metrics, limiter=copernica.limiter, base_url=settings.copernica_events_url
+    )
+    packages = PackageBuilder(
+        store,
+        settings.report_controller_name,
+        hash_key=hash_key(settings),
+        statement=app[STATEMENT],
+    )
+    discoverer = Discoverer(Account(copernica), store, settings, ledger.digest_of)
+    return RequestWork(
+        store, ledger, copernica, events, intake, filing, discoverer, packages, settings, metrics,
+        clock,
+    )  # fmt: skip
 
 
 async def _polling(app: web.Application) -> AsyncIterator[None]:
@@ -258,6 +279,8 @@ def create_app(settings: Settings) -> web.Application:
     app[IN_FLIGHT] = in_flight
     app[METRICS] = Metrics()
     app[SHUTDOWN] = Shutdown(settings)
+    # The article-15 texts, read once; an incomplete file stops start-up (ConfigError).
+    app[STATEMENT] = load_statement(settings.controller_statement)
     app.cleanup_ctx.append(_clients)
     app.cleanup_ctx.append(_polling)
     app.cleanup_ctx.append(_housekeeping)

@@ -23,12 +23,12 @@ from service.answer.retention import note_ended
 from service.clock import SYSTEM, Clock, isoformat, utcnow
 from service.collect.events import lookback, request_windows
 from service.config import Settings
+from service.copernica.account import SourceGone, typed_error
 from service.copernica.client import (
     Backoff,
     CopernicaClient,
     CopernicaError,
     CopernicaUnavailable,
-    says_gone,
     says_unsupported,
 )
 from service.copernica.events import EventsInputError, add_months, parse_day, plan
@@ -324,6 +324,8 @@ class Filing:
                 role=SOURCE if discovered else FIRST,
             )
         data.attempts += 1
+        if discovered:  # on discovery's account: two calls per match, details and filing
+            record.discovery = record.discovery.called()
         outcome = "pending"
         try:
             copernica_id = await self._copernica.create_datarequest(
@@ -366,7 +368,7 @@ class Filing:
 def _refused(data: DataRequest, exc: CopernicaError) -> str:
     """A data request Copernica refused: gone (the profile was removed), unsupported (it does
     not offer the call: the e-mail data request on some accounts) or failed; the outcome."""
-    if data.subject_type != "email" and says_gone(exc):
+    if data.subject_type != "email" and isinstance(typed_error(exc), SourceGone):
         data.mark_gone(exc.message)
         return "gone"
     if says_unsupported(exc):

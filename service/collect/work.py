@@ -23,13 +23,13 @@ from __future__ import annotations
 import hashlib
 import random
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import structlog
 
 from service.answer.package import PackageBuilder, PackageError
 from service.answer.retention import note_ended
 from service.clock import SYSTEM, Clock, parse_isoformat
+from service.collect.discovery import Discoverer
 from service.collect.events import Progress, S3Sink, fetch_events, request_windows
 from service.collect.filing import Filing
 from service.collect.visits import Visit
@@ -47,9 +47,6 @@ from service.metrics import Metrics
 from service.requests.ledger import Ledger
 from service.requests.records import AccessRequest, Archive, DataRequest, DiscoveryStatus, Status
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable, PreconditionFailed
-
-if TYPE_CHECKING:
-    from service.collect.discovery import Discoverer
 
 log = structlog.get_logger(__name__)
 
@@ -74,7 +71,7 @@ class RequestWork:
         events: CopernicaClient,
         intake: Intake,
         filing: Filing,
-        discoverer: Discoverer | None,
+        discoverer: Discoverer,
         packages: PackageBuilder,
         settings: Settings,
         metrics: Metrics,
@@ -114,7 +111,6 @@ class RequestWork:
         discovery = record.discovery
         if discovery.finished or discovery.status is DiscoveryStatus.OVER_LIMIT:
             return None  # over_limit waits for an operator's raise (it reschedules)
-        assert self._discoverer is not None
         more = await self._discoverer.advance(record, DISCOVERY_CALLS_PER_VISIT)
         discovery = record.discovery
         if more:
@@ -141,7 +137,7 @@ class RequestWork:
     async def _source(self, record: AccessRequest, data: DataRequest) -> Visit:
         """One source: its details archived if it is a profile or subprofile, then collected."""
         needs_details = data.subject_type != "email" and data.details is None and not data.final
-        if needs_details and self._discoverer is not None:
+        if needs_details:
             try:
                 await self._discoverer.fetch_details(record, data)
             except CopernicaUnavailable as exc:

@@ -47,25 +47,10 @@ class CopernicaError(Exception):
         self.message = message
 
 
-# Copernica's own words (400 `{"error": {"message": ...}}`, recorded against the live API) for
-# a profile or subprofile that no longer exists, and for a call it does not offer.
-GONE_MESSAGES = (
-    "no entity with supplied id",
-    "no subprofile with supplied id",
-    "this profile has already been removed",
-)
-UNSUPPORTED_MESSAGES = ("invalid method",)
-
-
-def says_gone(exc: CopernicaError) -> bool:
-    """Copernica says the profile or subprofile no longer exists."""
-    return exc.status in (400, 404) and exc.message.strip().casefold() in GONE_MESSAGES
-
-
 def says_unsupported(exc: CopernicaError) -> bool:
-    """Copernica does not offer the call ("Invalid method": the e-mail data request, since it
-    left the v3/v4 overviews)."""
-    return exc.status in (400, 404, 405) and exc.message.strip().casefold() in UNSUPPORTED_MESSAGES
+    """Copernica does not offer the call: "Invalid method" (recorded against the live API; the
+    e-mail data request, since it left the v3/v4 overviews, may answer so)."""
+    return exc.status in (400, 404, 405) and exc.message.strip().casefold() == "invalid method"
 
 
 class CopernicaUnavailable(Exception):

@@ -345,6 +345,10 @@ class Discovery:
     errors: int = 0  # consecutive failures, for backoff
     last_error: str | None = None
 
+    def called(self) -> Discovery:
+        """One more Copernica call on discovery's account (a discovered source's filing)."""
+        return replace(self, calls=self.calls + 1)
+
     @property
     def finished(self) -> bool:
         """Nothing left to discover: off or done (over_limit and retrying still wait)."""
