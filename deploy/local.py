@@ -16,6 +16,12 @@ Callbacks are signed end to end: the simulator signs its callbacks with the priv
 the key pair as Copernica does, and the service runs with SIGNATURE_MODE=require and the public
 half, so an unsigned callback is refused.
 
+The simulator is seeded with a Copernica account (service/simulator/account.py,
+`sample_account`) where the person SEEDED is found in three places: a profile in database
+"Newsletter" by its `email` field, a profile in database "Shop" by the text field "Contact"
+(named in the service's DISCOVERY_FIELDS), and a subprofile in collection "Orders"; a few other
+people besides. An access request for that address shows the whole person.
+
 The simulator keeps its own state in memory: a restarted one knows none of the requests filed
 before (a request still pending there then fails on its next poll, "No entity with supplied
 ID", as with a Copernica that lost it). Each start hands it a fresh range of Copernica ids so
@@ -34,6 +40,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -43,6 +50,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deploy.seaweedfs import SeaweedFS  # noqa: E402 (needs ROOT on the path when run as a file)
+from service.simulator.account import (  # noqa: E402
+    SAMPLE_PLACES,
+    SAMPLE_TEXT_FIELD,
+    sample_account,
+)
 
 S3_PORT = int(os.environ.get("S3_PORT", "9100"))
 SIM_PORT = int(os.environ.get("SIM_PORT", "9000"))
@@ -54,6 +66,7 @@ ACCOUNT_ID = "10001"  # the made-up Copernica account the simulator signs for
 SECRETS = ("COPERNICA_ACCESS_TOKEN", "CALLBACK_SECRET", "API_TOKEN")
 IDS_PER_START = 1_000_000  # Copernica ids each simulator start may hand out
 FRESH_HINT = "make run-fresh"
+SEEDED = "alice@example.com"  # the person the simulator's account holds in three places
 
 # What make run keeps in LOCAL (FRESH=1 deletes these, not the rest: `make image` caches there).
 STORE = LOCAL / "seaweedfs"
@@ -190,6 +203,7 @@ def first_copernica_id() -> int:
 def service_env(generated: dict[str, str], s3_endpoint: str) -> dict[str, str]:
     tunable = {  # development values the caller's environment may override
         "POLL_INTERVAL_SECONDS": "10",
+        "DISCOVERY_FIELDS": SAMPLE_TEXT_FIELD,  # Shop's text field holding an address
         "SHUTDOWN_DRAIN_SECONDS": "0",  # no load balancer to notice the 503 of /readyz
     }
     return {
@@ -245,10 +259,18 @@ Callbacks are signed as Copernica signs them: the simulator with a local key
 SIGNATURE_MODE=require, COPERNICA_ACCOUNT_ID={ACCOUNT_ID} and
 SIGNATURE_PUBLIC_KEY_FILE={local}/{VERIFY_KEY.name}, so unsigned callbacks get 401.
 
-In another terminal, file a data request and watch it get archived (about 3 s):
+The simulator holds a Copernica account where {SEEDED} is found in three places:
+  {SAMPLE_PLACES["Newsletter"]:<16} database "Newsletter", by its e-mail field
+  {SAMPLE_PLACES["Shop"]:<16} database "Shop", by the text field "{SAMPLE_TEXT_FIELD}" \
+(DISCOVERY_FIELDS={env.get("DISCOVERY_FIELDS", "")})
+  {SAMPLE_PLACES["Orders"]:<16} collection "Orders" (an order)
+(what the simulator was asked, and what it delivered: http://127.0.0.1:{SIM_PORT}/_sim/state)
+
+In another terminal, file a data request and watch it find the person and get archived
+(each source about 3 s):
   set -a; . {local}/dev.env; set +a
-  .venv/bin/python -m service request alice@example.com
-  .venv/bin/python -m service status <id printed above>
+  .venv/bin/python -m service request {SEEDED}
+  .venv/bin/python -m service status <id printed above>   (sources: e-mail, 3 records)
   .venv/bin/python -m service list
   .venv/bin/python -m service download <id>   (the access package, about 10 s later)
 
@@ -257,6 +279,21 @@ The archive lands in s3://{BUCKET}/copernica/archive/YYYY/MM/DD/<id>.json; look 
     {env["S3_ENDPOINT_URL"]} s3 ls --recursive s3://{BUCKET}/
 
 Ctrl-C stops everything."""
+
+
+def seed_account() -> None:
+    """Give the simulator (just started, it holds nothing) the account with SEEDED in it."""
+    body = json.dumps(sample_account(SEEDED)).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{SIM_PORT}/_sim/account",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 (our own URL)
+            answer.read()
+    except OSError as exc:
+        sys.exit(f"simulator: cannot load its account: {exc}")
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -312,6 +349,7 @@ def main() -> None:
         started["simulator"] = sim.pid
         write_private(PIDS, json.dumps(started).encode())
         wait_for(SIM_PORT, "simulator", sim)
+        seed_account()
 
         service = subprocess.Popen([python, "-m", "service", "serve"], env=env)
         procs.append(("service", service))
