@@ -24,6 +24,7 @@ The account is loaded from JSON (`Account.from_json`, POST /_sim/account, `simul
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -565,6 +566,37 @@ SAMPLE_PLACES = {"Newsletter": "profile:101", "Shop": "profile:201", "Orders": "
 SAMPLE_TEXT_FIELD = "Contact"  # Shop's text field holding an address: a DISCOVERY_FIELDS name
 
 
+_SAMPLE_DATABASES: list[dict[str, Any]] = [
+    {
+        "id": "1",
+        "name": "Newsletter",
+        "fields": [{"name": "Email", "type": "email"}, {"name": "Name"}],
+        "interests": [{"id": "1", "name": "weekly", "group": "newsletters"}],
+    },
+    {
+        "id": "2",
+        "name": "Shop",
+        "fields": [
+            {"name": "Email", "type": "email"},
+            {"name": "Name"},
+            {"name": SAMPLE_TEXT_FIELD},
+            {"name": "City"},
+        ],
+        "collections": [
+            {
+                "id": "21",
+                "name": "Orders",
+                "fields": [
+                    {"name": "Email", "type": "email"},
+                    {"name": "Order"},
+                    {"name": "Total", "type": "float"},
+                ],
+            }
+        ],
+    },
+]
+
+
 def sample_account(
     person: str, places: Iterable[str] = tuple(SAMPLE_PLACES), others: int = 2
 ) -> dict[str, Any]:
@@ -577,35 +609,6 @@ def sample_account(
     unknown = places - set(SAMPLE_PLACES)
     if unknown:
         raise ValueError(f"unknown places {sorted(unknown)}; known: {list(SAMPLE_PLACES)}")
-    databases = [
-        {
-            "id": "1",
-            "name": "Newsletter",
-            "fields": [{"name": "Email", "type": "email"}, {"name": "Name"}],
-            "interests": [{"id": "1", "name": "weekly", "group": "newsletters"}],
-        },
-        {
-            "id": "2",
-            "name": "Shop",
-            "fields": [
-                {"name": "Email", "type": "email"},
-                {"name": "Name"},
-                {"name": SAMPLE_TEXT_FIELD},
-                {"name": "City"},
-            ],
-            "collections": [
-                {
-                    "id": "21",
-                    "name": "Orders",
-                    "fields": [
-                        {"name": "Email", "type": "email"},
-                        {"name": "Order"},
-                        {"name": "Total", "type": "float"},
-                    ],
-                }
-            ],
-        },
-    ]
     profiles: list[dict[str, Any]] = [
         {
             "id": "101",
@@ -649,4 +652,5 @@ def sample_account(
     ]
     if not others:
         subprofiles.pop()
+    databases = copy.deepcopy(_SAMPLE_DATABASES)  # the caller may change its copy
     return {"databases": databases, "profiles": profiles, "subprofiles": subprofiles}
