@@ -277,7 +277,7 @@ async def test_list_errors_answer_the_next_account_calls_503_and_every_call_is_c
     await sim.load(account_with(PERSON))
     assert (await sim.control("faults", {"list_errors": 3}))[0] == 200
 
-    answers = [
+    answers: list[Any] = [
         await sim.get("databases"),
         await sim.get("database/2/fields"),
         (await sim.post("email/x@example.com/datarequest"))[0],  # not an account call
@@ -385,12 +385,12 @@ async def test_simulate_account_file_serves_that_account(sim: Sim, tmp_path: Pat
         assert proc.stdout is not None
         banner = await asyncio.wait_for(proc.stdout.readline(), 20)
 
-        async def found() -> Any:
+        async def found() -> dict[str, Any] | None:
             try:
                 url = f"http://127.0.0.1:{port}/v2/collection/21/subprofiles"
                 query = {"access_token": TOKEN, "fields[]": f"email=={PERSON}"}
                 async with sim.http.get(url, params=query) as answer:
-                    return await answer.json()
+                    return dict(await answer.json())
             except aiohttp.ClientConnectionError:
                 return None
 
@@ -400,4 +400,4 @@ async def test_simulate_account_file_serves_that_account(sim: Sim, tmp_path: Pat
         await asyncio.wait_for(proc.wait(), 5)
 
     assert banner.startswith(b"Copernica simulator account: 2 databases, 1 collections")
-    assert ids(listed) == ["2101"]
+    assert listed is not None and ids(listed) == ["2101"]
