@@ -138,8 +138,9 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
             settings.signature_max_skew_seconds,
         )
         app[CALLBACKS] = CallbackView(CallbackReceiver(intake, ledger), verifier, settings, metrics)
+        discoverer = Discoverer(Account(copernica), store, settings, ledger.digest_of)
         filing = Filing(
-            store, ledger, schedule, deadlines, copernica, settings, metrics, key, clock
+            store, ledger, schedule, deadlines, copernica, discoverer, settings, metrics, key, clock
         )
         app[OPERATOR] = OperatorApi(filing, ledger, schedule, deadlines, store, settings, metrics)
         app[CONSOLE] = Console(app[OPERATOR], filing, ledger, deadlines, store, settings, metrics)
@@ -147,7 +148,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
             store, ledger, deadlines, settings.retention_days, metrics, key, clock
         )
         migrations = Migrations(store, ledger, deadlines, schedule, clock)
-        work = _work(app, http, store, ledger, copernica, intake, filing)
+        work = _work(app, http, store, ledger, copernica, intake, filing, discoverer)
         app[WORK] = work
         app[POLLER] = Poller(ledger, schedule, work.do, settings, metrics, key, clock)
         app[HOUSEKEEPING] = Housekeeping(
@@ -165,6 +166,7 @@ def _work(
     copernica: CopernicaClient,
     intake: Intake,
     filing: Filing,
+    discoverer: Discoverer,
 ) -> RequestWork:
     """What a visit of the poller does, on the clients it needs."""
     settings, metrics, clock = app[SETTINGS], app[METRICS], app[CLOCK]
@@ -178,7 +180,6 @@ def _work(
         hash_key=hash_key(settings),
         statement=app[STATEMENT],
     )
-    discoverer = Discoverer(Account(copernica), store, settings, ledger.digest_of)
     return RequestWork(
         store, ledger, copernica, events, intake, filing, discoverer, packages, settings, metrics,
         clock,

@@ -33,8 +33,10 @@ from ulid import ULID
 
 from service.app import COPERNICA, LEDGER, METRICS, POLLER, STORE, hash_key
 from service.clock import utcnow
+from service.collect.discovery import Discoverer
 from service.collect.events import S3Sink
 from service.collect.filing import Filing, _key_hash, parse_new_request
+from service.copernica.account import Account
 from service.copernica.events import Window
 from service.metrics import Metrics
 from service.requests.deadline_index import DeadlineIndex
@@ -331,6 +333,7 @@ async def test_a_stalled_filer_resuming_after_a_takeover_does_not_file_twice(
         Schedule(archive),
         DeadlineIndex(archive, ledger),
         app[COPERNICA],
+        Discoverer(Account(app[COPERNICA]), archive, service.settings, ledger.digest_of),
         service.settings,
         app[METRICS],
         secret,

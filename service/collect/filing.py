@@ -21,6 +21,7 @@ from ulid import ULID
 
 from service.answer.retention import note_ended
 from service.clock import SYSTEM, Clock, isoformat, utcnow
+from service.collect.discovery import Discoverer
 from service.collect.events import lookback, request_windows
 from service.config import Settings
 from service.copernica.account import SourceGone, typed_error
@@ -177,12 +178,14 @@ class Filing:
         schedule: Schedule,
         deadlines: DeadlineIndex,
         copernica: CopernicaClient,
+        discoverer: Discoverer,
         settings: Settings,
         metrics: Metrics,
         hash_key: bytes,
         clock: Clock = SYSTEM,
     ) -> None:
         self._clock = clock
+        self._discoverer = discoverer
         self._store = store
         self._ledger = ledger
         self._schedule = schedule
@@ -323,6 +326,8 @@ class Filing:
                 self._ledger.digest_of(data),
                 role=SOURCE if discovered else FIRST,
             )
+        if not await self._details(record, data):
+            return
         data.attempts += 1
         if discovered:  # on discovery's account: two calls per match, details and filing
             record.discovery = record.discovery.called()
@@ -347,6 +352,22 @@ class Filing:
             copernica_id=data.copernica_id,
             error=data.last_error,
         )
+
+    async def _details(self, record: AccessRequest, data: DataRequest) -> bool:
+        """A profile's or subprofile's own record is archived right before it is filed (its
+        fields are what the subject most expects to see); False: not to be filed now, because
+        Copernica no longer has it (`gone`) or did not answer (the poller files it later)."""
+        try:
+            await self._discoverer.fetch_details(record, data)
+        except CopernicaUnavailable as exc:
+            data.last_error = f"details not fetched yet: {exc}"
+            self._metrics.requests_filed.labels("retry").inc()
+            return False
+        if data.final:
+            self._metrics.requests_filed.labels(data.status.value).inc()
+            log.info("datarequest_not_filed", request_id=record.id, status=data.status)
+            return False
+        return True
 
     async def _claim_key(self, key: str, new: NewRequest, request_id: str) -> str:
         """The request id this key stands for: ours if we are first, else the first one's."""

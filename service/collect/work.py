@@ -6,9 +6,9 @@ lease and moves the schedule around it):
 - discovery (`service.collect.discovery`) moves on by a bounded number of Copernica calls;
   the sources it finds are recorded (this visit's record write) before any is filed (a
   later visit), so a crash never files a source nobody knows about;
-- each source that is not final, the filed subject first: a profile or subprofile's own
-  record (details) archived, then
-  - `submitting`: filed (again: crash recovery), up to `MAX_SUBMIT_ATTEMPTS`;
+- each source that is not final, the filed subject first:
+  - `submitting`: filed (a profile's or subprofile's own record archived first; again after
+    a crash), up to `MAX_SUBMIT_ATTEMPTS`;
   - `pending`: first HEAD its archive (a callback may have won), then check expiry (closing
     the archive key with a tombstone), then archive the events asked for, then ask Copernica
     and, when ready, stream the data into its archive through the same intake as callbacks;
@@ -98,7 +98,7 @@ class RequestWork:
         known = [d for d in record.data_requests if not d.final]
         visits = [await self._discover(record)]
         for data in self._turn(record, known):
-            visits.append(await self._source(record, data))
+            visits.append(await self._collect(record, data))
         visit = _earliest(visits)
         if record.needs_package:
             return await self._package(record, visit.outcome)
@@ -133,19 +133,6 @@ class RequestWork:
         if record.first in open_ and record.first not in turn:
             turn[-1] = record.first
         return turn
-
-    async def _source(self, record: AccessRequest, data: DataRequest) -> Visit:
-        """One source: its details archived if it is a profile or subprofile, then collected."""
-        needs_details = data.subject_type != "email" and data.details is None and not data.final
-        if needs_details:
-            try:
-                await self._discoverer.fetch_details(record, data)
-            except CopernicaUnavailable as exc:
-                data.last_error = str(exc)
-                return self._later(data, "copernica_unavailable", failed=True)
-            if data.final:  # gone: Copernica no longer has it
-                return Visit(data.status.value, None)
-        return await self._collect(record, data)
 
     async def _collect(self, record: AccessRequest, data: DataRequest) -> Visit:
         """One data request: filed again, expired, or its events and data fetched."""
