@@ -31,6 +31,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 MAX_LIMIT = 1000
@@ -158,10 +159,17 @@ class Record:
     profile: str = ""
 
     def value(self, lowered_name: str) -> str | None:
-        for name, value in self.values:
-            if name.casefold() == lowered_name:
-                return value
-        return None
+        """The value of the field so named (`lowered_name` casefolded), or None."""
+        return self._by_name.get(lowered_name)
+
+    @cached_property
+    def _by_name(self) -> dict[str, str]:
+        return {name.casefold(): value for name, value in self.values}
+
+    @cached_property
+    def folded(self) -> dict[str, str]:
+        """Casefolded values by casefolded field name: what the filter compares."""
+        return {name.casefold(): value.casefold() for name, value in self.values}
 
     def fields_json(self) -> dict[str, str]:
         return {name: "" if self.removed else value for name, value in self.values}
@@ -263,8 +271,7 @@ class Condition:
     value: str  # casefolded
 
     def holds(self, record: Record) -> bool:
-        found = record.value(self.name)
-        return ((found or "").casefold() == self.value) == self.equal
+        return (record.folded.get(self.name, "") == self.value) == self.equal
 
 
 def conditions(texts: Iterable[str], fields: Sequence[Field]) -> list[Condition]:
