@@ -3,10 +3,13 @@ operator console's three pages, as a real chromium shows them, over the real ser
 S3 (moto's server) and the Copernica simulator.
 
 Run from the repository root: `.venv/bin/python docs/render_console.py` (needs chromium:
-`make browser`). It files a dozen requests through the operator API (some received weeks
-ago, so they are overdue; one refused by the simulator; some still waiting), waits for the
-first to be packaged, extends its deadline, and takes the pictures at 1280 pixels wide.
-Dates are relative to the day it runs; everything else is the same each time.
+`make browser`). The simulator holds an account where the main subject is found in three
+places (a profile by its e-mail field, one by a DISCOVERY_FIELDS text field, a subprofile),
+so her request's page shows four sources. It files a dozen requests through the operator API
+(some received weeks ago, so they are overdue; one refused by the simulator; some still
+waiting), waits for the main one to be packaged, extends its deadline, and takes the pictures
+at 1280 pixels wide. Dates are relative to the day it runs; everything else is the same each
+time.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ sys.path.insert(0, str(ROOT))  # for tests.browser
 from service.app import create_app, create_public_app  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.logs import configure_logging  # noqa: E402
+from service.simulator.account import (  # noqa: E402
+    SAMPLE_TEXT_FIELD,
+    Account,
+    sample_account,
+)
 from service.simulator.app import SIM_STATE, SimulatorConfig, create_simulator_app  # noqa: E402
 from service.simulator.payloads import make_events  # noqa: E402
 from tests.browser import chromium  # noqa: E402
@@ -51,6 +59,26 @@ REQUESTS: list[tuple[dict[str, Any], int, str]] = [
     ({"subprofile": 4410}, 2, "ready"),
     ({"email": "sem.de.boer@example.com"}, 1, "ready"),
 ]
+
+
+def account() -> dict[str, Any]:
+    """The simulator's account: MAIN_SUBJECT in Newsletter (profile 101), Shop (profile 201,
+    by its SAMPLE_TEXT_FIELD) and Shop's Orders (subprofile 2101); the other requests'
+    profiles and subprofiles exist too, holding other people."""
+    document = sample_account(MAIN_SUBJECT)
+    document["profiles"].append(
+        {"id": "20417", "database": "1", "fields": {"Email": "r.mulder@example.com"}}
+    )
+    for subprofile in ("88123", "4410"):
+        document["subprofiles"].append(
+            {
+                "id": subprofile,
+                "profile": "210",
+                "collection": "21",
+                "fields": {"Email": "customer0@example.net", "Order": f"ORD-{subprofile}"},
+            }
+        )
+    return document
 
 
 async def start(app: web.Application, port: int) -> web.AppRunner:
@@ -102,6 +130,7 @@ async def render(s3_url: str) -> None:
         state.events = make_events(
             TODAY - timedelta(days=120), TODAY, per_day=2, email=MAIN_SUBJECT
         )
+        state.account = Account.from_json(account())
         runners.append(await start(simulator, sim_port))
 
         settings = Settings.from_env(
@@ -115,6 +144,7 @@ async def render(s3_url: str) -> None:
                 "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
                 "ADMIN_PORT": str(admin_port),
                 "POLL_INTERVAL_SECONDS": "0.2",
+                "DISCOVERY_FIELDS": SAMPLE_TEXT_FIELD,
                 "REPORT_CONTROLLER_NAME": "Koffiebranderij Zoë B.V.",
                 "LOG_LEVEL": "warning",
                 "LOG_FORMAT": "console",

@@ -18,10 +18,11 @@ from playwright.async_api import Page, expect
 from ulid import ULID
 from yarl import URL
 
+from service.app import POLLER
 from service.clock import isoformat
 from service.config import Secret
 from service.requests.deadline import due_by
-from service.requests.records import AccessRequest, DataRequest, Status
+from service.requests.records import AccessRequest, DataRequest, Discovery, DiscoveryStatus, Status
 from service.web.console.session import SESSION, SESSION_SECONDS, Sessions, set_cookie
 from tests.browser import chromium
 from tests.conftest import (
@@ -34,6 +35,7 @@ from tests.conftest import (
     sha256,
 )
 from tests.support import eventually, filed, metric, metric_counts, wait_until_packaged
+from tests.test_api import PERSON, seeded, whole_person
 
 # Over ~20 s in all: left out of the quick subset, `pytest -m "not slow"`.
 pytestmark = pytest.mark.slow
@@ -257,7 +259,7 @@ async def test_the_requests_page_sorts_marks_filters_and_pages(
             rows = page.locator("table.list tbody tr")
             for i in range(await rows.count()):
                 cells = rows.nth(i).locator("td")
-                seen.append((await cells.nth(0).inner_text(), await cells.nth(5).inner_text()))
+                seen.append((await cells.nth(0).inner_text(), await cells.nth(6).inner_text()))
                 is_late = "overdue" in (await rows.nth(i).get_attribute("class") or "")
                 assert is_late == (date.fromisoformat(seen[-1][0]) < TODAY)
                 if is_late:
@@ -395,6 +397,93 @@ async def test_every_field_has_a_label_and_the_keyboard_does_everything(
         await expect(page.get_by_label("Link for the data subject")).to_be_visible()
 
 
+async def test_the_sources_card_shows_each_source_and_raises_discoverys_limit(
+    make_service: ServiceFactory,
+) -> None:
+    service = await make_service(DISCOVERY_MAX_SOURCES="3", POLL_INTERVAL_SECONDS="600")
+    service.app[POLLER].stop()  # the record stays as the page changes it
+    hostile = "<img src=x onerror=alert(1)>"
+    over = Discovery(
+        DiscoveryStatus.OVER_LIMIT,
+        address=PERSON,
+        databases=2,
+        collections=1,
+        queries=3,
+        matches=4,
+        calls=12,
+        last_error=f"more than 3 sources {hostile}",
+    )
+    record = await seeded(service, whole_person(over, hostile, "Orders & <b>returns</b>"))
+    async with chromium() as browser:
+        page = await browser.new_page()
+        await sign_in(page, service)
+        await page.goto(f"{service.admin_url}/ui/?view=all")
+        row = page.locator("table.list tbody tr", has_text=PERSON)
+        await expect(row.locator("td.sources-count")).to_have_text("4")
+
+        await page.goto(f"{service.admin_url}/ui/requests/{record.id}")
+        card = page.locator("section", has=page.get_by_role("heading", name="Sources"))
+        rows = card.locator("table.sources tbody tr")
+        await expect(rows).to_have_count(4)
+        await expect(rows.nth(0)).to_contain_text("The address itself")
+        await expect(rows.nth(0)).to_contain_text("As filed")
+        await expect(rows.nth(0)).to_contain_text("20.5 KB")
+        await expect(rows.nth(1)).to_contain_text(f"Database {hostile}")
+        await expect(rows.nth(1)).to_contain_text("31.0 KB")
+        await expect(rows.nth(1)).to_contain_text("512 bytes")  # its details
+        await expect(rows.nth(2)).to_contain_text("Subprofile 1001 (of profile 101)")
+        await expect(rows.nth(2)).to_contain_text(
+            f"Collection Orders & <b>returns</b> in {hostile}"
+        )
+        await expect(rows.nth(2)).to_contain_text("Gone: removed from Copernica")
+        await expect(rows.nth(2)).to_contain_text("Copernica said: No subprofile with supplied ID")
+        await expect(rows.nth(3)).to_contain_text("Waiting for Copernica")
+        await expect(card).to_contain_text("Stopped at its limit")
+        await expect(card).to_contain_text(f"more than 3 sources {hostile}")
+        await expect(card).to_contain_text("4 profiles and subprofiles holding the address")
+        assert await page.locator("main img, main b").count() == 0  # text, not markup
+
+        # The limit must go up; then discovery goes on.
+        await page.get_by_label("New limit").fill("3")
+        async with page.expect_navigation() as refused:
+            await page.get_by_role("button", name="Raise the limit").click()
+        assert (await refused.value).status == 400  # type: ignore[union-attr]
+        await expect(page.locator("#max_sources-error")).to_contain_text("current limit (3)")
+        await page.get_by_label("New limit").fill("40")
+        await page.get_by_role("button", name="Raise the limit").click()
+        await page.wait_for_url(re.compile(r"\?done=discovery$"))
+        await expect(page.get_by_role("status")).to_contain_text("up to 40 sources")
+        await expect(card).to_contain_text("Looking in every database and collection")
+        await expect(page.get_by_role("button", name="Raise the limit")).to_have_count(0)
+    shown = await service.show(record.id)
+    assert shown["discovery"]["status"] == "running"
+    assert shown["discovery"]["max_sources"] == 40
+
+
+async def test_the_filing_form_looks_in_every_database_as_discovery_says(
+    make_service: ServiceFactory, simulator: Simulator
+) -> None:
+    simulator.state.faults.lose_callback = True
+    box = re.compile(r'<input type="checkbox" name="discover" value="on"[^>]*>')
+    for setting, ticked in (("off", False), ("on", True)):
+        visitor = Visitor(await make_service(DISCOVERY=setting))
+        try:
+            csrf = await visitor.sign_in()
+            _, html, _ = await visitor.get("/ui/requests/new")
+            found = box.search(html)
+            assert found and ("checked" in found.group(0)) == ticked, setting
+            if ticked:  # the box is part of the request: sent again unticked, it is another
+                form = {"subject_type": "profile", "subject": "8", "idempotency_key": "k1"}
+                status, _, _ = await visitor.post(
+                    "/ui/requests", {**form, "discover": "on", "csrf": csrf}
+                )
+                assert status == 303
+                status, page, _ = await visitor.post("/ui/requests", {**form, "csrf": csrf})
+                assert status == 409 and "already used to file a different request" in page
+        finally:
+            await visitor.close()
+
+
 # -- refusals ------------------------------------------------------------------------------
 
 
@@ -491,6 +580,7 @@ async def test_every_form_needs_this_sessions_csrf_token(
             ("/ui/requests", filing),
             (f"/ui/requests/{request_id}/extend", {"months": "1", "reason": "r"}),
             (f"/ui/requests/{request_id}/link", {}),
+            (f"/ui/requests/{request_id}/discovery", {"max_sources": "500"}),
             ("/ui/logout", {}),
         ):
             for csrf in (None, "", token[:-2] + "xx", others_token):

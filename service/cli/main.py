@@ -223,22 +223,8 @@ async def _call_api(
 
 def _client(args: argparse.Namespace) -> int:
     if args.command == "request":
-        body: dict[str, Any]
-        if args.email:
-            body = {"email": args.email}
-        elif args.profile is not None:
-            body = {"profile": args.profile}
-        else:
-            body = {"subprofile": args.subprofile}
-        if args.received_on:
-            body["received_on"] = args.received_on
-        if args.discover is not None:
-            body["discover"] = args.discover
-        if args.events_since:
-            body["events"] = {"since": args.events_since}
-            if args.events_until:
-                body["events"]["until"] = args.events_until
-        elif args.events_until:
+        body = _filing_body(args)
+        if body is None:
             print("error: --events-until needs --events-since", file=sys.stderr)
             return 2
         headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
@@ -278,18 +264,45 @@ def _client(args: argparse.Namespace) -> int:
         status, answer = asyncio.run(_call_api("GET", f"/v1/data-requests{query}"))
         if status == 200:
             for item in answer["items"]:
-                late = "  OVERDUE" if item.get("overdue") else ""
-                sources = len(item.get("sources") or ())
-                print(
-                    f"{item['id']}  {item['status']:<10}  {item['subject_type']:<10}  "
-                    f"{sources:>3} source{'s' if sources != 1 else ' '}  "
-                    f"{item['created_at']}  due {item.get('due_by')}{late}"
-                )
+                print(_list_line(item))
             if answer.get("next_cursor"):
                 print(f"next: --cursor {answer['next_cursor']}", file=sys.stderr)
             return 0
     print(f"error {status}: {answer.get('error', answer)}", file=sys.stderr)
     return 1
+
+
+def _filing_body(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The body `request` files (None: --events-until without --events-since)."""
+    body: dict[str, Any]
+    if args.email:
+        body = {"email": args.email}
+    elif args.profile is not None:
+        body = {"profile": args.profile}
+    else:
+        body = {"subprofile": args.subprofile}
+    if args.received_on:
+        body["received_on"] = args.received_on
+    if args.discover is not None:
+        body["discover"] = args.discover
+    if args.events_since:
+        body["events"] = {"since": args.events_since}
+        if args.events_until:
+            body["events"]["until"] = args.events_until
+    elif args.events_until:
+        return None
+    return body
+
+
+def _list_line(item: dict[str, Any]) -> str:
+    """One request as `list` prints it: id, status, subject type, sources, created, due."""
+    late = "  OVERDUE" if item.get("overdue") else ""
+    sources = len(item.get("sources") or ())
+    return (
+        f"{item['id']}  {item['status']:<10}  {item['subject_type']:<10}  "
+        f"{sources:>3} source{'s' if sources != 1 else ' '}  "
+        f"{item['created_at']}  due {item.get('due_by')}{late}"
+    )
 
 
 def status_lines(request: dict[str, Any]) -> list[str]:

@@ -1,5 +1,5 @@
 """The console's routes (`/ui/...` on the admin listener): sign-in, the requests page, one
-request (extend, download, link, report) and the filing form.
+request (extend, raise discovery's limit, download, link, report) and the filing form.
 
 Handlers call the domain objects directly (Filing, Ledger, and the OperatorApi's hand-out
 functions, so a download or link from here answers the request exactly as the API does)
@@ -28,26 +28,35 @@ from multidict import MultiMapping
 from service.clock import utcnow
 from service.collect.filing import Filing, IdempotencyConflict, IdempotencyInProgress
 from service.config import Settings
-from service.errors import Conflict, InvalidInput
+from service.errors import Conflict, Gone, InvalidInput
 from service.metrics import Metrics
 from service.requests.deadline import parse_extension
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
 from service.requests.records import STATUSES, AccessRequest
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable
-from service.web.api import ROUTE_ID, OperatorApi, PackageRefused, no_such_request
+from service.web.api import (
+    ROUTE_ID,
+    OperatorApi,
+    PackageRefused,
+    no_such_request,
+    parse_max_sources,
+)
 from service.web.console.package_report import ReportUnreadable, read_report
 from service.web.console.session import LOGIN, SESSION, Sessions, Signed, delete_cookie, set_cookie
 from service.web.console.views import (
+    DISCOVERY_LABELS,
     PAGE_SIZE,
     STATUS_LABELS,
     SUBJECT_KINDS,
     VIEWS,
     FilingForm,
     Filters,
+    discovery_limit,
     extension_months_left,
     listing,
     size_text,
+    sources,
     subject_label,
     time_text,
     timeline,
@@ -82,7 +91,11 @@ _ENVIRONMENT = jinja2.Environment(
 )
 _ENVIRONMENT.filters.update(size=size_text, time=time_text)
 _ENVIRONMENT.globals.update(
-    STATUS_LABELS=STATUS_LABELS, VIEWS=VIEWS, STATUSES=STATUSES, SUBJECT_KINDS=SUBJECT_KINDS
+    STATUS_LABELS=STATUS_LABELS,
+    VIEWS=VIEWS,
+    STATUSES=STATUSES,
+    SUBJECT_KINDS=SUBJECT_KINDS,
+    DISCOVERY_LABELS=DISCOVERY_LABELS,
 )
 
 
@@ -108,6 +121,8 @@ class Console:
         self.metrics = metrics
         self.sessions = Sessions(settings.api_token)
         self.link_hours = settings.package_link_seconds / 3600
+        self.discover = settings.discovery  # the filing form's default
+        self.max_sources = settings.discovery_max_sources
 
     def census(self) -> dict[str, int]:
         """Counts across all requests that cost no S3 call: housekeeping's last census of the
@@ -135,6 +150,7 @@ def setup_console(app: web.Application) -> None:
     r.add_post("/ui/requests", signed_in(file_request))
     r.add_get(f"/ui/requests/{ROUTE_ID}", signed_in(request_page))
     r.add_post(f"/ui/requests/{ROUTE_ID}/extend", signed_in(extend))
+    r.add_post(f"/ui/requests/{ROUTE_ID}/discovery", signed_in(raise_discovery_limit))
     r.add_post(f"/ui/requests/{ROUTE_ID}/link", signed_in(create_link))
     r.add_get(f"/ui/requests/{ROUTE_ID}/package", signed_in(download))
     r.add_get(f"/ui/requests/{ROUTE_ID}/report", signed_in(report))
@@ -331,6 +347,8 @@ async def request_page(request: web.Request, session: Signed) -> web.Response:
     notices = {
         "filed": "The request was filed.",
         "extended": f"The deadline was extended; it is now {record.deadline.due_by}.",
+        "discovery": "The limit was raised; discovery goes on "
+        f"(up to {record.discovery.max_sources} sources).",
     }
     return _request_view(
         request, session, record, notice=notices.get(request.query.get("done", ""), "")
@@ -348,8 +366,11 @@ def _request_view(
     extend_values: dict[str, str] | None = None,
     link: dict[str, str] | None = None,
     problem: str = "",
+    discovery_errors: dict[str, str] | None = None,
+    discovery_value: str = "",
 ) -> web.Response:
     today = utcnow().date()
+    limit = discovery_limit(record, request.app[CONSOLE].max_sources)
     return render(
         request,
         "request.html.j2",
@@ -368,6 +389,11 @@ def _request_view(
         extend_values=extend_values or {},
         link=link,
         link_hours=request.app[CONSOLE].link_hours,
+        sources=sources(record),
+        discovery=record.discovery,
+        limit=limit,
+        discovery_errors=discovery_errors or {},
+        discovery_value=discovery_value or str(limit * 2),
     )
 
 
@@ -407,6 +433,30 @@ async def extend(request: web.Request, session: Signed) -> web.Response:
         status=status,
         extend_errors=errors,
         extend_values=values,
+    )
+
+
+async def raise_discovery_limit(request: web.Request, session: Signed) -> web.Response:
+    """The Sources card's form: a discovery stopped at its limit goes on to a higher one
+    (the API's rules: `OperatorApi.raise_limit`)."""
+    console = request.app[CONSOLE]
+    request_id = request.match_info["id"]
+    form = await request.post()
+    value = str(form.get("max_sources", "")).strip()
+    errors: dict[str, str] = {}
+    status = 400
+    try:
+        max_sources = parse_max_sources({"max_sources": int(value) if value.isdigit() else value})
+        await console.operator.raise_limit(request_id, max_sources)
+    except InvalidInput as exc:  # beside the field
+        errors[exc.field or "form"] = exc.message
+    except (Conflict, Gone) as exc:  # not over its limit (any more), or purged
+        errors["form"], status = exc.message, exc.status
+    if not errors:
+        return _redirect(f"/ui/requests/{request_id}?done=discovery")
+    current = await _current(request)
+    return _request_view(
+        request, session, current, status=status, discovery_errors=errors, discovery_value=value
     )
 
 
@@ -484,7 +534,8 @@ def _filing_page(
 
 
 async def new_request_page(request: web.Request, session: Signed) -> web.Response:
-    return _filing_page(request, session, FilingForm.blank(utcnow().date()))
+    console = request.app[CONSOLE]
+    return _filing_page(request, session, FilingForm.blank(utcnow().date(), console.discover))
 
 
 async def file_request(request: web.Request, session: Signed) -> web.Response:

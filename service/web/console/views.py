@@ -18,7 +18,7 @@ from service.errors import InvalidInput
 from service.requests.deadline import MAX_EXTENSION_MONTHS
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
-from service.requests.records import STATUSES, AccessRequest
+from service.requests.records import STATUSES, AccessRequest, DataRequest, DiscoveryStatus
 
 PAGE_SIZE = 50
 SOON_DAYS = 7
@@ -43,6 +43,32 @@ STATUS_LABELS = {
     "failed": "Failed",
     "expired": "Expired",
     "purged": "Deleted",
+}
+# A source's status, in words (a source can also be gone or unsupported).
+SOURCE_LABELS = {
+    **STATUS_LABELS,
+    "failed": "Refused by Copernica",
+    "expired": "Expired: no data in time",
+    "gone": "Gone: removed from Copernica",
+    "unsupported": "Not offered by Copernica",
+}
+# What a source's status means for the answer, shown beside its error.
+SOURCE_MEANING = {
+    "submitting": "Recorded; being filed with Copernica (retried by the poller).",
+    "pending": "Filed; waiting for Copernica's data.",
+    "archived": "",
+    "failed": "Copernica refused this data request; nothing of it is in the package.",
+    "expired": "Copernica sent no data before REQUEST_EXPIRY_HOURS; not in the package.",
+    "gone": "The record was deleted in Copernica after it was found; nothing to collect.",
+    "unsupported": "This account does not offer this data request; the profiles and "
+    "subprofiles holding the address are asked instead.",
+}
+DISCOVERY_LABELS = {
+    "off": "Off: the filed subject only",
+    "running": "Looking in every database and collection",
+    "done": "Done: every database and collection was asked",
+    "over_limit": "Stopped at its limit: waits for an operator",
+    "retrying": "Copernica is failing: retried with backoff",
 }
 
 
@@ -99,6 +125,7 @@ class Row:
     overdue: bool
     answered: bool
     created_at: str
+    sources: int
 
 
 async def listing(
@@ -147,6 +174,7 @@ def row(record: AccessRequest, today: date) -> Row:
         overdue=deadline.overdue(today),
         answered=record.answered_at is not None,
         created_at=record.created_at,
+        sources=len(record.data_requests),
     )
 
 
@@ -225,6 +253,13 @@ def timeline(record: AccessRequest) -> list[Step]:
 
 def _next_steps(record: AccessRequest) -> list[Step]:
     first = record.first
+    discovery = record.discovery
+    if discovery.status is DiscoveryStatus.OVER_LIMIT:
+        detail = f"{discovery.matches} found; raise the limit under Sources to go on"
+        return [Step("Discovery stopped at its limit", None, detail, "problem")]
+    if not discovery.finished and record.status != "purged":
+        detail = f"last error: {discovery.last_error}" if discovery.last_error else ""
+        return [Step("Looking for the person in every database", None, detail, "next")]
     if record.status == "submitting":
         detail = f"last error: {first.last_error}" if first.last_error else ""
         return [Step("Being filed with Copernica; retried by the poller", None, detail, "next")]
@@ -242,6 +277,62 @@ def _next_steps(record: AccessRequest) -> list[Step]:
     if record.package and not record.answered_at and record.status != "purged":
         return [Step("Hand the package to the data subject", None, "", "next")]
     return []
+
+
+@dataclass(frozen=True)
+class SourceView:
+    """One source as the Sources card shows it: no raw address (the address's own source
+    is "The address itself"), where it was found, its status and its error in words."""
+
+    name: str
+    found_in: str
+    status: str
+    label: str
+    meaning: str
+    error: str
+    data_size: int | None
+    details_size: int | None
+    copernica_id: str | None
+
+
+def sources(record: AccessRequest) -> list[SourceView]:
+    return [_source_view(d, n == 0) for n, d in enumerate(record.data_requests)]
+
+
+def _source_view(data: DataRequest, first: bool) -> SourceView:
+    if data.subject_type == "email":
+        name = "The address itself"
+    elif data.subject_id.startswith("hmac-sha256:"):  # purged: the id is gone too
+        name = f"{data.subject_type.capitalize()} (deleted)"
+    else:
+        name = f"{data.subject_type.capitalize()} {data.subject_id}"
+        if data.profile:
+            name += f" (of profile {data.profile})"
+    if data.collection is not None:
+        found_in = f"Collection {data.collection.name}"
+        if data.database is not None:
+            found_in += f" in {data.database.name}"
+    elif data.database is not None:
+        found_in = f"Database {data.database.name}"
+    else:
+        found_in = "As filed" if first else "—"
+    status = str(data.status)
+    return SourceView(
+        name=name,
+        found_in=found_in,
+        status=status,
+        label=SOURCE_LABELS.get(status, status),
+        meaning=SOURCE_MEANING.get(status, ""),
+        error=data.last_error or "",
+        data_size=data.archive.size if data.archive else None,
+        details_size=data.details.size if data.details else None,
+        copernica_id=data.copernica_id,
+    )
+
+
+def discovery_limit(record: AccessRequest, default: int) -> int:
+    """The number of sources discovery may find for this request."""
+    return record.discovery.max_sources or default
 
 
 def _stored(size: int, sha256: str | None) -> str:
@@ -299,13 +390,17 @@ class FilingForm:
     errors: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def blank(cls, today: date) -> FilingForm:
-        return cls({"subject_type": "email", "received_on": today.isoformat()})
+    def blank(cls, today: date, discover: bool) -> FilingForm:
+        """An empty form; `discover` (DISCOVERY) ticks "look in every database"."""
+        values = {"subject_type": "email", "received_on": today.isoformat()}
+        return cls({**values, "discover": "on" if discover else ""})
 
     @classmethod
     def read(cls, form: Any) -> FilingForm:
+        """The form as sent; an unticked box sends nothing, so `discover` is "" then."""
         names = ("subject_type", "subject", "received_on", "events_since", "events_until")
-        return cls({name: str(form.get(name, "")).strip() for name in names})
+        values = {name: str(form.get(name, "")).strip() for name in names}
+        return cls({**values, "discover": "on" if form.get("discover") == "on" else ""})
 
     def check(self) -> NewRequest | None:
         """The request to file, or None with `errors` filled in beside each field.
@@ -322,6 +417,7 @@ class FilingForm:
         else:
             body[kind] = subject
             self._try("subject", {kind: subject})
+        body["discover"] = v.get("discover") == "on"
         if v["received_on"]:
             body["received_on"] = v["received_on"]
             self._try("received_on", {**_PLACEHOLDER, "received_on": v["received_on"]})
