@@ -203,6 +203,8 @@ class Settings:
     package_link_seconds: int = _setting("PACKAGE_LINK_SECONDS", _link_seconds, "86400")
     retention_days: float = _setting("RETENTION_DAYS", _non_negative_float, "0")
     report_controller_name: str | None = _setting("REPORT_CONTROLLER_NAME", _text)
+    # The article-15 texts (TOML); read and checked at start-up by service.answer.statement.
+    controller_statement: str | None = _setting("CONTROLLER_STATEMENT", _readable)
     log_format: str = _setting("LOG_FORMAT", _log_format, "auto")
     log_level: str = _setting("LOG_LEVEL", _log_level, "info")
     # Beyond SPEC's table (documented in the README):

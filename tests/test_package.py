@@ -18,10 +18,20 @@ from ulid import ULID
 
 from service.answer.package import PackageBuilder, PackageError, _Pipe
 from service.clock import parse_isoformat, utcnow
+from service.logs import subject_digest
 from service.metrics import Metrics
-from service.requests.records import AccessRequest, Archive, Status
+from service.requests.records import (
+    AccessRequest,
+    Archive,
+    DataRequest,
+    Details,
+    Events,
+    Place,
+    Status,
+)
 from service.requests.schedule import stamp
 from service.simulator.payloads import make_events
+from service.storage.keys import Keys
 from service.storage.s3 import ArchiveStore, s3_client
 from tests.conftest import (
     API_TOKEN,
@@ -393,3 +403,119 @@ async def test_an_adopted_package_with_a_lost_sha256_note_gets_it_from_the_archi
     )
     assert record["package"]["sha256"] == sha256(left)
     assert record["data_requests"][0]["archive"]["sha256"] == sha256(body)
+
+
+# -- the whole person: several sources --------------------------------------------------------
+
+HASH_KEY = b"k" * 32
+
+
+def line(n: int, kind: str = "open") -> bytes:
+    event = {"event": kind, "time": f"2026-05-0{n} 10:00:00", "data": {"id": n, "profile": 101}}
+    return json.dumps(event, separators=(",", ":")).encode() + b"\n"
+
+
+async def test_a_package_holds_every_source_and_each_event_once(
+    store: Bucket, s3_endpoint: str, bucket: str
+) -> None:
+    """The filed address, a profile and its subprofile archived, a profile gone: each
+    archived source's exact data and details under its own name, the manifest listing all
+    four, and an event both the address and the profile returned written once."""
+    request_id = str(ULID())
+    keys = Keys("copernica/")
+    events = Events("2026-05-01", "2026-06-01", windows=1, stored=1)
+    email = DataRequest("email", "ann@example.com", status=Status.ARCHIVED, events=events)
+    profile = DataRequest(
+        "profile", "101", status=Status.ARCHIVED, events=events, database=Place("1", "Newsletter")
+    )
+    subprofile = DataRequest(
+        "subprofile",
+        "1001",
+        status=Status.ARCHIVED,
+        database=Place("1", "Newsletter"),
+        collection=Place("11", "Orders"),
+        profile="101",
+    )
+    gone = DataRequest("profile", "202", status=Status.GONE, database=Place("2", "Shop"))
+    record = AccessRequest.new(request_id, email, received_on="2026-06-20")
+    for source in (profile, subprofile, gone):
+        record.add_source(source)
+
+    def digest(source: DataRequest) -> str:
+        return subject_digest(HASH_KEY, source.subject_type, source.subject_id)
+
+    objects = {
+        keys.archive(request_id): b'{"data":[["first"]]}',
+        keys.events(request_id, "2026-05-01"): line(1) + line(2),
+        keys.source_data(request_id, digest(profile)): b'{"data":[["profile"]]}',
+        keys.source_details(request_id, digest(profile)): b'{"ID":"101","fields":{"Name":"Ann"}}',
+        keys.source_events(request_id, digest(profile), "2026-05-01"): line(2) + line(3),
+        keys.source_data(request_id, digest(subprofile)): b'{"data":[]}',
+        keys.source_details(request_id, digest(subprofile)): b'{"ID":"1001","fields":{}}',
+    }
+    for key, body in objects.items():
+        await store.client.put_object(Bucket=bucket, Key=key, Body=body)
+    for source, key in (
+        (email, keys.archive(request_id)),
+        (profile, keys.source_data(request_id, digest(profile))),
+        (subprofile, keys.source_data(request_id, digest(subprofile))),
+    ):
+        source.archive = Archive(bucket, key, sha256(objects[key]), len(objects[key]), "poll", None)
+    for source in (profile, subprofile):
+        body = objects[keys.source_details(request_id, digest(source))]
+        source.note_details(Details("k", sha256(body), len(body)))
+
+    settings, client = await builder_for(s3_endpoint, bucket)
+    async with client as s3:
+        builder = PackageBuilder(ArchiveStore(s3, settings, Metrics()), None, hash_key=HASH_KEY)
+        built = await builder.ensure(record)
+
+    files = unzip(await store.read(built.package.key))
+    profile_key = keys.source_details(request_id, digest(profile))
+    assert {name: body for name, body in files.items() if name.endswith(".json")} == {
+        "data.json": objects[keys.archive(request_id)],
+        "sources/profile-101/data.json": objects[keys.source_data(request_id, digest(profile))],
+        "sources/profile-101/details.json": objects[profile_key],
+        "sources/subprofile-1001/data.json": b'{"data":[]}',
+        "sources/subprofile-1001/details.json": b'{"ID":"1001","fields":{}}',
+        "manifest.json": files["manifest.json"],
+    }
+    assert files["events.jsonl"] == line(1) + line(2) + line(3)
+    assert built.data_sha256 == sha256(files["data.json"])
+    manifest = json.loads(files["manifest.json"])
+    assert {f["name"]: f["sha256"] for f in manifest["files"]} == {
+        name: sha256(body) for name, body in files.items() if name != "manifest.json"
+    }
+    assert manifest["sources"] == [
+        {
+            "source": "email",
+            "status": "archived",
+            "database": None,
+            "collection": None,
+            "files": ["data.json"],
+        },
+        {
+            "source": "profile:101",
+            "status": "archived",
+            "database": {"id": "1", "name": "Newsletter"},
+            "collection": None,
+            "files": ["sources/profile-101/data.json", "sources/profile-101/details.json"],
+        },
+        {
+            "source": "subprofile:1001",
+            "status": "archived",
+            "database": {"id": "1", "name": "Newsletter"},
+            "collection": {"id": "11", "name": "Orders"},
+            "files": ["sources/subprofile-1001/data.json", "sources/subprofile-1001/details.json"],
+        },
+        {
+            "source": "profile:202",
+            "status": "gone",
+            "database": {"id": "2", "name": "Shop"},
+            "collection": None,
+            "files": [],
+        },
+    ]
+    assert not any("ann@example.com" in name for name in files)
+    assert "removed before we could collect it" in files["report.html"].decode()
+    assert await store.uploads() == []

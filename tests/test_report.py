@@ -20,7 +20,8 @@ from aiohttp import web
 
 from service.answer.report.builder import ReportBuilder
 from service.answer.report.caps import CELL_CHARS, MESSAGE_CAP, ROW_CAP
-from service.answer.report.context import ReportContext
+from service.answer.report.context import ReportContext, SourceFact
+from service.answer.statement import DEFAULT_STATEMENT
 from service.simulator.payloads import PayloadSpec, make_events, payload_bytes, payload_chunks
 from tests.browser import chromium
 
@@ -28,6 +29,7 @@ MIB = 1024 * 1024
 HOSTILE_SCRIPT = "<script>window.pwned=1</script>"
 HOSTILE_IMG = '"><img src=x onerror="window.pwned=2">'
 HOSTILE_LINK = "javascript:window.pwned=3"
+AUTHORITY_URL = DEFAULT_STATEMENT.authority.url
 
 
 def context(**changes: Any) -> ReportContext:
@@ -116,6 +118,18 @@ def elements_of(html: str) -> tuple[set[str], set[str], str]:
 
     Elements().feed(html)
     return tags, attributes, "".join(styles)
+
+
+def links_of(html: str) -> list[str | None]:
+    """The target of every element with an `href`."""
+    found: list[str | None] = []
+
+    class Links(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            found.extend(value for name, value in attrs if name == "href")
+
+    Links().feed(html)
+    return found
 
 
 def mime(
@@ -263,8 +277,9 @@ def test_hostile_values_are_escaped_and_nothing_can_load_or_run() -> None:
     assert HOSTILE_SCRIPT in text and HOSTILE_IMG in text and HOSTILE_LINK in text
     assert "&lt;script&gt;window.pwned=1&lt;/script&gt;" in page
     tags, attributes, styles = elements_of(page)
-    assert not tags & {"script", "img", "link", "iframe", "a", "object", "embed", "base"}
-    assert not attributes & {"href", "src", "srcset", "action", "background"}
+    assert not tags & {"script", "img", "link", "iframe", "object", "embed", "base"}
+    assert not attributes & {"src", "srcset", "action", "background"}
+    assert links_of(page) == [AUTHORITY_URL]  # the one link: the statement's, not the payload's
     assert not any(name.startswith("on") for name in attributes)
     assert "url(" not in styles and "@import" not in styles
 
@@ -519,8 +534,10 @@ async def test_a_hostile_report_in_a_real_browser_runs_nothing_and_loads_nothing
         await page.wait_for_load_state("networkidle")
         visible = await page.inner_text("body")
         pwned = await page.evaluate("window.pwned")
+        # The one link allowed: the supervisory authority's, from the article-15 statement.
         elements = await page.evaluate(
-            "document.querySelectorAll('script, img, link, iframe, a[href], [src]').length"
+            "document.querySelectorAll('script, img, link, iframe, [src], "
+            f'a[href]:not([href="{AUTHORITY_URL}"])\').length'
         )
 
     assert HOSTILE_SCRIPT in visible and HOSTILE_LINK in visible and HOSTILE_IMG in visible
@@ -558,3 +575,80 @@ def test_simulator_chunks_of_any_size_give_one_report() -> None:
     for chunk in payload_chunks(spec):
         builder.feed(chunk)
     assert builder.render().decode() == whole
+
+
+# -- the whole person ---------------------------------------------------------------------------
+
+HOSTILE_FIELD = '<img src=x onerror="window.pwned=6">'
+
+
+async def test_the_whole_person_in_a_real_browser() -> None:
+    """Two sources' data with one message in both, a profile with a subprofile, a subprofile
+    whose profile is no source, a gone profile and an unsupported address: what a reader sees."""
+    facts = (
+        SourceFact("email", "email", "", "unsupported"),
+        SourceFact("profile:101", "profile", "101", "archived", "Newsletter", found_by="Email"),
+        SourceFact("subprofile:1001", "subprofile", "1001", "archived", "Newsletter", "Orders",
+                   profile="101"),
+        SourceFact("subprofile:2002", "subprofile", "2002", "archived", "Shop", "Returns",
+                   profile="303"),
+        SourceFact("profile:202", "profile", "202", "gone", "Archive"),
+    )  # fmt: skip
+    builder = ReportBuilder(context(sources=facts))
+    builder.begin("sources/profile-101/data.json", last=False)
+    builder.feed(payload([mime("Shared news"), opened()], [mime("Only in the profile")]))
+    builder.begin("sources/subprofile-1001/data.json")
+    builder.feed(payload([mime("Shared news"), opened()]))
+    details = {
+        "profile:101": {
+            "ID": "101",
+            "fields": {"Name": "Ann", "City": HOSTILE_SCRIPT, "Note": HOSTILE_FIELD},
+            "interests": ["news", "offers"],
+            "created": "2025-01-02 10:00:00",
+            "modified": "2026-03-04 11:00:00",
+        },
+        "subprofile:1001": {"ID": "1001", "profile": "101", "fields": {"Order": "A-17"}},
+        "subprofile:2002": {"ID": "2002", "profile": "303", "fields": {"Reason": "too small"}},
+    }
+    for source, record in details.items():
+        builder.add_details(source, json.dumps(record).encode())
+    html = builder.render().decode()
+
+    async with chromium() as browser:
+        page = await browser.new_page()
+        await page.set_content(html)
+        first_h2 = await page.inner_text("main h2")
+        person = await page.inner_text("#details article:first-of-type > h3")
+        fields = await page.inner_text("#details article:first-of-type")
+        nested = await page.inner_text("#details article:first-of-type .sub")
+        loose = await page.inner_text("#details article:nth-of-type(2)")
+        found = await page.inner_text("#found")
+        subjects = await page.eval_on_selector_all(".message h3", "hs => hs.map(h => h.innerText)")
+        looked = await page.inner_text("#looked")
+        statement = await page.inner_text("#statement")
+        authority = await page.get_attribute("#statement a", "href")
+        pwned = await page.evaluate("window.pwned")
+        images = await page.evaluate("document.querySelectorAll('img, script').length")
+
+    assert first_h2 == "Your details"
+    assert person.startswith("Newsletter") and "profile 101" in person
+    assert "Name\nAnn" in fields and f"City\n{HOSTILE_SCRIPT}" in fields
+    assert f"Note\n{HOSTILE_FIELD}" in fields and "Interests\nnews, offers" in fields
+    assert "Created\n2025-01-02 10:00:00" in fields
+    assert nested.startswith("Orders") and "Order\nA-17" in nested
+    assert loose.startswith("Returns (in database Shop)") and "Reason\ntoo small" in loose
+    assert "2\nMessages sent to you" in found and "1\nTimes a message was opened" in found
+    assert sorted(subjects) == ["Only in the profile", "Shared news"]
+    assert "your e-mail address: this kind of request is not offered by our e-mail provider" in (
+        looked
+    )
+    assert (
+        "profile 101 in database Newsletter (your address is in its field “Email”): collected"
+        in (looked)
+    )
+    assert "subprofile 1001 in collection Orders of database Newsletter: collected" in looked
+    assert "profile 202 in database Archive: removed before we could collect it" in looked
+    assert "article 77" in statement and "Autoriteit Persoonsgegevens" in statement
+    assert "article 16" in statement and "Copernica" in statement
+    assert authority == AUTHORITY_URL == "https://autoriteitpersoonsgegevens.nl"
+    assert pwned is None and images == 0

@@ -4,6 +4,9 @@ never drops a record, it only cuts what it shows."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from collections import Counter
 from typing import Any
 
@@ -27,6 +30,7 @@ from service.answer.report.mime import (
 from service.answer.report.tables import Table
 
 _COUNTER = {"open": "opens", "click": "clicks", "survey": "surveys"}
+_MESSAGE_ID = re.compile(r"^message-id[ \t]*:[ \t]*([^\r\n]+)", re.IGNORECASE | re.MULTILINE)
 
 
 class Findings:
@@ -53,9 +57,34 @@ class Findings:
         self._chars = 0
         self._group_subject: str | None = None  # of the last message in the current array
         self._group_subject_raw = False  # True: still RFC 2047 encoded
+        # Across sources (`next_source`): identities of the earlier sources' items, and of
+        # the current one's; an item an earlier source had is not counted again.
+        self._earlier: set[bytes] = set()
+        self._current: set[bytes] = set()
+        self._check = False
+        self._remember = False
+
+    def next_source(self, *, check: bool, record: bool) -> None:
+        """Another source's data begins. `check`: skip items an earlier source had (a message
+        is known by its Message-ID, else its text; anything else by its content); `record`:
+        remember this source's items for the sources after it. Items repeated within one
+        source are counted as they are, as with one source."""
+        self._earlier |= self._current
+        self._current = set()
+        self._check, self._remember = check, record
+        self._group_subject = None
 
     def item(self, value: Any) -> None:
         """One item of `data`, whatever it is."""
+        if self._check or self._remember:
+            identity, head = _identity(value)
+            if self._check and identity in self._earlier:
+                if head is not None:  # what follows it in its array belongs to it
+                    _, self._group_subject = raw_date_and_subject(head)
+                    self._group_subject_raw = True
+                return
+            if self._remember:
+                self._current.add(identity)
         head = mime_head(value) if isinstance(value, str) else None
         if head is not None:
             self._message(value, head, {})
@@ -199,3 +228,24 @@ class Findings:
             return True
         self.budget_hit = True
         return False
+
+
+def _identity(value: Any) -> tuple[bytes, str | None]:
+    """A stable identity of an item across sources, and its message's header block if it is
+    or holds a message."""
+    head = mime_head(value) if isinstance(value, str) else None
+    text = value if head is not None else None
+    if head is None and isinstance(value, dict):
+        found = message_in(value)
+        if found is not None:
+            _, text, head = found
+    if head is not None and text is not None:
+        found_id = _MESSAGE_ID.search(head)
+        if found_id is not None:
+            return b"m" + _digest(found_id.group(1).strip().lower()), head
+        return b"t" + _digest(text), head
+    return b"v" + _digest(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)), None
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=16).digest()

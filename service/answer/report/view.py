@@ -14,8 +14,10 @@ from service.answer.report.context import ReportContext
 from service.answer.report.dates import day_text, last_day, moment_text, month_text
 from service.answer.report.findings import Findings
 from service.answer.report.mime import Message
+from service.answer.report.people import Record, details_view, looked_view
 from service.answer.report.tables import MORE, Table
 from service.answer.report.walk import ArchiveWalker
+from service.answer.statement import HEADINGS, TEXTS
 
 # Friendly column titles for keys Copernica is known to use; others keep their own name.
 COLUMN_TITLES = {
@@ -45,8 +47,13 @@ EVENT_TYPES = {
 }
 
 
-def report_view(ctx: ReportContext, found: Findings, walk: ArchiveWalker) -> dict[str, Any]:
-    """The template's `report`."""
+def report_view(
+    ctx: ReportContext, found: Findings, walks: list[ArchiveWalker], records: dict[str, Record]
+) -> dict[str, Any]:
+    """The template's `report` (`walks`: one per data file, the first source's first)."""
+    problems = [w.problem for w in walks if w.problem]
+    extra = [name for w in walks for name in w.extra_members]
+    info = walks[0].info if walks else None
     counts = found.counts
     messages = sorted(
         found.messages,
@@ -63,8 +70,8 @@ def report_view(ctx: ReportContext, found: Findings, walk: ArchiveWalker) -> dic
         "events_asked": ctx.events_range is not None,
         "events_from": day_text(ctx.events_range[0]) if ctx.events_range else "",
         "events_to": day_text(last_day(ctx.events_range[1])) if ctx.events_range else "",
-        "problem": walk.problem,
-        "notes": _notes(found.budget_hit, walk.extra_members),
+        "problem": " ".join(problems),
+        "notes": _notes(found.budget_hit, extra[:20]),
         "counts": [
             {"label": "Messages sent to you", "count": counts["messages"]},
             {"label": "Times a message was opened", "count": counts["opens"]},
@@ -81,7 +88,37 @@ def report_view(ctx: ReportContext, found: Findings, walk: ArchiveWalker) -> dic
         "message_total": counts["messages"],
         "message_more": counts["messages"] - len(messages),
         "tables": _tables(found, events_asked=ctx.events_range is not None),
-        "info": describe(walk.info) if walk.info is not None else "",
+        "info": describe(info) if info is not None else "",
+        "data_files": [w.name for w in walks],
+        "several": len(ctx.sources) > 1,
+        "people": details_view(ctx, records),
+        "looked": looked_view(ctx),
+        "statement": statement_view(ctx),
+    }
+
+
+def statement_view(ctx: ReportContext) -> dict[str, Any]:
+    """The article-15 block: the company's texts under the service's headings, in paragraphs."""
+    language = ctx.language if ctx.language in HEADINGS else "en"
+    headings = HEADINGS[language]
+    texts = ctx.statement.texts(language)
+    contact = ctx.statement.contact
+    return {
+        "lang": language,
+        "title": headings["title"],
+        "intro": headings["intro"],
+        "parts": [
+            {
+                "id": name,
+                "heading": headings[name],
+                "paragraphs": [p.strip() for p in getattr(texts, name).split("\n\n") if p.strip()],
+            }
+            for name in TEXTS
+        ],
+        "authority_heading": headings["authority"],
+        "authority": {"name": ctx.statement.authority.name, "url": ctx.statement.authority.url},
+        "contact_heading": headings["contact"],
+        "contact": {"name": contact.name, "email": contact.email, "address": contact.address},
     }
 
 

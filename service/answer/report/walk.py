@@ -35,7 +35,9 @@ class ArchiveWalker:
         on_group_edge: Callable[[], None],
         *,
         block_bytes: int = FEED_BLOCK,
+        name: str = "data.json",
     ) -> None:
+        self.name = name  # the file walked, as its problems name it
         self._on_item = on_item
         self._on_group_edge = on_group_edge
         self._block_bytes = block_bytes
@@ -81,14 +83,14 @@ class ArchiveWalker:
         self._flush()
         self._closed = True
         if self._fed == 0:
-            self.problem = "The file data.json is empty."
+            self.problem = f"The file {self.name} is empty."
         elif self.problem is None:
             try:
                 self._parser.close()
             except ijson.IncompleteJSONError:
-                self.problem = "The file data.json ends too early: its last part is missing."
+                self.problem = f"The file {self.name} ends too early: its last part is missing."
             except ijson.JSONError as exc:
-                self.problem = _damage(exc)
+                self.problem = _damage(exc, self.name)
             self._consume()
         if self._building is not None:  # the input broke off inside an item: show its start
             self._finish_item(self._builder.partial())
@@ -102,16 +104,16 @@ class ArchiveWalker:
         try:
             self._parser.send(block)
         except ijson.JSONError as exc:
-            self.problem = _damage(exc)
+            self.problem = _damage(exc, self.name)
         except UnicodeDecodeError:
-            self.problem = "The file data.json holds text that is not valid UTF-8."
+            self.problem = f"The file {self.name} holds text that is not valid UTF-8."
         finally:
             self._consume()
         self._since_event = self._since_event + len(block) if not self._events else 0
         self._events.clear()
         if self.problem is None and self._since_event > MAX_TOKEN:
             self.problem = (
-                f"One value in data.json is longer than {MAX_TOKEN // (1024 * 1024)} MiB; "
+                f"One value in {self.name} is longer than {MAX_TOKEN // (1024 * 1024)} MiB; "
                 "it and what follows it are not shown here."
             )
 
@@ -163,13 +165,13 @@ class ArchiveWalker:
             self._on_item(value)
 
 
-def _damage(exc: Exception) -> str:
+def _damage(exc: Exception, name: str) -> str:
     """What broke, in words, with yajl's first line (not its excerpt of the body)."""
     text = exc.args[0] if exc.args else str(exc)
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     first = str(text).strip().splitlines()[0] if str(text).strip() else "invalid JSON"
     return (
-        "The file data.json is damaged after some point, so this report shows only what "
+        f"The file {name} is damaged after some point, so this report shows only what "
         f"could be read before it (technical detail: {clean(cut(first, 200))})."
     )
