@@ -323,7 +323,7 @@ async def test_the_backfill_reads_only_records_from_before_its_start(
     service = await make_service(POLL_INTERVAL_SECONDS="0.2")
     await eventually(
         lambda: store.keys("migrations/"),
-        lambda keys: keys == [f"{store.prefix}migrations/received-on.done"],
+        lambda keys: f"{store.prefix}migrations/received-on.done" in keys,
         what="the backfill done",
     )
     assert (await record_of(store, legacy_id))["received_on"] == created.date().isoformat()

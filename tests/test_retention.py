@@ -7,14 +7,22 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
+from ulid import ULID
 
 from service.answer.retention import Retention
 from service.clock import FixedClock, isoformat, parse_isoformat, utcnow
+from service.collect.housekeeping import Housekeeping
+from service.logs import subject_digest
 from service.metrics import Metrics
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
+from service.requests.migrations import Migrations
+from service.requests.records import AccessRequest, DataRequest, Package, Status
+from service.requests.schedule import Schedule
+from service.storage.keys import Keys
 from service.storage.s3 import ArchiveStore, s3_client
 from tests.conftest import Bucket, Service, ServiceFactory, Simulator, make_settings
 from tests.support import (
@@ -458,3 +466,135 @@ async def test_suspended_versioning_keeps_old_versions_and_the_purge_deletes_the
 
     only_tombstone_and_record(await versions_of(store, due["id"]), due["id"], null_markers=True)
     assert b"ida@example.com" not in await store.read(key)
+
+
+# -- what an earlier release left, and a request's sources ------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "records"
+
+
+@contextlib.asynccontextmanager
+async def holder(
+    bucket: str, s3_endpoint: str, days: float, clock: FixedClock
+) -> AsyncIterator[Housekeeping]:
+    """A replica's housekeeping (lease, census, janitor, migrations, retention) on `clock`."""
+    settings = make_settings(ARCHIVE_BUCKET=bucket, S3_ENDPOINT_URL=s3_endpoint)
+    async with s3_client(settings) as s3:
+        archive = ArchiveStore(s3, settings, Metrics())
+        ledger = Ledger(archive, KEY, clock=clock)
+        deadlines, schedule = DeadlineIndex(archive, ledger, clock), Schedule(archive, clock)
+        yield Housekeeping(
+            archive,
+            schedule,
+            deadlines,
+            Migrations(archive, ledger, deadlines, schedule, clock),
+            retention_of(archive, days, clock),
+            settings,
+            Metrics(),
+            clock,
+        )
+
+
+async def test_requests_ended_under_the_earlier_release_get_their_marker_and_are_purged(
+    store: Bucket, s3_endpoint: str, bucket: str
+) -> None:
+    """Flat records of the release before `ended_at` and retention markers: the lease
+    holder's migration gives a failed and an expired one their marker (the day of their last
+    write) and `ended_at`, leaves a pending one alone, and retention purges each when due."""
+    await versioning(store, "Enabled")
+    raw = {n: json.loads((FIXTURES / f"{n}.json").read_bytes()) for n in ("failed", "expired")}
+    raw["expired"]["updated_at"] = "2026-12-02T00:00:00.000000Z"  # due a day after `failed`
+    ids = {n: r["id"] for n, r in raw.items()}
+    bodies = {n: json.dumps(r).encode() for n, r in raw.items()}
+    bodies["pending"] = (FIXTURES / "pending-profile-with-events.json").read_bytes()
+    ids["pending"] = json.loads(bodies["pending"])["id"]
+    for name, body in bodies.items():
+        await store.client.put_object(
+            Bucket=store.name, Key=f"copernica/requests/{ids[name]}.json", Body=body
+        )
+    pending_before = await versions_of(store, ids["pending"])
+
+    clock = FixedClock(parse_isoformat("2026-12-03T00:00:00.000000Z"))
+    async with holder(bucket, s3_endpoint, 3.0, clock) as housekeeping:
+        for _ in range(3):  # the received-on backfill's page, then the markers', then none
+            await housekeeping.round()
+        assert await store.keys("migrations/") == [
+            "copernica/migrations/received-on.done",
+            "copernica/migrations/retention-markers.done",
+        ]
+        assert sorted(await store.keys("retention/")) == [
+            f"copernica/retention/2026-12-01/{ids['failed']}",
+            f"copernica/retention/2026-12-02/{ids['expired']}",
+        ]
+        for name in ("failed", "expired"):
+            assert (await record_of(store, ids[name]))["ended_at"] == raw[name]["updated_at"]
+        expired_before = await versions_of(store, ids["expired"])
+
+        clock.moment = parse_isoformat(raw["failed"]["updated_at"]) + timedelta(days=3)
+        await housekeeping.round()
+
+    only_tombstone_and_record(await versions_of(store, ids["failed"]), ids["failed"])
+    purged = await record_of(store, ids["failed"])
+    assert purged["status"] == "purged" and purged["data_requests"][0]["subject_id"] != "555"
+    assert await versions_of(store, ids["expired"]) == expired_before
+    assert await versions_of(store, ids["pending"]) == pending_before
+
+
+async def test_a_purged_requests_sources_go_every_version_and_uploads_to_them_stop(
+    store: Bucket, s3_endpoint: str, bucket: str
+) -> None:
+    """A request owns what discovery found under `sources/{id}/`: its purge deletes all of
+    it, every version, but for an empty tombstone at each discovered source's data key (a
+    late callback's `If-None-Match: *` then stores nothing, as for the archive). The janitor
+    aborts uploads there (the key exists, or the request is purged) and leaves those of a
+    request in progress. Another request's sources are untouched."""
+    await versioning(store, "Enabled")
+    built = utcnow()  # S3's LastModified preselects packages: the clock runs a day ahead
+    due, young = str(ULID.from_datetime(built)), str(ULID.from_datetime(built))
+    keys = Keys("copernica/")
+    profile = subject_digest(KEY, "profile", "101")  # the discovered source's folder
+    for request_id, at in ((due, built), (young, built + timedelta(hours=1))):
+        record = AccessRequest.new(
+            request_id,
+            DataRequest("email", f"{request_id[-4:].lower()}@example.com", Status.ARCHIVED),
+            created_at=isoformat(at),
+            updated_at=isoformat(at),
+        )
+        record.add_source(DataRequest("profile", "101", Status.ARCHIVED, copernica_id="7"))
+        record.mark_packaged(Package(keys.package(request_id), "0" * 64, 2, isoformat(at)))
+        first = subject_digest(KEY, "email", record.first.subject_id)
+        objects = {
+            keys.source_details(request_id, first): b"{}",
+            keys.source_data(request_id, profile): b'{"data": 1}',
+            keys.source_details(request_id, profile): b"{}",
+            keys.source_events(request_id, profile, "2026-11-01"): b"{}\n",
+            keys.record(request_id): record.to_bytes(),
+            keys.package(request_id): b"PK",
+        }
+        for key, body in objects.items():
+            for _ in range(2):  # two versions of each
+                await store.client.put_object(Bucket=bucket, Key=key, Body=body)
+        for key in (
+            keys.source_data(request_id, profile),
+            keys.source_events(request_id, profile, "2026-11-02"),
+        ):
+            await store.client.create_multipart_upload(Bucket=bucket, Key=key)
+    young_before = await all_versions(store, f"sources/{young}/")
+    uploads = [keys.source_events(young, profile, "2026-11-02")]  # in progress: stays
+
+    clock = FixedClock(built + timedelta(days=1))
+    async with holder(bucket, s3_endpoint, 1.0, clock) as housekeeping:
+        await housekeeping.round()  # janitor: the data keys exist; then retention's purge
+        waiting = [u["Key"] for u in await store.uploads()]
+        assert sorted(waiting) == sorted([*uploads, keys.source_events(due, profile, "2026-11-02")])
+        await housekeeping.round()  # the janitor again: the request is purged now
+    assert [u["Key"] for u in await store.uploads()] == uploads
+
+    left = await versions_of(store, f"sources/{due}/")
+    tombstone = keys.source_data(due, profile)
+    assert [(k, latest, body) for (k, _), (latest, _, body) in left.items()] == [
+        (tombstone, True, b"")
+    ]
+    assert (await store.head(tombstone))["Metadata"] == {"purged": "true"}
+    assert (await record_of(store, due))["status"] == "purged"
+    assert await all_versions(store, f"sources/{young}/") == young_before

@@ -15,8 +15,10 @@ Each candidate is then checked against its own record (`due`): for a package, st
 `archived`, that very package, and `package.built_at` + RETENTION_DAYS in the past; for a
 marker, status `failed`/`expired` and `ended_at` (else `updated_at`, records of the release
 before) + RETENTION_DAYS in the past. Only then are the archive (left as an empty tombstone, so
-a late callback, whose write is `If-None-Match: *`, stores nothing), the events, the
-quarantined bodies, the idempotency claim and the deadline marker deleted, the record scrubbed
+a late callback, whose write is `If-None-Match: *`, stores nothing), everything under
+`sources/{id}/` (the discovered sources' data, details and events; each discovered source's
+data key keeps an empty tombstone too, for the same reason), the events, the quarantined
+bodies, the idempotency claim and the deadline marker deleted, the record scrubbed
 (`AccessRequest.mark_purged`: the facts for the register stay, each subject becomes its keyed
 digest) and marked `purged`, the record's earlier versions deleted, and the package or the
 marker deleted last: a crash anywhere leaves it listed, so the next sweep finishes the job
@@ -38,6 +40,7 @@ on meanwhile, it deletes again by version what it purged (a plain DELETE then le
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -249,6 +252,19 @@ class Retention:
             content_type="application/octet-stream",
         )
         await self._erase(archive, keep_current=True)
+        # The same for each discovered source's data; the rest of its folder goes.
+        tombstones = {
+            keys.source_data(record.id, self._ledger.digest_of(source))
+            for source in record.discovered
+        }
+        for tombstone in sorted(tombstones):
+            await self._store.put(
+                tombstone,
+                b"",
+                metadata={"purged": "true"},
+                content_type="application/octet-stream",
+            )
+        await self._erase(keys.sources_folder(record.id), folder=True, spare=tombstones)
         await self._erase(keys.events_folder(record.id), folder=True)
         await self._erase(keys.quarantine_folder(record.id), folder=True)
         if record.idempotency_key:
@@ -272,10 +288,18 @@ class Retention:
         await self._erase(self._store.keys.record(request_id), keep_current=True)
         await self._erase(candidate.key)
 
-    async def _erase(self, where: str, *, folder: bool = False, keep_current: bool = False) -> None:
+    async def _erase(
+        self,
+        where: str,
+        *,
+        folder: bool = False,
+        keep_current: bool = False,
+        spare: Collection[str] = (),
+    ) -> None:
         """Delete the key `where` (or every key under the folder `where`) for good: in a
         bucket that keeps versions every version and delete marker, by id, the current one
-        last (`keep_current`: all but the current one); else one DELETE a key."""
+        last (`keep_current`: all but the current one; `spare`: keys in the folder whose
+        current version stays); else one DELETE a key."""
         store = self._store
         if not self._looked:
             self._looked = True
@@ -287,12 +311,13 @@ class Retention:
                 await store.delete(where)
                 return
             async for item in store.objects(where):
-                await store.delete(item.key)
+                if item.key not in spare:
+                    await store.delete(item.key)
             return
         # The listing first, then the deletes: a page boundary never shifts under them.
         versions = [v async for v in store.versions(where) if folder or v.key == where]
         for version in sorted(versions, key=lambda v: v.latest):
-            if keep_current and version.latest:
+            if version.latest and (keep_current or version.key in spare):
                 continue
             await store.delete_version(version.key, version.version_id)
             self._metrics.purged_versions.inc()

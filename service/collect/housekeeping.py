@@ -5,9 +5,10 @@ A round, at start and then every `JANITOR_EVERY_TICKS` ticks' worth of time (the
 tick, `service.collect.visits.tick_seconds`):
 - the census: pending count, oldest pending age and overdue count for /metrics;
 - the janitor: multipart uploads whose key already exists (a racing delivery lost, or a
-  killed replica left one) and start-up probes a crashed process left are aborted;
-- the backfill migration (`Migrations.backfill`), one page a round, not in a process's first
-  round (a new process first gets on with what is due), until it is done;
+  killed replica left one), uploads under `sources/{id}/` of a request purged (or with no
+  record), and start-up probes a crashed process left are aborted;
+- the migrations (`Migrations.backfill`, then `Migrations.ended`), one page a round, not in
+  a process's first round (a new process first gets on with what is due), until done;
 - retention's sweep.
 These list whole prefixes, so they run beside the ticks, not between them. A round that
 fails (S3 down) is only logged: the next one tries again.
@@ -50,6 +51,7 @@ from service.metrics import Metrics
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import RecordConflict
 from service.requests.migrations import Migrations
+from service.requests.records import AccessRequest, Status
 from service.requests.schedule import Schedule
 from service.storage.proof import abort_stale_probes
 from service.storage.s3 import ArchiveStore, ArchiveUnavailable, PreconditionFailed
@@ -256,6 +258,7 @@ class Housekeeping:
         self._retention = retention
         self._metrics = metrics
         self._backfill: str | None = ""  # backfill cursor (Migrations.backfill); None once done
+        self._ended: str | None = ""  # Migrations.ended's cursor; None once done
         self._started = clock.now()  # records filed since are this release's: no backfill
         self._every = JANITOR_EVERY_TICKS * tick_seconds(settings.poll_interval_seconds)
         self.lease = Lease(store, LEASE_ROUNDS * self._every, clock, holder or replica_name())
@@ -305,7 +308,7 @@ class Housekeeping:
                 ("janitor", self._janitor),
                 ("retention", self._retention.sweep),
             ]
-            if self._backfill is not None and backfill:
+            if backfill and (self._backfill is not None or self._ended is not None):
                 steps.insert(2, ("backfill", self._backfill_page))
             for part, step in steps:
                 with _part("lease"):
@@ -340,11 +343,30 @@ class Housekeeping:
         self._publish(holding=True)
 
     async def _janitor(self) -> None:
-        await self._store.abort_superseded_uploads()
-        await abort_stale_probes(self._store)
+        """Abort the multipart uploads that can never complete or must not: the key exists
+        (`If-None-Match: *` would refuse it), or it is a source's of a request that is purged
+        or has no record (retention deleted its folder: nothing may be stored there again).
+        Others may be in progress on another replica and stay (the bucket's lifecycle rule
+        ends those that never finish)."""
+        store = self._store
+        for key, upload_id in await store.uploads(store.keys.prefix):
+            if await store.head(key) is not None or await self._purged_source(key):
+                await store.abort_upload(key, upload_id)
+        await abort_stale_probes(store)
+
+    async def _purged_source(self, key: str) -> bool:
+        request_id = self._store.keys.source_request_id(key)
+        if request_id is None:
+            return False
+        found = await self._store.get(self._store.keys.record(request_id))
+        return found is None or AccessRequest.from_bytes(found.body).status is Status.PURGED
 
     async def _backfill_page(self) -> None:
-        self._backfill = await self._migrations.backfill(self._backfill or "", self._started)
+        """One page of the first migration not yet done."""
+        if self._backfill is not None:
+            self._backfill = await self._migrations.backfill(self._backfill, self._started)
+        elif self._ended is not None:
+            self._ended = await self._migrations.ended(self._ended, self._started)
 
     async def _census(self) -> Census:
         """Pending count and oldest pending creation time (a request id is a ULID: its

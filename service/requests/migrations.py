@@ -1,14 +1,16 @@
-"""Migrations of records written by earlier releases, run a page at a time by the poller's
-housekeeping. One so far: `received_on` and the deadline index (`Migrations.backfill`).
+"""Migrations of records written by earlier releases, run a page at a time by housekeeping
+(the lease holder's). Two: `received_on` and the deadline index (`Migrations.backfill`), and
+the retention markers of requests that ended without a package (`Migrations.ended`).
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 from ulid import ULID
 
-from service.clock import SYSTEM, Clock
+from service.clock import SYSTEM, Clock, isoformat, parse_isoformat
 from service.requests.deadline_index import DeadlineIndex
 from service.requests.ledger import Ledger
 from service.requests.records import AccessRequest, Status
@@ -16,6 +18,7 @@ from service.requests.schedule import Schedule, stamp
 from service.storage.s3 import ArchiveStore
 
 RECEIVED_ON = "received-on"  # its marker: `migrations/received-on.done`
+ENDED = "retention-markers"  # `migrations/retention-markers.done`, progress in `.json`
 
 
 def _created_before(request_id: str, horizon: datetime) -> bool:
@@ -104,3 +107,63 @@ class Migrations:
             return True
 
         await self._ledger.update(request_id, settle)
+
+    async def ended(self, cursor: str, horizon: datetime, limit: int = 200) -> str | None:
+        """Requests that ended `failed` or `expired` under an earlier release have no
+        retention marker (`note_ended` puts it only for requests ending now), so retention
+        would never purge them: each gets its marker, of the day it ended (its `ended_at`,
+        else its `updated_at`, the last write: the one that ended it), then `ended_at` in its
+        record, as `note_ended` does. One page per call (at most `limit` records read); None
+        when all are done, which `migrations/retention-markers.done` remembers.
+
+        Resumable: how far it got is noted in S3 after every page, so a restart, or another
+        replica taking over housekeeping, goes on from there. Several replicas at once only
+        repeat work: the marker's key is the record's own, the record write conditional and
+        only for a record that has not ended yet. Records created from `horizon` on (the
+        caller's start) are this release's, so the pass ends at the first of them; a record
+        an earlier release ends after the pass (replicas of both releases side by side) is
+        missed, as by the received-on backfill.
+        """
+        keys = self._store.keys
+        done, progress = keys.migration_done(ENDED), keys.migration_progress(ENDED)
+        if not cursor:
+            if await self._store.head(done) is not None:
+                return None
+            noted = await self._store.get(progress)
+            cursor = str(json.loads(noted.body)["after"]) if noted is not None else ""
+        start_after = keys.record(cursor) if cursor else ""
+        ids: list[str] = []
+        async for item in self._store.objects(
+            keys.records_folder(), start_after=start_after, page_size=limit
+        ):
+            ids.append(keys.record_id(item.key))
+            if len(ids) == limit:
+                break
+        older = [request_id for request_id in ids if _created_before(request_id, horizon)]
+        for request_id in older:
+            await self._mark_ended(request_id)
+        if len(older) < len(ids) or len(ids) < limit:
+            await self._store.put(done, b"", content_type="application/octet-stream")
+            if cursor:
+                await self._store.delete(progress)
+            return None
+        body = json.dumps({"after": ids[-1]}).encode()
+        await self._store.put(progress, body, content_type="application/json")
+        return ids[-1]
+
+    async def _mark_ended(self, request_id: str) -> None:
+        found = await self._ledger.get(request_id)
+        if found is None:
+            return
+        record = found[0]
+        if record.ended_at is not None or not record.ended_without_package:
+            return
+        ended = record.updated_at or record.created_at or isoformat(self._clock.now())
+        # The marker first, as `note_ended` does: a crash then leaves a marker whose record
+        # has no `ended_at` yet (retention reads its `updated_at`; the next pass writes it).
+        await self._store.put(
+            self._store.keys.retention_marker(request_id, parse_isoformat(ended).date()),
+            b"",
+            content_type="application/octet-stream",
+        )
+        await self._ledger.update(request_id, lambda current: current.mark_ended(ended))

@@ -54,6 +54,12 @@ class Keys:
     def source_folder(self, request_id: str, digest: str) -> str:
         return f"{self.sources_folder(request_id)}{digest}/"
 
+    def source_request_id(self, key: str) -> str | None:
+        """The request id of a key under `sources/{id}/` (None for a key elsewhere)."""
+        root = f"{self.prefix}sources/"
+        request_id, inside, _ = key.removeprefix(root).partition("/")
+        return request_id if key.startswith(root) and inside and request_id else None
+
     def source_data(self, request_id: str, digest: str) -> str:
         return f"{self.source_folder(request_id, digest)}data.json"
 
@@ -128,6 +134,11 @@ class Keys:
     def migration_done(self, name: str) -> str:
         """The marker a finished migration leaves, so later processes skip it."""
         return f"{self.prefix}migrations/{name}.done"
+
+    def migration_progress(self, name: str) -> str:
+        """Where a migration in progress notes how far it got, so whichever replica runs
+        it next goes on from there."""
+        return f"{self.prefix}migrations/{name}.json"
 
     # -- the start-up proof and the events export -------------------------------------------
 
