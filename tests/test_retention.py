@@ -540,6 +540,32 @@ async def test_requests_ended_under_the_earlier_release_get_their_marker_and_are
     assert await versions_of(store, ids["pending"]) == pending_before
 
 
+async def test_the_marker_migration_goes_on_where_another_replica_left_it(
+    store: Bucket, s3_endpoint: str, bucket: str
+) -> None:
+    """A page at a time, its progress noted in S3: a replica that takes over housekeeping
+    goes on after the last page done, not from the start; the note goes when all are done."""
+    ids = []
+    for name in ("failed", "expired"):
+        body = (FIXTURES / f"{name}.json").read_bytes()
+        ids.append(json.loads(body)["id"])
+        await store.client.put_object(
+            Bucket=bucket, Key=f"copernica/requests/{ids[-1]}.json", Body=body
+        )
+    horizon = utcnow()
+    async with sweeper(bucket, s3_endpoint) as archive:
+        one, other = (
+            Migrations(archive, ledger, DeadlineIndex(archive, ledger), Schedule(archive))
+            for ledger in (Ledger(archive, KEY), Ledger(archive, KEY))
+        )
+        assert await one.ended("", horizon, limit=1) == ids[0]
+        assert await store.keys("migrations/") == ["copernica/migrations/retention-markers.json"]
+        assert await other.ended("", horizon, limit=1) == ids[1]  # not ids[0] again
+        assert await other.ended(ids[1], horizon, limit=1) is None
+    assert await store.keys("migrations/") == ["copernica/migrations/retention-markers.done"]
+    assert len(await store.keys("retention/")) == 2
+
+
 async def test_a_purged_requests_sources_go_every_version_and_uploads_to_them_stop(
     store: Bucket, s3_endpoint: str, bucket: str
 ) -> None:
