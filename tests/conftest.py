@@ -295,12 +295,19 @@ async def simulator(aiohttp_server: Any) -> Simulator:
     return Simulator(str(server.make_url("")).rstrip("/"), app[SIM_STATE], app)
 
 
+# The suites about one data request (callbacks, polling, packages, retention...) run with
+# discovery off, as they were written: the filed subject alone. The tests of discovery and of
+# the whole person turn it on (`DISCOVERY="on"`, or `"discover": true` when filing).
+TEST_DEFAULTS = {"DISCOVERY": "off"}
+
+
 def make_settings(**overrides: str) -> Settings:
     env = {
         "COPERNICA_ACCESS_TOKEN": ACCESS_TOKEN,
         "CALLBACK_SECRET": CALLBACK_SECRET,
         "API_TOKEN": API_TOKEN,
         "LOG_FORMAT": "json",
+        **TEST_DEFAULTS,
         **overrides,
     }
     return Settings.from_env(env, dotenv=None)
@@ -612,6 +619,7 @@ def service_processes(
             "S3_ENDPOINT_URL": s3_endpoint,
             "COPERNICA_API_URL": simulator.url + "/v2",
             "S3_TIMEOUT_SECONDS": "5",
+            **TEST_DEFAULTS,
             **overrides,
         }
         proc = ServiceProcess(env, str(tmp_path / f"service-{len(started)}.log"))
