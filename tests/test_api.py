@@ -161,8 +161,9 @@ async def test_idempotency_key_files_once(service: Service, simulator: Simulator
 
 
 async def test_copernica_refusal_marks_the_request_failed(
-    service: Service, simulator: Simulator
+    make_service: ServiceFactory, simulator: Simulator
 ) -> None:
+    service = await make_service(DISCOVERY="on", POLL_INTERVAL_SECONDS="0.5")
     async with service.http.post(
         f"{service.admin_url}/v1/data-requests", json={"profile": 99}, headers=service.auth
     ) as answer:
@@ -173,9 +174,10 @@ async def test_copernica_refusal_marks_the_request_failed(
     async with await service.file({"subprofile": 5}) as answer:
         failed = await answer.json()
     assert answer.status == 202
-    assert failed["status"] == "failed"
-    assert "400" in failed["last_error"]
-    assert (await service.show(failed["id"]))["status"] == "failed"
+    assert failed["sources"][0]["status"] == "gone"
+    assert failed["last_error"] == "No subprofile with supplied ID"
+    # Failed once discovery found nothing else to answer with.
+    assert (await wait_for_status(service, failed["id"], "failed"))["discovery"]["status"] == "done"
 
 
 async def test_copernica_down_leaves_the_request_submitting_with_its_error(
