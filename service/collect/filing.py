@@ -222,24 +222,7 @@ class Filing:
                 ):
                     raise IdempotencyInProgress(idempotency_key)
                 request_id = first_id
-        first = DataRequest(
-            subject_type=new.subject.type,
-            subject_id=new.subject.id,
-            report=self._settings.public_base_url is not None,
-            events=self._events_of(new),
-        )
-        record = AccessRequest.new(
-            request_id,
-            first,
-            idempotency_key=_key_hash(self._hash_key, idempotency_key) if idempotency_key else None,
-            received_on=(new.received_on or self._clock.now().date()).isoformat(),
-            discovery=self._discovery_of(new),
-        )
-        # A request that looks for the person is visited at once: discovery is the poller's.
-        first_visit = 0 if record.discovery.status is DiscoveryStatus.RUNNING else None
-        record.next_poll_at = self._schedule.stamp_in(
-            self._settings.poll_interval_seconds if first_visit is None else first_visit
-        )
+        record = self._new_record(new, request_id, idempotency_key)
         # The markers go first: a crash after them leaves a marker without a record (dropped
         # when met), never a record the poller or the deadline index does not know about.
         assert record.next_poll_at is not None
@@ -291,6 +274,29 @@ class Filing:
         if current is None:
             raise RecordConflict(ours.id)
         return current
+
+    def _new_record(
+        self, new: NewRequest, request_id: str, idempotency_key: str | None
+    ) -> AccessRequest:
+        first = DataRequest(
+            subject_type=new.subject.type,
+            subject_id=new.subject.id,
+            report=self._settings.public_base_url is not None,
+            events=self._events_of(new),
+        )
+        record = AccessRequest.new(
+            request_id,
+            first,
+            idempotency_key=_key_hash(self._hash_key, idempotency_key) if idempotency_key else None,
+            received_on=(new.received_on or self._clock.now().date()).isoformat(),
+            discovery=self._discovery_of(new),
+        )
+        # A request that looks for the person is visited at once: discovery is the poller's.
+        discovering = record.discovery.status is DiscoveryStatus.RUNNING
+        record.next_poll_at = self._schedule.stamp_in(
+            0 if discovering else self._settings.poll_interval_seconds
+        )
+        return record
 
     def _discovery_of(self, new: NewRequest) -> Discovery:
         """Off, or running: for an e-mail filing it looks for the filed address; for a
