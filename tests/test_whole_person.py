@@ -18,7 +18,16 @@ import pytest
 
 from tests.browser import chromium
 from tests.conftest import ACCESS_TOKEN, Bucket, Service, ServiceFactory, Simulator
-from tests.support import account_with, filed, seed_account, wait_until_packaged
+from tests.support import (
+    account_with,
+    archive_key,
+    delivery_cost,
+    eventually,
+    filed,
+    metric,
+    seed_account,
+    wait_until_packaged,
+)
 
 pytestmark = pytest.mark.both_stores
 
@@ -118,3 +127,63 @@ async def report_shows_the_person(html: str) -> None:
     assert "profile 201 in database Shop" in looked
     assert "Autoriteit Persoonsgegevens" in statement
     assert pwned is None and images == 0
+
+
+async def test_a_discovered_sources_callback_costs_one_write_on_any_replica(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    """A discovered source has a callback address of its own, and the replica it reaches
+    knows from the address alone where its data goes: one S3 call, no record read."""
+    await seed_account(simulator, account_with(ALICE, places=("Newsletter",)))
+    simulator.state.faults.lose_callback = True
+    simulator.state.config.ready_after = 3600  # nothing for the poller to fetch meanwhile
+    quiet = {**WHOLE_PERSON, "POLL_INTERVAL_SECONDS": "600"}  # discovery's visits come at once
+    filer = await make_service(**quiet)
+    created = await filed(filer, {"email": ALICE})
+
+    async def filed_profile() -> dict[str, Any] | None:
+        shown = await filer.show(created["id"])
+        found = [s for s in shown["sources"] if s["source"] == "profile:101"]
+        return found[0] if found and found[0]["copernica_id"] else None
+
+    profile = await eventually(filed_profile, what="profile 101 filed")
+    at_copernica = simulator.state.requests[profile["copernica_id"]]
+    assert at_copernica.report is not None
+    other = await make_service(**quiet)  # has never read the record
+    # Its start-up reads (the housekeeping lease, the first tick) done before we count.
+    await eventually(lambda: metric(other, "receiver_poll_ticks_total"), what="a tick")
+    url = other.url + "/callbacks" + at_copernica.report.split("/callbacks", 1)[1]
+    body = simulator.state.payload_bytes(profile["copernica_id"])
+    status, spent = await delivery_cost(other, url, body)
+    assert (status, spent) == (200, {"s3:put_object": 1})
+    # Under the source's own key, not the filed subject's archive.
+    digest = at_copernica.report.split("/")[-2]
+    assert await store.read(f"copernica/sources/{created['id']}/{digest}/data.json") == body
+    assert archive_key(created["id"]) not in await store.keys("copernica/archive/")
+
+
+async def test_a_large_callback_of_a_discovered_source_is_noted_on_that_source(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    """A body of several parts is uploaded multipart, whose metadata cannot carry its
+    sha256: the record notes it, on the source it belongs to (not the filed subject)."""
+    await seed_account(simulator, account_with(ALICE, places=("Newsletter",)))
+    simulator.state.faults.lose_callback = True
+    simulator.state.config.ready_after = 3600
+    service = await make_service(**{**WHOLE_PERSON, "POLL_INTERVAL_SECONDS": "600"})
+    created = await filed(service, {"email": ALICE})
+
+    async def source(name: str) -> dict[str, Any]:
+        shown = await service.show(created["id"])
+        return next((s for s in shown["sources"] if s["source"] == name), {})
+
+    profile = await eventually(lambda: source("profile:101"), lambda s: s.get("copernica_id"))
+    report = simulator.state.requests[profile["copernica_id"]].report
+    assert report is not None
+    body = json.dumps({"info": {"type": "profile", "id": 101}, "data": [["x" * (9 << 20)]]})
+    async with service.http.post(report, data=body.encode()) as answer:
+        assert answer.status == 200
+    noted = await eventually(lambda: source("profile:101"), lambda s: s.get("archive") is not None)
+    assert noted["archive"]["sha256"] == sha256(body.encode())
+    assert noted["status"] == "archived"
+    assert (await source("email"))["archive"] is None

@@ -21,7 +21,6 @@ census, backfill, retention) is a task of its own: `service.collect.housekeeping
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
 from collections.abc import Awaitable, Callable
@@ -117,8 +116,19 @@ class Poller:
                 # A visit asked to come back at once (a discovery with calls left to make):
                 # the shortest pause, so its next step does not wait a whole tick.
                 self._hurry, pause = False, min(pause, HURRY_PAUSE)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), pause)
+            await self._pause(pause)
+
+    async def _pause(self, seconds: float) -> None:
+        """Until the next tick: `seconds`, or less if stopped or nudged (a marker due now was
+        put by this process: see `Schedule.nudged`)."""
+        nudged = self._schedule.nudged
+        waits = [asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(nudged.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        nudged.clear()
 
     def stop(self) -> None:
         """Finish the visits in progress, start no new one."""

@@ -206,7 +206,7 @@ class Intake:
         if created and multipart:
             # A multipart object's metadata was fixed before its sha256 was known: the record
             # carries it. Not needed for durability, so a failure here is only logged.
-            await self._note_in_record(request.id, receipt, received_at, source)
+            await self._note_in_record(request, receipt, received_at, source)
         return receipt
 
     def _too_large(self, size: int, request: Addressee) -> Receipt:
@@ -273,7 +273,7 @@ class Intake:
         )
 
     async def _note_in_record(
-        self, request_id: str, receipt: Receipt, received_at: datetime, source: str
+        self, request: Addressee, receipt: Receipt, received_at: datetime, source: str
     ) -> None:
         info = Archive(
             self._store.bucket,
@@ -285,15 +285,16 @@ class Intake:
         )
 
         def change(record: AccessRequest) -> bool:
-            first = record.first
-            if first.archive is not None:
+            data = self._ledger.data_request_of(record, request)
+            if data is None or data.archive is not None:
                 return False
-            if first.events_complete:  # else the poller finishes the events first
-                first.mark_archived(info)
+            if data.events_complete:  # else the poller finishes the events first
+                data.mark_archived(info)
             else:
-                first.note_archive(info)
+                data.note_archive(info)
             return True
 
+        request_id = request.id
         try:
             await self._ledger.update(request_id, change)
         except (ArchiveUnavailable, RecordConflict) as exc:

@@ -152,6 +152,15 @@ class Ledger:
             discovered=True,
         )
 
+    def data_request_of(self, record: AccessRequest, addressee: Addressee) -> DataRequest | None:
+        """The data request an addressee stands for: the first one, or the discovered source
+        whose digest it carries (None: no such source in the record)."""
+        if not addressee.discovered:
+            return record.first
+        return next(
+            (d for d in record.discovered if self.digest_of(d) == addressee.subject_digest), None
+        )
+
     def digest_of(self, data: DataRequest) -> str:
         """The keyed digest of a data request's subject: its callback URL's middle and, for
         a discovered source, its folder in S3 (`Keys.source_folder`)."""

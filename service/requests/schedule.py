@@ -11,6 +11,7 @@ unscheduled request.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 from service.clock import SYSTEM, Clock
@@ -34,6 +35,14 @@ class Schedule:
     def __init__(self, store: ArchiveStore, clock: Clock = SYSTEM) -> None:
         self._store = store
         self._clock = clock
+        # Set when this process made a request due now (a filing that starts a discovery, an
+        # operator's raise of its limit): this replica's poller need not wait out its tick.
+        # Other replicas find the marker at their next tick, as always.
+        self.nudged = asyncio.Event()
+
+    def nudge(self) -> None:
+        """A request is due now and its record free (written, lease released): tick soon."""
+        self.nudged.set()
 
     def stamp_in(self, seconds: float) -> str:
         """The stamp of a visit `seconds` from now (on this schedule's clock)."""
