@@ -68,6 +68,7 @@ bench: install nginx
 	$(PY) bench/package.py
 	$(PY) bench/listing.py
 	$(PY) bench/idle.py
+	$(PY) bench/discovery.py
 
 # The callback and access-package benchmarks on SeaweedFS (deploy/seaweedfs.py, `weed mini`):
 # service and floor on the same store, each table its own section of bench/RESULTS.md
