@@ -55,6 +55,8 @@ async def soak(seconds: float, seed: int, workdir: Path, store: str = "moto") ->
             f" callback deliveries by answer: {dict(sorted(deliveries.items()))}",
             f"\nSIGTERM exits: {', '.join(exits)};"
             f" aiohttp's unretrieved body-writer lines: {checker.library_noise}",
+            f"\nfiled subjects filed twice at Copernica with no resubmission in the record"
+            f" (a filing's answer lost to a kill): {checker.refiled_first}",
         )
     print("\n" + table(rows))
     broken = [row for row in rows if row.violations]

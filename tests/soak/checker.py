@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from service.simulator.account import php_json
+from service.simulator.app import subject_key
 from tests.conftest import leaks_in
 from tests.support import archive_key
 
@@ -23,6 +25,7 @@ from .run import Outcome, purge_overdue, records, retention_start, uploads
 from .stack import Stack
 
 FINAL = ("archived", "failed", "expired", "purged")
+SOURCE_FINAL = ("archived", "gone", "unsupported", "failed", "expired")
 # After drain + grace, what still runs is cancelled; its clean-up (aborting an upload, closing
 # clients) and the interpreter's exit come on top. Measured in soaks: up to ~4 s.
 SHUTDOWN_SLACK = 5.0
@@ -52,6 +55,20 @@ def _time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+def source_name(subject_type: str, subject_id: str) -> str:
+    """The record's name of the source a Copernica data request was filed for."""
+    return "email" if subject_type == "email" else f"{subject_type}:{subject_id}"
+
+
+def package_folder(n: int, source: dict[str, Any]) -> str:
+    """Where a record's n-th source lies in its package (service/answer/package.py)."""
+    if n == 0:
+        return ""
+    if source["subject_type"] == "email":
+        return "sources/email/"
+    return f"sources/{source['subject_type']}-{source['subject_id']}/"
+
+
 def request_id_of(report: str | None) -> str | None:
     if not report or "/callbacks/datarequest/" not in report:
         return None
@@ -64,15 +81,25 @@ class Checker:
         self.plan: Plan = stack.plan
         self.outcome = outcome
         self.state = stack.sim_state
-        self.by_email = {r.email: r for r in self.plan.requests}
-        # Every Copernica request made for one of our requests (a refiling makes another).
+        # Each planned request by the subjects Copernica sees: its address and its places.
+        self.by_subject: dict[str, PlannedRequest] = {}
+        for planned in self.plan.requests:
+            self.by_subject[subject_key("email", planned.email)] = planned
+            for place in planned.places:
+                self.by_subject[subject_key(*place.split(":"))] = planned
+        # Every Copernica request made for one of our requests (a refiling makes another),
+        # and for each of its sources.
         self.copernica: dict[str, list[str]] = {}
+        self.per_source: dict[tuple[str, str], list[str]] = {}
         for cid, sim in self.state.requests.items():
             request_id = request_id_of(sim.report)
             if request_id is not None:
                 self.copernica.setdefault(request_id, []).append(cid)
+                name = source_name(sim.subject_type, sim.subject_id)
+                self.per_source.setdefault((request_id, name), []).append(cid)
         self._digests: dict[str, str] = {}
         self.library_noise = 0  # log lines of aiohttp's unretrieved body-writer task
+        self.refiled_first = 0  # filed subjects filed again after a lost answer, uncounted
 
     async def _get(self, key: str) -> bytes | None:
         s3 = self.stack.s3
@@ -89,6 +116,16 @@ class Checker:
         )
         return [item["Key"] async for page in pages for item in page.get("Contents", [])]
 
+    async def _objects(self, prefix: str) -> list[tuple[str, int]]:
+        pages = self.stack.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.stack.bucket, Prefix=prefix
+        )
+        return [
+            (item["Key"], int(item["Size"]))
+            async for page in pages
+            for item in page.get("Contents", [])
+        ]
+
     async def record(self, request_id: str) -> dict[str, Any] | None:
         body = await self._get(f"copernica/requests/{request_id}.json")
         return None if body is None else dict(json.loads(body))
@@ -99,15 +136,31 @@ class Checker:
             self._digests[copernica_id] = digest
         return self._digests[copernica_id]
 
-    async def expected_sha256(self, request_id: str) -> set[str]:
-        return {await self.payload_sha256(c) for c in self.copernica.get(request_id, [])}
+    async def expected_sha256(self, request_id: str, source: str | None = None) -> set[str]:
+        """What Copernica made for the request (for one of its sources: `source`)."""
+        made = (
+            self.copernica.get(request_id, [])
+            if source is None
+            else self.per_source.get((request_id, source), [])
+        )
+        return {await self.payload_sha256(c) for c in made}
 
     def planned(self, request_id: str) -> PlannedRequest | None:
         for cid in self.copernica.get(request_id, []):
-            found = self.by_email.get(self.state.requests[cid].subject_id)
+            found = self.by_subject.get(self.state.requests[cid].subject_key)
             if found is not None:
                 return found
         return None
+
+    def details_sha256(self, source: dict[str, Any]) -> str | None:
+        """What Copernica answers for the source's GET profile/subprofile (the account's
+        record, as the simulator writes it)."""
+        kind, number = source["subject_type"], source["subject_id"]
+        record = self.state.account.record(kind, number)
+        if record is None:
+            return None
+        body = record.profile_json() if kind == "profile" else record.subprofile_json()
+        return hashlib.sha256(php_json(body)).hexdigest()
 
     def expected_events(self, request: PlannedRequest) -> list[int]:
         assert request.events is not None
@@ -132,6 +185,11 @@ class Checker:
             await self.stray_archives(found),
             self.events(),
             self.packages(),
+            self.sources_once(found),
+            self.sources_as_planned(found),
+            self.filed_once(found),
+            self.sources_in_package(),
+            self.closed_when_packaged(),
             self.purged_in_time(found),
             self.purged_when_due(found, now),
             await self.purged_leave_nothing(found),
@@ -189,7 +247,12 @@ class Checker:
             stored = await self._get(key)
             expected = await self.expected_sha256(record["id"])
             recorded = (first_source(record).get("archive") or {}).get("sha256")
-            if record["status"] == "archived":
+            if first_source(record)["status"] == "unsupported":
+                row.check(  # Copernica refused the address's data request: nothing of it
+                    stored in (None, b"") and recorded is None,
+                    f"{record['id']}: e-mail unsupported, archive {len(stored or b'')} B",
+                )
+            elif record["status"] == "archived":
                 actual = hashlib.sha256(stored).hexdigest() if stored is not None else None
                 row.check(
                     actual in expected and actual == recorded,
@@ -242,37 +305,82 @@ class Checker:
             f"complete {complete}"
         )
 
-    async def package_problem(self, record: dict[str, Any]) -> str:
-        """What is wrong with an archived request's package ("" if nothing)."""
+    async def package_problem(self, record: dict[str, Any]) -> tuple[str, str, str]:
+        """What is wrong with an archived request's package ("" if nothing): as a whole
+        (manifest, data.json, events), in its sources' bytes, and in what it was built from
+        (no source open)."""
         package = record["package"]
         body = await self._get(package["key"])
         if body is None:
-            return "no package object"
+            return "no package object", "no package object", ""
         problems = []
         if hashlib.sha256(body).hexdigest() != package["sha256"]:
             problems.append("zip sha256 differs from the record")
         with zipfile.ZipFile(io.BytesIO(body)) as archive:
-            manifest = json.loads(archive.read("manifest.json"))
-            for entry in manifest["files"]:
-                member = archive.read(entry["name"])
-                actual = (len(member), hashlib.sha256(member).hexdigest())
-                if actual != (entry["size"], entry["sha256"]):
-                    problems.append(f"{entry['name']} differs from the manifest")
-            data = hashlib.sha256(archive.read("data.json")).hexdigest()
-            if data != (first_source(record).get("archive") or {}).get("sha256"):
+            members = {name: archive.read(name) for name in archive.namelist()}
+        manifest = json.loads(members["manifest.json"])
+        for entry in manifest["files"]:
+            member = members.get(entry["name"], b"")
+            actual = (len(member), hashlib.sha256(member).hexdigest())
+            if actual != (entry["size"], entry["sha256"]):
+                problems.append(f"{entry['name']} differs from the manifest")
+        first = first_source(record)
+        if first["status"] == "archived":
+            data = hashlib.sha256(members.get("data.json", b"")).hexdigest()
+            if data != (first.get("archive") or {}).get("sha256"):
                 problems.append("data.json differs from the archive")
-            request = self.planned(record["id"])
-            if request is not None and request.events is not None:
-                lines = archive.read("events.jsonl").splitlines()
-                ids = sorted(json.loads(line)["data"]["id"] for line in lines)
-                if ids != self.expected_events(request):
-                    problems.append("events.jsonl differs from Copernica's events")
+        request = self.planned(record["id"])
+        if request is not None and request.events is not None:
+            lines = members.get("events.jsonl", b"").splitlines()
+            ids = sorted(json.loads(line)["data"]["id"] for line in lines)
+            if ids != self.expected_events(request):
+                problems.append("events.jsonl differs from Copernica's events")
+        return (
+            "; ".join(problems),
+            await self.sources_problem(record, members),
+            (self.open_problem(record, manifest)),
+        )
+
+    async def sources_problem(self, record: dict[str, Any], members: dict[str, bytes]) -> str:
+        """Every archived source's data in the package, the bytes Copernica made for that
+        source's data request (sha256), and its details Copernica's record of it."""
+        problems = []
+        for n, source in enumerate(record["data_requests"]):
+            if source["status"] != "archived":
+                continue
+            folder, name = package_folder(n, source), source["source"]
+            made = await self.expected_sha256(record["id"], name)
+            data = members.get(folder + "data.json")
+            actual = hashlib.sha256(data).hexdigest() if data is not None else None
+            recorded = (source.get("archive") or {}).get("sha256")
+            if actual is None or actual not in made or actual != recorded:
+                problems.append(f"{name}: data {str(actual)[:12]}, Copernica's {len(made)}")
+            if source["subject_type"] == "email":
+                continue
+            details = members.get(folder + "details.json")
+            actual = hashlib.sha256(details).hexdigest() if details is not None else None
+            if actual is None or actual != self.details_sha256(source):
+                problems.append(f"{name}: details {str(actual)[:12]} not Copernica's record")
+        return "; ".join(problems)
+
+    def open_problem(self, record: dict[str, Any], manifest: dict[str, Any]) -> str:
+        """Packaged only with discovery finished and every source final; the package lists
+        the record's sources as they ended."""
+        problems = []
+        if record["discovery"]["status"] not in ("off", "done"):
+            problems.append(f"discovery {record['discovery']['status']}")
+        sources = [(s["source"], s["status"]) for s in record["data_requests"]]
+        problems += [f"{name} {status}" for name, status in sources if status not in SOURCE_FINAL]
+        listed = [(s["source"], s["status"]) for s in manifest.get("sources", [])]
+        if listed != sources:
+            problems.append(f"manifest lists {listed}, the record {sources}")
         return "; ".join(problems)
 
     async def audit(self, record: dict[str, Any]) -> None:
         """Check an archived, packaged request's events and package now, before retention
         purges them; kept in the outcome (the last verdict of a request counts)."""
-        verdicts = {"package": await self.package_problem(record)}
+        package, sources, closed = await self.package_problem(record)
+        verdicts = {"package": package, "sources": sources, "closed": closed}
         events = await self.event_problem(record)
         if events is not None:
             verdicts["events"] = events
@@ -285,6 +393,80 @@ class Checker:
         return self._audited(
             "package", "package: data.json = archive, manifest true, sha256 as recorded"
         )
+
+    def closed_when_packaged(self) -> Row:
+        return self._audited("closed", "nothing packaged while discovery runs or a source is open")
+
+    def sources_in_package(self) -> Row:
+        return self._audited(
+            "sources", "package: every archived source's data = Copernica's, details its record"
+        )
+
+    def sources_once(self, found: dict[str, dict[str, Any]]) -> Row:
+        row = Row("every source once in its record; every planned place found")
+        for record in found.values():
+            names = [s["source"] for s in record["data_requests"]]
+            row.check(len(set(names)) == len(names), f"{record['id']}: sources {names}")
+            request = self.planned(record["id"])
+            if request is None or record["status"] != "archived":
+                continue  # purged: names are digests now
+            wanted = ["email", *sorted(request.places)] if request.discover else ["email"]
+            row.check(
+                [names[0], *sorted(names[1:])] == wanted,
+                f"{record['id']} (plan {request.n}): sources {names}, planned {wanted}",
+            )
+        return row
+
+    def sources_as_planned(self, found: dict[str, dict[str, Any]]) -> Row:
+        row = Row("source states as planned (gone: removed; unsupported: 'Invalid method')")
+        for record in found.values():
+            request = self.planned(record["id"])
+            if request is None or record["status"] != "archived":
+                continue
+            for source in record["data_requests"]:
+                name, status = source["source"], source["status"]
+                wanted: tuple[str, ...]
+                if name == "email":
+                    wanted = ("unsupported",) if request.invalid_method else ("archived",)
+                else:
+                    wanted = ("archived", "gone") if name in request.gone else ("archived",)
+                row.check(
+                    status in wanted,
+                    f"{record['id']} (plan {request.n}): {name} {status} "
+                    f"({source.get('last_error')}), planned {'/'.join(wanted)}",
+                )
+        return row
+
+    def filed_once(self, found: dict[str, dict[str, Any]]) -> Row:
+        """Copernica's requests for each source of ours: one, and one more for each time the
+        record says it filed again after losing Copernica's answer. The filed subject may
+        have one more still: its filing through the API stores the record before Copernica
+        is called, with no attempt counted, so a replica killed between the two leaves a
+        `submitting` record the poller files again as if for the first time (counted in
+        `refiled_first`, printed with the table; see the report of issue 22)."""
+        row = Row(
+            "no source filed twice at Copernica (beyond the record's resubmissions; the filed "
+            "subject: one more after a lost filing answer)"
+        )
+        for request_id, record in found.items():
+            sources = {s["source"]: s for s in record["data_requests"]}
+            if record["status"] == "purged":  # subjects are digests: count the request's
+                allowed = 1 + sum(1 + s.get("resubmitted", 0) for s in sources.values())
+                made = len(self.copernica.get(request_id, []))
+                row.check(made <= allowed, f"{request_id}: {made} at Copernica, {allowed} allowed")
+                continue
+            for n, (name, source) in enumerate(sources.items()):
+                made = len(self.per_source.get((request_id, name), []))
+                allowed = 1 + source.get("resubmitted", 0)
+                if n == 0 and made == allowed + 1:
+                    self.refiled_first += 1
+                    allowed += 1
+                row.check(
+                    made <= allowed,
+                    f"{request_id}: {name} filed {made} times, resubmitted "
+                    f"{source.get('resubmitted', 0)}",
+                )
+        return row
 
     def _audited(self, what: str, name: str) -> Row:
         row = Row(f"{name} (checked before purging)")
@@ -316,13 +498,15 @@ class Checker:
         return row
 
     async def purged_leave_nothing(self, found: dict[str, dict[str, Any]]) -> Row:
-        row = Row("purged: nothing left but the archive's tombstone")
+        row = Row("purged: nothing left but the archives' tombstones")
         purged = {i for i, r in found.items() if r["status"] == "purged"}
         left: Counter[str] = Counter()
-        for prefix in ("events/", "packages/", "quarantine/", "deadlines/"):
-            for key in await self._keys(f"copernica/{prefix}"):
+        for prefix in ("events/", "packages/", "quarantine/", "deadlines/", "sources/"):
+            for key, size in await self._objects(f"copernica/{prefix}"):
                 owner = next((i for i in purged if i in key), None)
-                if owner is not None:
+                # A discovered source's data key keeps an empty tombstone, as the archive's.
+                tombstone = prefix == "sources/" and key.endswith("/data.json") and size == 0
+                if owner is not None and not tombstone:
                     left[owner] += 1
         for request_id in purged:
             row.check(left[request_id] == 0, f"{request_id}: {left[request_id]} objects left")
@@ -344,25 +528,30 @@ class Checker:
 
     async def acknowledged(self, found: dict[str, dict[str, Any]]) -> Row:
         """A 200 means the data is stored. A filing retried after a timeout can leave two
-        Copernica requests for one of ours, each delivering its own body; the first stored
-        is kept and the other answered 200 as a repeat: either body is the subject's data.
-        A repeat to a replica that knows the archive exists is answered before its body is
-        read; the simulator then has sent only part of it."""
+        Copernica requests for one source of ours, each delivering its own body; the first
+        stored is kept and the other answered 200 as a repeat: either body is the subject's
+        data. A repeat to a replica that knows the archive exists is answered before its
+        body is read; the simulator then has sent only part of it. (A purged record names
+        its sources by digest: any of its archives may hold the delivery.)"""
         row = Row("no acknowledged (200) callback lost")
         for delivery in self.state.deliveries:
             if delivery.status != 200 or delivery.kind != "payload":
                 continue
             request_id = request_id_of(delivery.url) or ""
             record = found.get(request_id, {})
-            recorded = (first_source(record).get("archive") or {}).get("sha256")
-            expected = await self.expected_sha256(request_id)
+            sim = self.state.requests[delivery.copernica_id]
+            name = source_name(sim.subject_type, sim.subject_id)
+            sources = {s["source"]: s for s in record.get("data_requests", [])}
+            expected = await self.expected_sha256(request_id, name)
+            candidates = [sources[name]] if name in sources else list(sources.values())
+            recorded = {(s.get("archive") or {}).get("sha256") for s in candidates}
             whole = delivery.bytes == self.state.payload_size(delivery.copernica_id)
             row.check(
                 record.get("status") in ("archived", "purged")
-                and recorded in expected
+                and bool(recorded & expected)
                 and (delivery.sha256 in expected or not whole),
-                f"{request_id}: answered 200 for {delivery.sha256[:12]}, "
-                f"record {record.get('status')} {str(recorded)[:12]}",
+                f"{request_id} {name}: answered 200 for {delivery.sha256[:12]}, "
+                f"record {record.get('status')} {sorted(map(str, recorded))}",
             )
         return row
 

@@ -7,8 +7,9 @@ the same two again (timing on a shared machine still varies; the schedule does n
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
+from typing import Any
 
 KIB, MIB = 1024, 1024 * 1024
 REPLICAS = 3
@@ -20,6 +21,22 @@ LEASE = 30.0
 COPERNICA_TIMEOUT = 2.0
 DRAIN, GRACE = 1.0, 4.0  # SHUTDOWN_DRAIN_SECONDS, SHUTDOWN_GRACE_SECONDS
 PART = 5 * MIB  # S3_PART_BYTES: bodies above it go up as multipart uploads
+# Discovery: a share of the requests is filed with `"discover": true` (DISCOVERY is off);
+# each costs a listing and three queries, and two calls per place found.
+DISCOVER_SHARE = 0.35
+OTHERS = 30  # other people in each database (and their orders)
+_EMAIL = {"name": "Email", "type": "email"}
+DATABASES: list[dict[str, Any]] = [
+    {"id": "1", "name": "Newsletter", "fields": [_EMAIL, {"name": "Name"}]},
+    {
+        "id": "2",
+        "name": "Shop",
+        "fields": [_EMAIL, {"name": "Name"}],
+        "collections": [{"id": "21", "name": "Orders", "fields": [_EMAIL, {"name": "Order"}]}],
+    },
+]
+# Where a subject can be: (kind, database) by place name; ids are made per request.
+PLACES = {"newsletter": ("profile", "1"), "shop": ("profile", "2"), "order": ("subprofile", "2")}
 
 
 @dataclass(frozen=True)
@@ -34,6 +51,14 @@ class PlannedRequest:
     concurrent: bool = False  # ... sent at once
     events: tuple[date, date] | None = None  # [since, until) asked for
     events_per_day: int = 0
+    # Discovery: filed with `"discover": true`; the subject is in these places of the account
+    # (sources, "profile:10071"); Copernica answers its e-mail data request "Invalid method";
+    # these places are switched gone (`gone_sources`) `gone_after` seconds after the filing.
+    discover: bool = False
+    places: tuple[str, ...] = ()
+    invalid_method: bool = False
+    gone: tuple[str, ...] = ()
+    gone_after: float = 0.0
 
     @property
     def never_ready(self) -> bool:
@@ -82,6 +107,40 @@ class Plan:
     faults: list[Fault] = field(default_factory=list)
 
     @property
+    def discovering(self) -> list[PlannedRequest]:
+        return [r for r in self.requests if r.discover]
+
+    def account(self) -> dict[str, Any]:
+        """The simulator's account (POST /_sim/account's JSON): Newsletter (database 1) and
+        Shop (database 2, its collection Orders, 21), some other people in each, and each
+        discovering request's subject in its places."""
+        profiles: list[dict[str, Any]] = []
+        subprofiles: list[dict[str, Any]] = []
+        for n in range(OTHERS):
+            for database in ("1", "2"):
+                pid = f"{database}{n:03d}"
+                fields = {"Email": f"other{pid}@example.net", "Name": f"Other {pid}"}
+                profiles.append({"id": pid, "database": database, "fields": fields})
+            subprofiles.append(
+                {"id": f"3{n:03d}", "profile": f"2{n:03d}", "collection": "21",
+                 "fields": {"Email": f"buyer{n}@example.net", "Order": f"ORD-{n}"}}
+            )  # fmt: skip
+        for request in self.discovering:
+            shop = next((p for p in request.places if p.startswith("profile:2")), "profile:2000")
+            for place in request.places:
+                kind, number = place.split(":")
+                if kind == "profile":
+                    fields = {"Email": request.email, "Name": f"Soak {request.n}"}
+                    profiles.append({"id": number, "database": _database(place), "fields": fields})
+                else:
+                    fields = {"Email": request.email, "Order": f"ORD-{number}"}
+                    parent = shop.split(":")[1]
+                    subprofiles.append(
+                        {"id": number, "profile": parent, "collection": "21", "fields": fields}
+                    )
+        return {"databases": DATABASES, "profiles": profiles, "subprofiles": subprofiles}
+
+    @property
     def load_seconds(self) -> float:
         """Filing stops here; faults go on until `seconds`."""
         return 0.8 * self.seconds
@@ -97,6 +156,37 @@ def _size(rng: random.Random, seconds: float) -> int:
         return rng.randint(PART + MIB, 12 * MIB)
     # Big ones up to 200 MB in a full run; the 60-second run keeps them to 40 MB.
     return rng.randint(20 * MIB, int(max(40, 200 * min(1.0, seconds / 300)) * MIB))
+
+
+def _database(place: str) -> str:
+    """The database of a planned place: profile:1nnnn in Newsletter, the rest in Shop."""
+    return "1" if place.startswith("profile:1") else "2"
+
+
+def _discovery(rng: random.Random, request: PlannedRequest) -> PlannedRequest:
+    """Maybe make `request` discovering: 0-3 places (one order at most per shop profile),
+    perhaps its e-mail data request refused "Invalid method" (only when a place can answer),
+    perhaps some places removed while it runs (never all of them when the address cannot
+    answer)."""
+    if request.never_ready or rng.random() >= DISCOVER_SHARE:
+        return request
+    names = rng.sample(sorted(PLACES), rng.choice((0, 1, 2, 2, 3, 3)))
+    base = {"newsletter": 10000, "shop": 20000, "order": 50000}
+    places = tuple(f"{PLACES[name][0]}:{base[name] + request.n}" for name in sorted(names))
+    invalid = bool(places) and rng.random() < 0.3
+    gone = tuple(p for p in places if rng.random() < 0.25)
+    if invalid and len(gone) == len(places):
+        gone = gone[1:]
+    if invalid:  # the address's own events are not what this case is about
+        request = replace(request, events=None, events_per_day=0)
+    return replace(
+        request,
+        discover=True,
+        places=places,
+        invalid_method=invalid,
+        gone=gone,
+        gone_after=rng.uniform(0.0, 6.0),
+    )
 
 
 def make_plan(seconds: float, seed: int) -> Plan:
@@ -164,4 +254,8 @@ def make_plan(seconds: float, seed: int) -> Plan:
             plan.faults.append(Fault(moment, kind, duration, target, amount))
             moment += duration + rng.uniform(2, 7)
     plan.faults.sort(key=lambda f: f.at)
+    # Discovery drawn from a generator of its own: the requests and faults above stay what
+    # they were for a seed.
+    choices = random.Random(seed + 1)
+    plan.requests = [_discovery(choices, r) for r in plan.requests]
     return plan

@@ -52,6 +52,13 @@ def prepare(stack: Stack, request: PlannedRequest) -> None:
         faults["duplicate_concurrent"] = request.concurrent
     if faults:
         state.overrides[key] = faults
+    for place in request.places:  # each source's data: small, soon ready, some callbacks lost
+        kind, number = place.split(":")
+        state.plans[subject_key(kind, number)] = SubjectPlan(
+            ready_after=0.5 + request.n % 5 * 0.5, payload_size=2048 + request.n * 97 % 8192
+        )
+        if request.n % 4 == 0:
+            state.overrides[subject_key(kind, number)] = {"lose_callback": True}
     if request.events is not None:
         since, until = request.events
         # A few days either side too: only those inside the range may be archived.
@@ -68,6 +75,8 @@ async def file_one(
     http: aiohttp.ClientSession, stack: Stack, request: PlannedRequest, outcome: Outcome
 ) -> None:
     body: dict[str, Any] = {"email": request.email}
+    if request.discover:
+        body["discover"] = True
     if request.events is not None:
         body["events"] = {"since": str(request.events[0]), "until": str(request.events[1])}
     headers = {
@@ -101,14 +110,23 @@ async def play_load(stack: Stack, outcome: Outcome, began: float) -> None:
             await _until(began + request.at)
             prepare(stack, request)
             tasks.append(asyncio.create_task(file_one(http, stack, request, outcome)))
+            if request.gone:
+                tasks.append(asyncio.create_task(remove(stack, request, began)))
         await asyncio.gather(*tasks)
+
+
+async def remove(stack: Stack, request: PlannedRequest, began: float) -> None:
+    """Some of the subject's profiles and subprofiles are removed at Copernica while its
+    request runs (before or after discovery finds them, or files them: timing decides)."""
+    await _until(began + request.at + request.gone_after)
+    stack.sim_state.faults.gone_sources.extend(request.gone)
 
 
 async def play_faults(stack: Stack, outcome: Outcome, began: float) -> None:
     lanes: dict[str, list[Fault]] = {}
     for fault in stack.plan.faults:
-        lane = fault.kind.split("_")[0] if fault.kind not in ("kill", "term") else "replicas"
-        lanes.setdefault(lane, []).append(fault)
+        name = fault.kind.split("_")[0] if fault.kind not in ("kill", "term") else "replicas"
+        lanes.setdefault(name, []).append(fault)
 
     async def lane(faults: list[Fault]) -> None:
         for fault in faults:
@@ -248,6 +266,10 @@ def summary(plan: Plan) -> str:
         "duplicated": sum(bool(r.duplicates) for r in plan.requests),
         "with events": sum(r.events is not None for r in plan.requests),
         "late readiness": sum(5 <= r.ready_after < 10_000 for r in plan.requests),
+        "discovering": len(plan.discovering),
+        "places found": sum(len(r.places) for r in plan.requests),
+        "removed meanwhile": sum(len(r.gone) for r in plan.requests),
+        "e-mail 'Invalid method'": sum(r.invalid_method for r in plan.requests),
     }
     return (
         f"{len(plan.requests)} requests ({', '.join(f'{v} {k}' for k, v in kinds.items())}; "

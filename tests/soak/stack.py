@@ -22,6 +22,7 @@ from aiohttp import web
 
 from deploy.local_nginx import Nginx
 from deploy.seaweedfs import SeaweedFS
+from service.simulator.account import Account
 from service.simulator.app import SIM_STATE, SimState, SimulatorConfig, create_simulator_app
 from tests.conftest import (
     ACCESS_TOKEN,
@@ -134,6 +135,8 @@ class Stack:
         self.nginx: Nginx | None = None
         self.s3: Any = None  # a client straight to the store, for the checker (not the proxy)
         self.sim_state: SimState
+        # Subjects (casefolded) whose e-mail data request Copernica refuses "Invalid method".
+        self.invalid_method: set[str] = set()
 
     @property
     def s3_url(self) -> str:
@@ -178,6 +181,9 @@ class Stack:
             )
         )
         self.sim_state = app[SIM_STATE]
+        self.sim_state.account = Account.from_json(self.plan.account())
+        self.invalid_method = {r.email.casefold() for r in self.plan.requests if r.invalid_method}
+        app.middlewares.append(self._invalid_method)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         self._exit.push_async_callback(runner.cleanup)
@@ -203,6 +209,7 @@ class Stack:
             "COPERNICA_TIMEOUT_SECONDS": str(COPERNICA_TIMEOUT),
             "SHUTDOWN_DRAIN_SECONDS": str(DRAIN),
             "SHUTDOWN_GRACE_SECONDS": str(GRACE),
+            "DISCOVERY": "off",  # on for the requests filed with "discover": true
         }
         for number in range(REPLICAS):
             self.replicas.append(Replica(number, env, self.workdir / f"replica-{number}.log"))
@@ -211,6 +218,21 @@ class Stack:
         nginx_dir.mkdir(exist_ok=True)
         self.nginx = Nginx(nginx_dir, [r.port for r in self.replicas], nginx_port).start()
         return self
+
+    @web.middleware
+    async def _invalid_method(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """The simulator's `email_invalid_method` switch, per subject: its own is global. Inside
+        the simulator's middlewares (the call is counted, authenticated and given its faults
+        first), as its own switch answers."""
+        subject = request.match_info.get("subject", "").casefold()
+        if (
+            request.method == "POST"
+            and request.match_info.get("kind") == "email"
+            and request.path.endswith("/datarequest")
+            and subject in self.invalid_method
+        ):
+            return web.json_response({"error": {"message": "Invalid method"}}, status=400)
+        return await handler(request)
 
     def admin_urls(self) -> list[str]:
         return [r.admin_url for r in self.replicas if r.alive]
