@@ -333,30 +333,34 @@ class Discoverer:
 
     # -- details: a profile's or subprofile's own record ------------------------------------------
 
-    async def fetch_details(self, record: AccessRequest, data_request: DataRequest) -> None:
+    async def fetch_details(self, record: AccessRequest, data_request: DataRequest) -> bool:
         """Archive the source's `GET profile/{id}` / `GET subprofile/{id}` answer (exact bytes,
         once: `If-None-Match: *`, an object already there adopted) and note it in the source.
         Copernica says it is gone: the source is `gone`; another refusal: `failed`. Nothing to
         do for the address, a source already noted or final. Raises `CopernicaUnavailable`
         (try later) and `ArchiveUnavailable`. The call counts in `discovery.calls` when
-        discovery is on."""
+        discovery is on.
+
+        True: the details were in S3 already though the record did not know them. Details are
+        archived right before a filing, so an earlier visit got that far and its record write
+        was lost (a replica killed, a write that lost a race): it may have filed the source."""
         if (
             data_request.subject_type not in ("profile", "subprofile")
             or data_request.details is not None
             or data_request.final
         ):
-            return
+            return False
         if record.discovery.status is not DiscoveryStatus.OFF:
             _set(record, calls=record.discovery.calls + 1)
         try:
             body = await self._account.details(data_request.subject_type, data_request.subject_id)
         except SourceGone as exc:
             data_request.mark_gone(exc.message)
-            return
+            return False
         except CopernicaError as exc:
             data_request.mark_failed(str(exc))
-            return
-        await self._archive_details(record, data_request, body)
+            return False
+        return await self._archive_details(record, data_request, body)
 
     async def _details_body(
         self, record: AccessRequest, data_request: DataRequest, calls: _Calls
@@ -378,17 +382,19 @@ class Discoverer:
 
     async def _archive_details(
         self, record: AccessRequest, data_request: DataRequest, body: bytes
-    ) -> None:
+    ) -> bool:
+        """Archive and note the details; True when an earlier visit's object was adopted."""
         key = self._store.keys.source_details(record.id, self._digest_of(data_request))
         sha256 = hashlib.sha256(body).hexdigest()
         try:
             await self._store.put(
                 key, body, if_none_match=True, metadata={"sha256": sha256}, sha256=sha256
             )
-            details = Details(key, sha256, len(body))
         except PreconditionFailed:
-            details = await self._adopted(key)
-        data_request.note_details(details)
+            data_request.note_details(await self._adopted(key))
+            return True
+        data_request.note_details(Details(key, sha256, len(body)))
+        return False
 
     async def _adopted(self, key: str) -> Details:
         """The details another visit archived first: its facts, from metadata or the bytes."""

@@ -364,7 +364,7 @@ class Filing:
         fields are what the subject most expects to see); False: not to be filed now, because
         Copernica no longer has it (`gone`) or did not answer (the poller files it later)."""
         try:
-            await self._discoverer.fetch_details(record, data)
+            earlier = await self._discoverer.fetch_details(record, data)
         except CopernicaUnavailable as exc:
             data.last_error = f"details not fetched yet: {exc}"
             self._metrics.requests_filed.labels("retry").inc()
@@ -373,6 +373,11 @@ class Filing:
             self._metrics.requests_filed.labels(data.status.value).inc()
             log.info("datarequest_not_filed", request_id=record.id, status=data.status)
             return False
+        if earlier and not data.attempts:
+            # An earlier visit archived these details, so it got to the filing, and its record
+            # was lost: Copernica may have its request. Counted as a resubmission (a known
+            # attempt is counted by the poller's resubmit), so the record says what was filed.
+            data.resubmitted += 1
         return True
 
     async def _claim_key(self, key: str, new: NewRequest, request_id: str) -> str:
