@@ -43,6 +43,7 @@ from service.storage.s3 import ArchiveStore, ArchiveUnavailable, NotFound
 log = structlog.get_logger(__name__)
 
 MAX_PAGE = 1000
+_READER = "operator-read"  # an operator's read holds no lease: any lease held is another's
 DEADLINE_CURSOR = re.compile(r"^\d{4}-\d{2}-\d{2}/[0-9A-HJKMNP-TV-Z]{26}$")
 
 
@@ -120,6 +121,11 @@ class OperatorApi:
         def change(current: AccessRequest) -> bool:
             if current.first.status is not Status.PENDING:
                 return False
+            if current.leased_to_other(_READER, utcnow()):
+                # A visit works on it and finds the archive itself. Writing now would cost
+                # that visit its record write: the discovery it did and the sources it filed
+                # at Copernica, lost (filed again by the next visit).
+                return False
             current.first.mark_archived(info)
             return True
 
@@ -130,6 +136,8 @@ class OperatorApi:
         if updated is None:
             first.mark_archived(info)
             return record
+        if updated.first.status is Status.PENDING:
+            updated.first.mark_archived(info)  # shown so; the visit holding it records it
         return updated
 
     async def list(self, request: web.Request) -> web.Response:
