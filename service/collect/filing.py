@@ -250,6 +250,8 @@ class Filing:
             # request over: it files a `submitting` record again. The request is in the
             # ledger either way; keep our answer if the takeover has none yet.
             return await self._overtaken(record)
+        if record.discovery.status is DiscoveryStatus.RUNNING:
+            self._schedule.nudge()  # its first visit, now that the record is free
         return record
 
     async def _overtaken(self, ours: AccessRequest) -> AccessRequest:

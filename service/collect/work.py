@@ -118,9 +118,15 @@ class RequestWork:
         if discovery.status is DiscoveryStatus.RETRYING:
             factor = min(MAX_BACKOFF_FACTOR, 2 ** max(0, discovery.errors - 1))
             return Visit("discovery_retrying", self._interval * factor * random.uniform(0.8, 1.2))
-        if discovery.status is DiscoveryStatus.OVER_LIMIT:
-            return Visit("discovery_over_limit", None)
-        return Visit("discovered", SOON if record.discovered else None)
+        # The sources found so far are filed at the next visit, over the limit too (they are
+        # within it); then the request waits for the raise, which makes it due again.
+        to_file = any(d.status is Status.SUBMITTING for d in record.discovered)
+        outcome = (
+            "discovery_over_limit"
+            if discovery.status is DiscoveryStatus.OVER_LIMIT
+            else "discovered"
+        )
+        return Visit(outcome, SOON if to_file else None)
 
     @staticmethod
     def _turn(record: AccessRequest, open_: list[DataRequest]) -> list[DataRequest]:

@@ -652,7 +652,8 @@ class AccessRequest:
     def mark_packaged(self, package: Package) -> None:
         self.package = package
         for data_request in self.data_requests:
-            data_request.last_error = None
+            if data_request.status is Status.ARCHIVED:  # a gone source keeps Copernica's words
+                data_request.last_error = None
 
     def mark_answered(self, at: str) -> bool:
         """The package was handed out (download or link); True the first time only."""

@@ -229,6 +229,7 @@ class OperatorApi:
             raise no_such_request()
         if replaced and replaced[0] not in (None, when):
             await self._schedule.unschedule(request_id, str(replaced[0]))
+        self._schedule.nudge()  # this replica's poller visits it at once
         log.info("discovery_limit_raised", request_id=request_id, max_sources=max_sources)
         return record
 
