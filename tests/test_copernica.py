@@ -118,7 +118,7 @@ async def test_retry_after_is_honoured(http: aiohttp.ClientSession, simulator: S
     simulator.state.config.retry_after_seconds = 1
     copernica = client(http, simulator)
     started = time.monotonic()
-    with pytest.raises(CopernicaUnavailable, match="HTTP 429 after 2 tries"):
+    with pytest.raises(CopernicaUnavailable, match="HTTP 429 'Too many requests' after 2 tries"):
         await copernica.create_datarequest(
             Subject("profile", "3"), None, backoff=Backoff(attempts=2, base=0.01, cap=5)
         )

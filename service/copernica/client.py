@@ -287,6 +287,10 @@ class CopernicaClient:
                 if answer.status not in _RETRY_STATUSES:
                     return answer
                 last = f"HTTP {answer.status}"
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    # Copernica's own words ("Loadbalancer Error") for the operator; bounded.
+                    said = _error_message(await answer.content.read(2048))
+                    last += "" if said == "no message" else f" {said!r}"
                 retry_after = _retry_after(answer.headers.get("Retry-After"))
                 answer.release()
             attempt += 1
