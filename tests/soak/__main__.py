@@ -27,7 +27,7 @@ async def soak(seconds: float, seed: int, workdir: Path, store: str = "moto") ->
     outcome = Outcome(started=time.time())
     async with Stack(plan, workdir, store) as stack:
         print(f"stack up: 3 replicas behind nginx, {store} behind a fault proxy; logs in {workdir}")
-        began = time.monotonic()
+        began = outcome.began = time.monotonic()
         stop_audit = asyncio.Event()
         auditor = asyncio.create_task(audit_while_running(stack, outcome, stop_audit))
         faults = asyncio.create_task(play_faults(stack, outcome, began))
@@ -55,8 +55,8 @@ async def soak(seconds: float, seed: int, workdir: Path, store: str = "moto") ->
             f" callback deliveries by answer: {dict(sorted(deliveries.items()))}",
             f"\nSIGTERM exits: {', '.join(exits)};"
             f" aiohttp's unretrieved body-writer lines: {checker.library_noise}",
-            f"\nfiled subjects filed twice at Copernica with no resubmission in the record"
-            f" (a filing's answer lost to a kill): {checker.refiled_first}",
+            f"\nsources filed again at Copernica beyond their record's resubmissions after a"
+            f" filing whose answer a fault could have lost: {checker.refiled_after_loss}",
         )
     print("\n" + table(rows))
     broken = [row for row in rows if row.violations]

@@ -32,6 +32,7 @@ class Outcome:
     filing_retries: int = 0
     applied: list[str] = field(default_factory=list)
     started: float = 0.0  # time.time() of the run's start
+    began: float = 0.0  # time.monotonic() of the run's start: the plan's times count from it
     load_ended: float = 0.0
     settled: float = 0.0
     settle_state: str = ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,9 @@ from tests.conftest import (
     CALLBACK_SECRET,
     Listeners,
     TcpProxy,
+    bound_socket,
     free_port,
+    port_of,
     wait_for_port,
 )
 
@@ -71,9 +74,13 @@ class Replica(Listeners):
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
-    async def start(self, within: float = 120.0) -> None:
+    async def start(self, within: float = 120.0, movable: bool = False) -> None:
+        """Until it serves: its `serving` log line says both ports are its own (not another
+        process's that took one). `movable` (before nginx names its ports): a start that found
+        a port taken (`free_port`'s race) is tried again at once on two others."""
         deadline = time.monotonic() + within
         while True:
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             log = await asyncio.to_thread(self.log_path.open, "ab")
             with log:
                 self.proc = await asyncio.create_subprocess_exec(
@@ -82,13 +89,27 @@ class Replica(Listeners):
             self.starts += 1
             exited = asyncio.create_task(self.proc.wait())
             while not exited.done():
-                if await _listens(self.port) and await _listens(self.admin_port):
+                if re.search(rb'"event": ?"serving"', await self._printed(offset)):
                     return
                 await asyncio.wait([exited], timeout=0.05)
+            if movable and b"address already in use" in (await self._printed(offset)).lower():
+                self.starts -= 1
+                self.pick_ports()
+                continue
             self.refused_starts += 1
             if time.monotonic() > deadline:
                 raise RuntimeError(f"replica {self.number} does not start: see {self.log_path}")
             await asyncio.sleep(1.0)
+
+    async def _printed(self, offset: int) -> bytes:
+        """What it wrote to its log since `offset`."""
+
+        def read() -> bytes:
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                return log.read()
+
+        return await asyncio.to_thread(read)
 
     async def kill(self) -> None:
         if self.proc is not None and self.alive:
@@ -109,15 +130,6 @@ class Replica(Listeners):
         self.terms.append((code, time.monotonic() - began))
 
 
-async def _listens(port: int) -> bool:
-    try:
-        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    return True
-
-
 class Stack:
     """Everything of one soak run, started in `__aenter__` and stopped in `__aexit__`."""
 
@@ -131,6 +143,7 @@ class Stack:
         self._exit = contextlib.AsyncExitStack()
         self.replicas: list[Replica] = []
         self.moto: asyncio.subprocess.Process | None = None
+        self._moto_log: asyncio.Task[None]
         self.seaweedfs: SeaweedFS | None = None
         self.nginx: Nginx | None = None
         self.s3: Any = None  # a client straight to the store, for the checker (not the proxy)
@@ -151,12 +164,21 @@ class Stack:
             await asyncio.to_thread(self.seaweedfs.start)
             self.s3_port = self.seaweedfs.ports["s3.port"]
             return
-        self.s3_port = free_port()
+        # moto binds port 0 itself and names the port it got: no other process can take it
+        # in between (as conftest's moto_endpoint).
         self.moto = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)),
+            *(sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"),
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
+        assert self.moto.stderr is not None
+        running = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
+        while not (found := running.search(await self.moto.stderr.readline())):
+            if self.moto.stderr.at_eof():
+                raise RuntimeError(f"moto did not start (exit code {await self.moto.wait()})")
+        self.s3_port = int(found[1])
+        # Its request log goes on to stderr: read and dropped, so the pipe never fills.
+        self._moto_log = asyncio.create_task(_drain(self.moto.stderr))
         await asyncio.to_thread(wait_for_port, self.s3_port)
 
     async def __aenter__(self) -> Stack:
@@ -187,8 +209,9 @@ class Stack:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         self._exit.push_async_callback(runner.cleanup)
-        sim_port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", sim_port).start()
+        sim_socket = bound_socket()  # ours until the simulator listens on it: no port race
+        sim_port = port_of(sim_socket)
+        await web.SockSite(runner, sim_socket).start()
 
         nginx_port = free_port()
         env = {
@@ -213,11 +236,31 @@ class Stack:
         }
         for number in range(REPLICAS):
             self.replicas.append(Replica(number, env, self.workdir / f"replica-{number}.log"))
-        await asyncio.gather(*(r.start() for r in self.replicas))
+        await asyncio.gather(*(r.start(movable=True) for r in self.replicas))
+        await self._start_nginx(nginx_port)
+        return self
+
+    async def _start_nginx(self, port: int) -> None:
+        """nginx in front of the replicas, on `port` (`free_port`: nginx binds it itself). One
+        found taken is started on another, and the replicas (nothing filed yet) again with
+        that PUBLIC_BASE_URL."""
         nginx_dir = self.workdir / "nginx"
         nginx_dir.mkdir(exist_ok=True)
-        self.nginx = Nginx(nginx_dir, [r.port for r in self.replicas], nginx_port).start()
-        return self
+        for _ in range(5):
+            try:
+                self.nginx = Nginx(nginx_dir, [r.port for r in self.replicas], port).start()
+                return
+            except RuntimeError:
+                errors = (nginx_dir / "error.log").read_text(errors="replace")
+                if f"127.0.0.1:{port} failed (98: address already in use)" not in errors.lower():
+                    raise
+            port = free_port()
+            for replica in self.replicas:
+                await replica.kill()
+                replica.env["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{port}"
+                replica.starts = replica.refused_starts = 0
+            await asyncio.gather(*(r.start(movable=True) for r in self.replicas))
+        raise RuntimeError(f"no free port for nginx: see {nginx_dir}/error.log")
 
     @web.middleware
     async def _invalid_method(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -263,5 +306,11 @@ class Stack:
         if self.moto is not None:
             self.moto.terminate()
             await self.moto.wait()
+            self._moto_log.cancel()
         if self.seaweedfs is not None:
             await asyncio.to_thread(self.seaweedfs.stop)
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
