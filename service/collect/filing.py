@@ -342,7 +342,7 @@ class Filing:
         outcome = "pending"
         try:
             copernica_id = await self._copernica.create_datarequest(
-                data.subject, report, backoff=_FILING_BACKOFF
+                data.subject, report, backoff=_FILING_BACKOFF, lost=data.note_lost_filing
             )
             now = isoformat(self._clock.now())
             data.mark_pending(copernica_id, at=now if discovered else None)

@@ -304,9 +304,10 @@ class RequestWork:
         if data.attempts >= MAX_SUBMIT_ATTEMPTS:
             data.mark_failed(f"could not file after {data.attempts} attempts: {data.last_error}")
             return Visit("failed", None)
-        if data.attempts:
-            # Copernica may have filed an earlier attempt whose answer we lost; its callback
-            # carries the same request id and is deduplicated by the archive's conditional key.
+        if data.attempts or data is record.first:
+            # Copernica may have filed an earlier attempt whose answer we lost (the filed
+            # subject with no attempt recorded: its filer died before it could save the
+            # record); its callback lands on the same key and is deduplicated there.
             data.resubmitted += 1
         await self._filing.call_copernica(record, data)
         if data.status is Status.PENDING:

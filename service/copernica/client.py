@@ -19,7 +19,7 @@ import enum
 import json
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -253,11 +253,14 @@ class CopernicaClient:
         params: dict[str, str] | None = None,
         backoff: Backoff = Backoff(),
         stream: bool = False,
+        lost: Callable[[], None] | None = None,
     ) -> aiohttp.ClientResponse:
         """Send one logical call: rate-limited, retried on 429/5xx/network errors with backoff.
 
         Returns the open response of the first answer that is not retryable; the caller
         reads and releases it. Messages name the endpoint, never the URL (it holds the token).
+        `lost` is called for each try whose answer was lost (a timeout, a broken connection):
+        Copernica may have acted on it, which matters for a call that creates something.
         """
         url = URL(f"{self._base}/{path}", encoded=True)
         last = "no attempt"
@@ -278,6 +281,8 @@ class CopernicaClient:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self._metrics.copernica_calls.labels(endpoint, "error").inc()
                 last = f"{type(exc).__name__} on {endpoint}"
+                if lost is not None:
+                    lost()
             else:
                 self._metrics.copernica_calls.labels(endpoint, str(answer.status)).inc()
                 if answer.status == 401 and not refreshed and self._auth.expire():
@@ -314,9 +319,12 @@ class CopernicaClient:
         endpoint: str,
         params: dict[str, str] | None = None,
         backoff: Backoff = Backoff(),
+        lost: Callable[[], None] | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
         """`send`, read whole (small answers only); a 4xx becomes `CopernicaError`."""
-        answer = await self.send(method, path, endpoint=endpoint, params=params, backoff=backoff)
+        answer = await self.send(
+            method, path, endpoint=endpoint, params=params, backoff=backoff, lost=lost
+        )
         try:
             body = await answer.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -328,9 +336,15 @@ class CopernicaClient:
         return answer.status, {k.lower(): v for k, v in answer.headers.items()}, body
 
     async def create_datarequest(
-        self, subject: Subject, report: str | None, *, backoff: Backoff = Backoff()
+        self,
+        subject: Subject,
+        report: str | None,
+        *,
+        backoff: Backoff = Backoff(),
+        lost: Callable[[], None] | None = None,
     ) -> str:
-        """File a data request; returns Copernica's id (an opaque string)."""
+        """File a data request; returns Copernica's id (an opaque string). `lost`: called for
+        each try whose answer was lost, which Copernica may have filed all the same."""
         params = {"report": report} if report else {}
         _status, headers, body = await self.call(
             "POST",
@@ -338,6 +352,7 @@ class CopernicaClient:
             endpoint="create",
             params=params,
             backoff=backoff,
+            lost=lost,
         )
         created = _created_id(headers, body)
         if created is None:
