@@ -190,9 +190,36 @@ class LocalStack:
 
     def __init__(self, local: Path, log: Path) -> None:
         self.local, self.log = local, log
-        self.ports = {name: free_port() for name in ("S3_PORT", "SIM_PORT", "PORT", "ADMIN_PORT")}
+        self.ports: dict[str, int] = {}
+        self.pick_ports()
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+
+    def pick_ports(self) -> None:
+        """Ports free a moment ago (`free_port`): its processes bind them themselves, so
+        another process may take one first; `first_start` then tries again with others."""
+        self.ports = {name: free_port() for name in ("S3_PORT", "SIM_PORT", "PORT", "ADMIN_PORT")}
+
+    async def first_start(self) -> None:
+        """Start it and wait until it is up. A start that found a port taken (its log, or
+        SeaweedFS's, says so) is tried again on other ports; a restart keeps its ports (the
+        settings it printed name them)."""
+        logs = [self.log, self.local / "seaweedfs" / "weed.log"]
+        for _ in range(5):
+            offsets = [log.stat().st_size if log.exists() else 0 for log in logs]
+            self.start()
+            try:
+                await eventually(self.up, timeout=30, what="make run up")
+                return
+            except AssertionError:
+                printed = "".join(map(_read_from, logs, offsets))
+                if not re.search(
+                    r"address already in use|port \d+ .* not available", printed, re.I
+                ):
+                    raise
+            self.proc, self.starts = None, self.starts - 1
+            self.pick_ports()
+        raise AssertionError(f"make run found no free ports: {self.log}")
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if k != "FRESH"}
@@ -240,6 +267,14 @@ class LocalStack:
         return found
 
 
+def _read_from(path: Path, offset: int) -> str:
+    if not path.exists():
+        return ""
+    with path.open("rb") as file:
+        file.seek(offset)
+        return file.read().decode(errors="replace")
+
+
 def s3_objects(endpoint: str, keys: list[str]) -> dict[str, bytes]:
     client = botocore.session.get_session().create_client(
         "s3",
@@ -261,11 +296,10 @@ async def test_make_run_keeps_requests_packages_records_and_settings_across_a_re
 ) -> None:
     local = tmp_path / ".local"
     stack = LocalStack(local, tmp_path / "make-run.log")
-    admin = f"http://127.0.0.1:{stack.ports['ADMIN_PORT']}"
-    sim = f"http://127.0.0.1:{stack.ports['SIM_PORT']}"
     try:
-        stack.start()
-        await eventually(stack.up, timeout=30, what="make run up")
+        await stack.first_start()
+        admin = f"http://127.0.0.1:{stack.ports['ADMIN_PORT']}"
+        sim = f"http://127.0.0.1:{stack.ports['SIM_PORT']}"
         dev = stack.dev_env()
         auth = {"Authorization": f"Bearer {dev['API_TOKEN']}"}
         sign_key = (local / "copernica-sign-key.pem").read_text()

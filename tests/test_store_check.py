@@ -26,7 +26,9 @@ from tests.conftest import (
     CALLBACK_SECRET,
     Bucket,
     ServiceFactory,
+    bound_socket,
     free_port,
+    port_of,
 )
 
 # On moto and on SeaweedFS (tests/conftest.py): the test ids say which.
@@ -79,7 +81,8 @@ async def _proxy(
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_route("*", "/{path:.*}", forward)
-    server = TestServer(app, host="127.0.0.1", port=free_port())
+    listener = bound_socket()  # ours until the server listens on it: no port race
+    server = TestServer(app, socket_factory=lambda *_: listener)
     await server.start_server()
     yield str(server.make_url("")).rstrip("/")
     await server.close()
@@ -114,7 +117,17 @@ def signed_again(method: str, url: str, headers: dict[str, str]) -> dict[str, st
 
 
 async def serve(bucket: str, endpoint: str) -> tuple[int, str]:
-    """Start `python -m service serve`; its exit code and output (it must not keep running)."""
+    """Start `python -m service serve`; its exit code and output (it must not keep running).
+    The process binds its two ports itself (`free_port`: another may take one first); a
+    start that found one taken is tried again on two others."""
+    for _ in range(5):
+        code, err = await _serve_once(bucket, endpoint, free_port(), free_port())
+        if "address already in use" not in err.lower():
+            return code, err
+    raise AssertionError(f"no free ports for the service; last: {err}")
+
+
+async def _serve_once(bucket: str, endpoint: str, port: int, admin_port: int) -> tuple[int, str]:
     env = {
         **os.environ,
         "COPERNICA_ACCESS_TOKEN": ACCESS_TOKEN,
@@ -124,8 +137,8 @@ async def serve(bucket: str, endpoint: str) -> tuple[int, str]:
         "S3_ENDPOINT_URL": endpoint,
         "S3_TIMEOUT_SECONDS": "2",
         "HOST": "127.0.0.1",
-        "PORT": str(free_port()),
-        "ADMIN_PORT": str(free_port()),
+        "PORT": str(port),
+        "ADMIN_PORT": str(admin_port),
         "LOG_FORMAT": "json",
     }
     proc = await asyncio.create_subprocess_exec(
@@ -168,7 +181,9 @@ async def test_a_mistyped_bucket_is_refused_by_name(s3_endpoint: str) -> None:
 
 @pytest.mark.any_store  # no store answers here
 async def test_an_unreachable_store_is_refused(store: Bucket) -> None:
-    code, err = await serve(store.name, f"http://127.0.0.1:{free_port()}")
+    # A port bound and never listened on refuses every connection, for as long as it is ours.
+    with bound_socket() as nobody:
+        code, err = await serve(store.name, f"http://127.0.0.1:{port_of(nobody)}")
 
     assert code == 2
     [line] = err.strip().splitlines()

@@ -31,14 +31,30 @@ def nginx_in_front(tmp_path: Path) -> Iterator[Callable[[list[int]], Nginx]]:
     started: list[Nginx] = []
 
     def start(upstreams: list[int]) -> Nginx:
-        proxy = Nginx(tmp_path, upstreams, free_port())
-        proxy.start()
-        started.append(proxy)
-        return proxy
+        """nginx binds its port itself (`free_port`: another process may take it first); a
+        start that found it taken is tried again on another."""
+        for attempt in range(5):
+            workdir = tmp_path / f"nginx-{len(started)}-{attempt}"
+            workdir.mkdir()
+            proxy = Nginx(workdir, upstreams, free_port())
+            try:
+                proxy.start()
+            except RuntimeError:
+                if "address already in use" not in _text(workdir / "error.log").lower():
+                    raise
+                proxy.stop()
+                continue
+            started.append(proxy)
+            return proxy
+        raise RuntimeError(f"no free port for nginx: see {tmp_path}")
 
     yield start
     for proxy in started:
         proxy.stop()
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 async def deliver(http: aiohttp.ClientSession, url: str, body: bytes, log: list[Any]) -> int:
