@@ -50,10 +50,13 @@ run: install
 run-fresh: install
 	FRESH=1 $(PY) deploy/local.py
 
-# Everything: the README's test command (and CI's). A quick subset by hand, without the
-# scenario suites and the slowest modules (marked `slow`): .venv/bin/python -m pytest -m "not slow"
+# Everything: the README's test command (and CI's), on two workers (pytest-xdist, one per core;
+# most of the suite waits on real services). --dist loadgroup: tests go one at a time to
+# whichever worker is free, except each `xdist_group` (the soaks, say), kept on one worker.
+# A quick subset by hand, without the scenario suites and the slowest modules (marked `slow`):
+# .venv/bin/python -m pytest -m "not slow" (add -n 2 for two workers).
 test: install nginx browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

@@ -72,10 +72,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for path in SERVICE_LOGS:
         if path.exists():
             _LEAKS.extend(f"{path.name}: {line}" for line in leaks_in(path.read_text()))
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        # A worker of pytest-xdist (`make test`: -n 2): its exit status does not decide the
+        # run's, so what it found goes to the controller (`pytest_testnodedown`), which fails it.
+        workeroutput["leaks"] = list(dict.fromkeys(_LEAKS))
+        return
     if _LEAKS:
         found = list(dict.fromkeys(_LEAKS))  # a section shows up in several phases' reports
         print("\nSECRETS OR E-MAIL ADDRESSES IN LOGS:\n" + "\n".join(found[:50]))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: the controller, as a worker ends
+def pytest_testnodedown(node: Any, error: object) -> None:
+    _LEAKS.extend(getattr(node, "workeroutput", {}).get("leaks", []))
 
 
 ACCESS_TOKEN = "sim-access-token-5f1c"
@@ -204,9 +215,23 @@ def seaweedfs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
     in the session's temporary directory. It has one identity, the test credentials: it
     checks every signature (moto checks none), as a deployed store does."""
     credentials = (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])
-    directory = tmp_path_factory.mktemp("seaweedfs")
-    with SeaweedFS(directory, credentials=credentials) as seaweedfs:
+    # Its ten listeners are bound by `weed mini` itself, on ports free a moment before: a
+    # start that found one taken by another process ("... is not available") goes again on
+    # others, in a directory of its own.
+    for _ in range(5):
+        seaweedfs = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), credentials=credentials)
+        try:
+            seaweedfs.start()
+            break
+        except RuntimeError:
+            if not re.search(r"port \d+ .* not available", seaweedfs.log.read_text()):
+                raise
+    else:
+        raise RuntimeError(f"no free ports for SeaweedFS: see {seaweedfs.log}")
+    try:
         yield seaweedfs.endpoint
+    finally:
+        seaweedfs.stop()
 
 
 @pytest.fixture

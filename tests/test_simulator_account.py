@@ -25,7 +25,8 @@ from service.simulator.app import SIM_STATE, SimState, SimulatorConfig, create_s
 from tests.conftest import free_port
 from tests.support import SAMPLE_PLACES, account_with, eventually
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# One worker under `make test` (xdist): the module's simulator (`sim`) is started once.
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("sim-account")]
 
 TOKEN = "account-test-token"
 PERSON = "Alice.Example@Example.com"

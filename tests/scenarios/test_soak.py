@@ -22,8 +22,9 @@ SEED = int(os.environ.get("SOAK_SEED", "20261124"))
 SECONDS = {"moto": 40, "seaweedfs": 25}
 
 # On moto and on SeaweedFS (tests/conftest.py): the test ids say which.
-# A scenario suite: left out of the quick subset, `pytest -m "not slow"`.
-pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
+# A scenario suite: left out of the quick subset, `pytest -m "not slow"`. Under `make test`
+# (two xdist workers) both soaks run on one worker, one after the other: never two at once.
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow, pytest.mark.xdist_group("soak")]
 
 
 @pytest.mark.timeout(600)
