@@ -69,7 +69,7 @@ from ulid import ULID
 
 from service.clock import utcnow
 from service.collect.filing import FILING_OWNER
-from service.collect.visits import Poller, Visit, Work
+from service.collect.visits import Checkpoint, Poller, Visit, Work
 from service.config import Settings
 from service.metrics import Metrics
 from service.requests.ledger import Ledger
@@ -103,7 +103,7 @@ def poller_for(
     return Poller(ledger, schedule, work, settings, metrics, HASH_KEY)
 
 
-async def no_work(record: AccessRequest) -> Visit:
+async def no_work(record: AccessRequest, checkpoint: Checkpoint) -> Visit:
     raise AssertionError(f"the work was called for {record.id}: no visit should get that far")
 
 
@@ -325,7 +325,7 @@ class LeaseModel(RuleBasedStateMachine):
         return [r for r in self.replicas if r.task is not None]
 
     def _work_of(self, replica: Replica) -> Work:
-        async def work(record: AccessRequest) -> Visit:
+        async def work(record: AccessRequest, checkpoint: Checkpoint) -> Visit:
             if replica.actor.holding_until is None:
                 self.unleased.append(f"{replica.owner} works without a lease it wrote")
             await replica.gate.enter("work")

@@ -275,3 +275,26 @@ async def test_poller_metrics_show_pending_age_lag_and_leases(
     assert float(values["receiver_poll_leases_held"]) == 0  # every lease taken was released
     assert "receiver_poll_lag_seconds" in values
     assert float(values['receiver_poll_visits_total{outcome="not_ready"}']) >= 3
+
+
+async def test_a_filing_whose_answer_was_lost_is_not_tried_again_and_is_counted(
+    make_service: ServiceFactory, simulator: Simulator, store: Bucket
+) -> None:
+    """Copernica takes no idempotency key: a create that timed out may have been filed. The
+    client does not try it again at once; the record counts the try, so the poller's next
+    filing is a known resubmission, and every request Copernica holds is counted."""
+    simulator.state.faults.slow_seconds = 1.0  # every answer after the client's timeout
+    service = await make_service(**FAST, COPERNICA_TIMEOUT_SECONDS="0.4")
+    created = await filed(service, {"email": "lou@example.com"})
+    assert created["status"] == "submitting"
+    assert "not tried again" in created["last_error"]
+    simulator.state.faults.slow_seconds = 0.0
+    shown = await wait_for_status(service, created["id"], "archived")
+    made = [r for r in simulator.state.requests.values() if r.subject_id == "lou@example.com"]
+    assert shown["sources"][0]["copernica_id"] in {r.copernica_id for r in made}
+    stored = await record_of(store, created["id"])
+    # The record counts the lost try (filed or not: this simulator drops a request whose
+    # caller went away) beside the resubmission; never fewer than Copernica holds.
+    assert stored["data_requests"][0]["resubmitted"] == 1
+    assert stored["data_requests"][0]["attempts"] == 2
+    assert 1 <= len(made) <= 1 + stored["data_requests"][0]["resubmitted"]

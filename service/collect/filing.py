@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
@@ -318,7 +319,12 @@ class Filing:
             return None
         return Events(asked["since"], asked["until"], windows=len(request_windows(asked)))
 
-    async def call_copernica(self, record: AccessRequest, data: DataRequest | None = None) -> None:
+    async def call_copernica(
+        self,
+        record: AccessRequest,
+        data: DataRequest | None = None,
+        checkpoint: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Ask Copernica for one data request's data (the first one's unless `data` is given);
         the data request says how it went: pending, failed (gone, unsupported), or not yet.
         A discovered source gets a `report` address of its own (`urls.SOURCE`)."""
@@ -339,10 +345,14 @@ class Filing:
         data.attempts += 1
         if discovered:  # on discovery's account: two calls per match, details and filing
             record.discovery = record.discovery.called()
+        if checkpoint is not None:
+            # The try is in the record before Copernica sees it: if this visit dies after
+            # Copernica filed it, the next visit knows one may exist (and counts it).
+            await checkpoint()
         outcome = "pending"
         try:
             copernica_id = await self._copernica.create_datarequest(
-                data.subject, report, backoff=_FILING_BACKOFF, lost=data.note_lost_filing
+                data.subject, report, backoff=_FILING_BACKOFF
             )
             now = isoformat(self._clock.now())
             data.mark_pending(copernica_id, at=now if discovered else None)
@@ -366,7 +376,7 @@ class Filing:
         fields are what the subject most expects to see); False: not to be filed now, because
         Copernica no longer has it (`gone`) or did not answer (the poller files it later)."""
         try:
-            earlier = await self._discoverer.fetch_details(record, data)
+            await self._discoverer.fetch_details(record, data)
         except CopernicaUnavailable as exc:
             data.last_error = f"details not fetched yet: {exc}"
             self._metrics.requests_filed.labels("retry").inc()
@@ -375,11 +385,6 @@ class Filing:
             self._metrics.requests_filed.labels(data.status.value).inc()
             log.info("datarequest_not_filed", request_id=record.id, status=data.status)
             return False
-        if earlier and not data.attempts:
-            # An earlier visit archived these details, so it got to the filing, and its record
-            # was lost: Copernica may have its request. Counted as a resubmission (a known
-            # attempt is counted by the poller's resubmit), so the record says what was filed.
-            data.resubmitted += 1
         return True
 
     async def _claim_key(self, key: str, new: NewRequest, request_id: str) -> str:

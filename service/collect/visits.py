@@ -56,9 +56,14 @@ class Visit:
     next_in: float | None
 
 
+# A write of the record under the visit's lease, before a step that must not be done twice
+# unknown (filing at Copernica: the record counts a try before it is made). A record changed
+# meanwhile by someone else raises `RecordConflict`: the visit stops there.
+Checkpoint = Callable[[], Awaitable[None]]
 # What a visit does to the request it holds the lease of: changes the record in place (its
-# status, errors, facts) and says when to come back. It never writes the record itself.
-Work = Callable[[AccessRequest], Awaitable[Visit]]
+# status, errors, facts) and says when to come back. It writes the record only through its
+# checkpoint; the visit writes it at the end.
+Work = Callable[[AccessRequest, Checkpoint], Awaitable[Visit]]
 
 
 def tick_seconds(interval: float) -> float:
@@ -188,8 +193,16 @@ class Poller:
         except PreconditionFailed:
             return  # another replica took it first
         self._metrics.poll_leases.inc()
+
+        async def checkpoint() -> None:
+            nonlocal etag
+            try:
+                etag = await self._ledger.save(record, etag)
+            except PreconditionFailed:
+                raise RecordConflict(record.id) from None
+
         try:
-            result = await self._work(record)
+            result = await self._work(record, checkpoint)
             await self._finish(record, etag, when, result)
         finally:
             self._metrics.poll_leases.dec()

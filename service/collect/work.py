@@ -32,7 +32,7 @@ from service.clock import SYSTEM, Clock, parse_isoformat
 from service.collect.discovery import Discoverer
 from service.collect.events import Progress, S3Sink, fetch_events, request_windows
 from service.collect.filing import Filing
-from service.collect.visits import Visit
+from service.collect.visits import Checkpoint, Visit
 from service.config import Settings
 from service.copernica.client import (
     CopernicaClient,
@@ -90,15 +90,16 @@ class RequestWork:
         self._interval = settings.poll_interval_seconds
         self._expiry = timedelta(hours=settings.request_expiry_hours)
 
-    async def do(self, record: AccessRequest) -> Visit:
-        """The work of one visit (the caller holds the record's lease and saves it)."""
+    async def do(self, record: AccessRequest, checkpoint: Checkpoint) -> Visit:
+        """The work of one visit (the caller holds the record's lease and saves it; the
+        checkpoint writes it before each filing)."""
         if record.needs_package:
             return await self._package(record, "packaged")
         # Sources found in this visit are filed in the next, once the record holds them.
         known = [d for d in record.data_requests if not d.final]
         visits = [await self._discover(record)]
         for data in self._turn(record, known):
-            visits.append(await self._collect(record, data))
+            visits.append(await self._collect(record, data, checkpoint))
         visit = _earliest(visits)
         if record.needs_package:
             return await self._package(record, visit.outcome)
@@ -140,10 +141,12 @@ class RequestWork:
             turn[-1] = record.first
         return turn
 
-    async def _collect(self, record: AccessRequest, data: DataRequest) -> Visit:
-        """One data request: filed again, expired, or its events and data fetched."""
+    async def _collect(
+        self, record: AccessRequest, data: DataRequest, checkpoint: Checkpoint
+    ) -> Visit:
+        """One data request: filed (again), expired, or its events and data fetched."""
         if data.status is Status.SUBMITTING or data.copernica_id is None:
-            return await self._resubmit(record, data)
+            return await self._resubmit(record, data, checkpoint)
         addressee = self._ledger.source_addressee(record, data)
         key = addressee.archive_key(self._store.keys)
         head = await self._store.head(key)
@@ -298,7 +301,9 @@ class RequestWork:
                 digest.update(chunk)
         return digest.hexdigest()
 
-    async def _resubmit(self, record: AccessRequest, data: DataRequest) -> Visit:
+    async def _resubmit(
+        self, record: AccessRequest, data: DataRequest, checkpoint: Checkpoint
+    ) -> Visit:
         """A `submitting` data request: the filing never got Copernica's answer (crash or
         outage)."""
         if data.attempts >= MAX_SUBMIT_ATTEMPTS:
@@ -309,7 +314,7 @@ class RequestWork:
             # subject with no attempt recorded: its filer died before it could save the
             # record); its callback lands on the same key and is deduplicated there.
             data.resubmitted += 1
-        await self._filing.call_copernica(record, data)
+        await self._filing.call_copernica(record, data, checkpoint)
         if data.status is Status.PENDING:
             return self._later(data, "resubmitted" if data.resubmitted else "filed")
         if data.final:  # failed, gone, unsupported

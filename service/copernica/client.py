@@ -19,7 +19,7 @@ import enum
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -253,14 +253,15 @@ class CopernicaClient:
         params: dict[str, str] | None = None,
         backoff: Backoff = Backoff(),
         stream: bool = False,
-        lost: Callable[[], None] | None = None,
+        once: bool = False,
     ) -> aiohttp.ClientResponse:
         """Send one logical call: rate-limited, retried on 429/5xx/network errors with backoff.
 
         Returns the open response of the first answer that is not retryable; the caller
         reads and releases it. Messages name the endpoint, never the URL (it holds the token).
-        `lost` is called for each try whose answer was lost (a timeout, a broken connection):
-        Copernica may have acted on it, which matters for a call that creates something.
+        `once`: a call that creates something is not tried again after a lost answer (a
+        timeout, a broken connection), which Copernica may have acted on: it raises
+        `CopernicaUnavailable` instead, and the caller, whose record counts the try, decides.
         """
         url = URL(f"{self._base}/{path}", encoded=True)
         last = "no attempt"
@@ -281,8 +282,10 @@ class CopernicaClient:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self._metrics.copernica_calls.labels(endpoint, "error").inc()
                 last = f"{type(exc).__name__} on {endpoint}"
-                if lost is not None:
-                    lost()
+                if once:
+                    raise CopernicaUnavailable(
+                        f"Copernica {endpoint}: {last}; not tried again (it may have been made)"
+                    ) from None
             else:
                 self._metrics.copernica_calls.labels(endpoint, str(answer.status)).inc()
                 if answer.status == 401 and not refreshed and self._auth.expire():
@@ -319,11 +322,11 @@ class CopernicaClient:
         endpoint: str,
         params: dict[str, str] | None = None,
         backoff: Backoff = Backoff(),
-        lost: Callable[[], None] | None = None,
+        once: bool = False,
     ) -> tuple[int, dict[str, str], bytes]:
         """`send`, read whole (small answers only); a 4xx becomes `CopernicaError`."""
         answer = await self.send(
-            method, path, endpoint=endpoint, params=params, backoff=backoff, lost=lost
+            method, path, endpoint=endpoint, params=params, backoff=backoff, once=once
         )
         try:
             body = await answer.read()
@@ -341,10 +344,10 @@ class CopernicaClient:
         report: str | None,
         *,
         backoff: Backoff = Backoff(),
-        lost: Callable[[], None] | None = None,
     ) -> str:
-        """File a data request; returns Copernica's id (an opaque string). `lost`: called for
-        each try whose answer was lost, which Copernica may have filed all the same."""
+        """File a data request; returns Copernica's id (an opaque string). Not tried again
+        after a lost answer (Copernica may have filed it): `CopernicaUnavailable`, and the
+        caller's record counts the try, so its next filing is known as a resubmission."""
         params = {"report": report} if report else {}
         _status, headers, body = await self.call(
             "POST",
@@ -352,7 +355,7 @@ class CopernicaClient:
             endpoint="create",
             params=params,
             backoff=backoff,
-            lost=lost,
+            once=True,
         )
         created = _created_id(headers, body)
         if created is None:

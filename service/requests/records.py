@@ -483,11 +483,6 @@ class DataRequest:
         """Copernica does not offer this data request ("Invalid method")."""
         self.status, self.last_error = Status.UNSUPPORTED, error
 
-    def note_lost_filing(self) -> None:
-        """A filing try whose answer was lost (a timeout): Copernica may hold a request that
-        this record does not name; its callback lands on the same key all the same."""
-        self.resubmitted += 1
-
     def note_details(self, details: Details) -> None:
         self.details = self.details or details
 

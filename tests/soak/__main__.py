@@ -55,8 +55,6 @@ async def soak(seconds: float, seed: int, workdir: Path, store: str = "moto") ->
             f" callback deliveries by answer: {dict(sorted(deliveries.items()))}",
             f"\nSIGTERM exits: {', '.join(exits)};"
             f" aiohttp's unretrieved body-writer lines: {checker.library_noise}",
-            f"\nsources filed again at Copernica beyond their record's resubmissions after a"
-            f" filing whose answer a fault could have lost: {checker.refiled_after_loss}",
         )
     print("\n" + table(rows))
     broken = [row for row in rows if row.violations]

@@ -20,13 +20,12 @@ from service.simulator.app import subject_key
 from tests.conftest import leaks_in
 from tests.support import archive_key
 
-from .plan import COPERNICA_TIMEOUT, DRAIN, GRACE, RATE, REPLICAS, Plan, PlannedRequest
+from .plan import DRAIN, GRACE, RATE, REPLICAS, Plan, PlannedRequest
 from .run import Outcome, purge_overdue, records, retention_start, uploads
 from .stack import Stack
 
 FINAL = ("archived", "failed", "expired", "purged")
 SOURCE_FINAL = ("archived", "gone", "unsupported", "failed", "expired")
-LOST_SLACK = 10.0  # seconds a filing may have been under way before its replica or S3 failed
 # After drain + grace, what still runs is cancelled; its clean-up (aborting an upload, closing
 # clients) and the interpreter's exit come on top. Measured in soaks: up to ~4 s.
 SHUTDOWN_SLACK = 5.0
@@ -100,9 +99,6 @@ class Checker:
                 self.per_source.setdefault((request_id, name), []).append(cid)
         self._digests: dict[str, str] = {}
         self.library_noise = 0  # log lines of aiohttp's unretrieved body-writer task
-        # Copernica requests beyond a source's 1 + resubmitted, each filed while a fault could
-        # lose Copernica's answer (see `filed_once`).
-        self.refiled_after_loss = 0
 
     async def _get(self, key: str) -> bytes | None:
         s3 = self.stack.s3
@@ -440,36 +436,12 @@ class Checker:
                 )
         return row
 
-    def lost_answer_windows(self) -> list[tuple[float, float]]:
-        """When (monotonic) a filing could reach Copernica and its answer be lost: Copernica
-        late or silent (answered after the client's timeout, then tried again), S3 failing or
-        the replica killed right after (the record never learns of the filing, which the
-        poller files again). Copernica's 503/429 faults answer before anything is filed."""
-        began, windows = self.outcome.began, []
-        for fault in self.plan.faults:
-            start, end = began + fault.at, began + fault.at + fault.duration
-            if fault.kind in ("copernica_slow", "copernica_silent"):
-                windows.append((start, end + COPERNICA_TIMEOUT + 2))
-            elif fault.kind != "copernica_errors":  # S3 faults, kill, term
-                windows.append((start - LOST_SLACK, end))
-        return windows
-
-    def explained(self, cids: list[str], windows: list[tuple[float, float]]) -> int:
-        """How many of these Copernica requests, all but the last, were made in a window
-        where their answer could be lost."""
-        times = sorted(self.state.requests[c].created for c in cids)[:-1]
-        return sum(any(a <= t <= b for a, b in windows) for t in times)
-
     def filed_once(self, found: dict[str, dict[str, Any]]) -> Row:
         """Copernica's requests for each source of ours: one, and one more for each time the
-        record says it filed again after losing Copernica's answer. Copernica takes no
-        idempotency key: a filing whose answer was lost (timed out and tried again, or the
-        replica killed before its record was written) files again, and the record does not
-        count it (the issue-22 report asks for that). Such extra requests, made while a
-        fault could lose the answer, are counted in `refiled_after_loss`; any other is a
-        violation."""
-        row = Row("no source filed twice at Copernica (beyond resubmissions and lost answers)")
-        windows = self.lost_answer_windows()
+        record says Copernica may hold another (`resubmitted`: filed again after a crash, or
+        a try whose answer was lost). Copernica takes no idempotency key, so the record must
+        count every such request; one it does not count is a violation."""
+        row = Row("no source filed twice at Copernica (beyond those the record counts)")
         for request_id, record in found.items():
             sources = {s["source"]: s for s in record["data_requests"]}
             groups: list[tuple[str, list[str], list[dict[str, Any]]]]
@@ -483,13 +455,9 @@ class Checker:
                 ]
             for what, cids, counted in groups:
                 allowed = sum(1 + s.get("resubmitted", 0) for s in counted)
-                extra = len(cids) - allowed
-                lost = self.explained(cids, windows) if extra > 0 else 0
-                self.refiled_after_loss += min(max(extra, 0), lost)
                 row.check(
-                    extra <= lost,
-                    f"{what}: {len(cids)} Copernica requests, {allowed} by the record, "
-                    f"{lost} after a lost answer",
+                    len(cids) <= allowed,
+                    f"{what}: {len(cids)} Copernica requests, {allowed} by the record",
                 )
         return row
 
