@@ -142,6 +142,16 @@ def _error_message(body: bytes) -> str:
         return body[:200].decode("utf-8", "replace").strip() or "no message"
 
 
+async def _retry_reason(answer: aiohttp.ClientResponse) -> str:
+    """A retryable answer in words: its status and Copernica's own ("Loadbalancer Error"),
+    read bounded, for the operator."""
+    reason = f"HTTP {answer.status}"
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        said = _error_message(await answer.content.read(2048))
+        reason += "" if said == "no message" else f" {said!r}"
+    return reason
+
+
 def subject_path(subject: Subject) -> str:
     """`email/{email}` (percent-encoded, `@` kept), `profile/{id}`, `subprofile/{id}`."""
     return f"{subject.type}/{quote(subject.id, safe='@')}"
@@ -294,23 +304,14 @@ class CopernicaClient:
                     continue
                 if answer.status not in _RETRY_STATUSES:
                     return answer
-                last = f"HTTP {answer.status}"
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    # Copernica's own words ("Loadbalancer Error") for the operator; bounded.
-                    said = _error_message(await answer.content.read(2048))
-                    last += "" if said == "no message" else f" {said!r}"
+                last = await _retry_reason(answer)
                 retry_after = _retry_after(answer.headers.get("Retry-After"))
                 answer.release()
             attempt += 1
             if attempt < backoff.attempts:
                 pause = backoff.delay(attempt - 1, retry_after)
-                log.info(
-                    "copernica_retry",
-                    endpoint=endpoint,
-                    attempt=attempt,
-                    reason=last,
-                    pause_s=round(pause, 3),
-                )
+                log.info("copernica_retry", endpoint=endpoint, attempt=attempt, reason=last,
+                         pause_s=round(pause, 3))  # fmt: skip
                 await asyncio.sleep(pause)
         raise CopernicaUnavailable(f"Copernica {endpoint}: {last} after {backoff.attempts} tries")
 
