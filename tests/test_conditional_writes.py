@@ -295,8 +295,11 @@ async def test_an_extension_made_while_the_poller_works_is_not_undone(
     shown = await service.show(request_id)
     assert shown["extension"] is not None and shown["extension"]["months"] == 1
     assert shown["due_by"] == extended > leased["received_on"]
-    # The request is still scheduled at the time its record names.
+    # The visit's own write went on from the operator's: its lease released (else the
+    # request would wait for the lease to run out), its next visit named.
     record = await record_of(store, request_id)
+    assert record["lease"] is None and record["next_poll_at"] not in (None, when)
+    # The request is still scheduled at the time its record names.
     assert f"due/{record['next_poll_at']}/{request_id}" in [
         key.removeprefix("copernica/") for key in await store.keys("due/")
     ]

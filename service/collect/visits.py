@@ -197,7 +197,7 @@ class Poller:
         async def checkpoint() -> None:
             nonlocal etag
             try:
-                etag = await self._ledger.save(record, etag)
+                etag = await self._save_held(record, etag)
             except PreconditionFailed:
                 raise RecordConflict(record.id) from None
 
@@ -206,6 +206,23 @@ class Poller:
             await self._finish(record, etag, when, result)
         finally:
             self._metrics.poll_leases.dec()
+
+    async def _save_held(self, record: AccessRequest, etag: str) -> str:
+        """Write the record this visit holds. An operator may have written it meanwhile (an
+        extension, a download, a raised discovery limit: they take no lease): their changes
+        are taken into ours and the write tried again. PreconditionFailed if the lease is no
+        longer ours (another replica took the request over once it ran out)."""
+        for _ in range(3):
+            try:
+                return await self._ledger.save(record, etag)
+            except PreconditionFailed:
+                found = await self._ledger.get(record.id)
+                if found is None or found[0].lease is None or found[0].lease.owner != self.owner:
+                    raise
+                current, etag = found
+                record.adopt_operator_changes(current)
+                log.info("poll_record_merged", request_id=record.id)
+        return await self._ledger.save(record, etag)
 
     def _marker_is_stale(self, found: tuple[AccessRequest, str] | None, when: str) -> bool:
         """Whether a marker that is not its record's `next_poll_at` may be dropped.
@@ -235,10 +252,10 @@ class Poller:
         else:
             record.next_poll_at = None
         try:
-            await self._ledger.save(record, etag)
+            await self._save_held(record, etag)
         except PreconditionFailed:
-            # Someone changed the record while we held the lease (an operator read folding in
-            # the archive): our marker is stale then, and theirs stands.
+            # Another replica took the request over (our lease ran out): our marker is stale
+            # then, and theirs stands.
             log.info("poll_record_changed", request_id=record.id)
             return
         await self._schedule.unschedule(record.id, old_when)

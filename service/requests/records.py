@@ -693,6 +693,25 @@ class AccessRequest:
         # The address looked for goes; the counts stay (sources found, calls made).
         self.discovery = replace(self.discovery, address=None, targets=(), last_error=None)
 
+    def adopt_operator_changes(self, current: AccessRequest) -> None:
+        """What an operator changed in `current` while a visit worked on this copy (the visit
+        holds the lease; operators write without one): the extension, the hand-out, a raised
+        discovery limit (which makes the request due at once), and the version, so the
+        visit's write goes on from theirs. Everything else is the visit's."""
+        self.version = max(self.version, current.version)
+        self.extension = current.extension
+        self.answered_at = self.answered_at or current.answered_at
+        raised = current.discovery.max_sources
+        if raised is not None and raised != self.discovery.max_sources:
+            status = self.discovery.status
+            if status is DiscoveryStatus.OVER_LIMIT:
+                status = DiscoveryStatus.RUNNING
+            self.discovery = replace(self.discovery, max_sources=raised, status=status)
+            if current.next_poll_at is not None and (
+                self.next_poll_at is None or current.next_poll_at < self.next_poll_at
+            ):
+                self.next_poll_at = current.next_poll_at  # the raise's marker, due now
+
     def take_lease(self, owner: str, until: datetime) -> None:
         self.lease = Lease(owner, isoformat(until))
 
