@@ -54,7 +54,7 @@ async def soak(seconds: float, seed: int, workdir: Path, store: str = "moto") ->
             f"\nCopernica: {state.api_calls} API calls, most in one second {state.max_rps};"
             f" callback deliveries by answer: {dict(sorted(deliveries.items()))}",
             f"\nSIGTERM exits: {', '.join(exits)};"
-            f" aiohttp's unretrieved body-writer lines: {checker.library_noise}",
+            f" aiohttp's own noise (body writers, shutdown waiter): {checker.library_noise}",
         )
     print("\n" + table(rows))
     broken = [row for row in rows if row.violations]
