@@ -28,8 +28,6 @@ from service.storage.s3 import AlreadyArchived, ArchiveStore, ArchiveUnavailable
 
 log = structlog.get_logger(__name__)
 
-_NOTE = "intake-note"  # the note holds no lease: any lease held is a visit's
-
 
 class BodyStalled(Exception):
     """The sender stopped sending in the middle of the body."""
@@ -290,7 +288,7 @@ class Intake:
             data = self._ledger.data_request_of(record, request)
             if data is None or data.archive is not None:
                 return False
-            if record.leased_to_other(_NOTE, utcnow()):
+            if record.leased(utcnow()):
                 # A visit works on the record and finds the archive itself; a write now would
                 # cost that visit its own write (its discovery steps, the sources it filed).
                 return False

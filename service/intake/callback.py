@@ -116,9 +116,10 @@ class CallbackView:
         request_id, token = request.match_info["request_id"], request.match_info["token"]
         return token_role(self._secret, request_id, token, request.match_info.get("subject"))
 
-    def _refusal(self, request: web.Request) -> Receipt | None:
-        """A wrong token or a declared oversize body is refused before any body byte."""
-        if self._role(request) is None:
+    def _refusal(self, request: web.Request, role: str | None) -> Receipt | None:
+        """A wrong token (`role` None) or a declared oversize body is refused before any body
+        byte."""
+        if role is None:
             return Receipt(Outcome.UNKNOWN, reason="not found", body_unread=True)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
@@ -139,7 +140,7 @@ class CallbackView:
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: refuse before the client sends the body at all."""
-        refusal = self._refusal(request)
+        refusal = self._refusal(request, self._role(request))
         if refusal is not None:
             return self._answer(request, refusal, time.perf_counter())
         if request.headers.get("Expect", "").lower() != "100-continue":
@@ -156,7 +157,8 @@ class CallbackView:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        receipt = self._refusal(request)
+        role = self._role(request)  # the token's HMACs, once per callback
+        receipt = self._refusal(request, role)
         if receipt is None:
             signed: Signed | None = None
             try:
@@ -168,7 +170,7 @@ class CallbackView:
                     request.content,
                     signed.digest if signed else None,
                     request.match_info.get("subject"),
-                    discovered=self._role(request) == SOURCE,
+                    discovered=role == SOURCE,
                 )
             except SignatureInvalid as exc:
                 receipt = Receipt(Outcome.UNAUTHORIZED, reason=str(exc), body_unread=True)

@@ -374,17 +374,8 @@ class Discovery:
         }
 
     def summary(self) -> dict[str, Any]:
-        """What the API shows (SPEC): no address, no plan."""
-        return {
-            "status": self.status.value,
-            "databases": self.databases,
-            "collections": self.collections,
-            "queries": self.queries,
-            "matches": self.matches,
-            "calls": self.calls,
-            "max_sources": self.max_sources,
-            "last_error": self.last_error,
-        }
+        """What the API shows (SPEC): no address, no plan, no cursor."""
+        return {k: v for k, v in self.to_json().items() if k in _DISCOVERY_SHOWN}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Discovery:
@@ -408,6 +399,10 @@ class Discovery:
 
 
 DISCOVERY_OFF = Discovery(DiscoveryStatus.OFF)
+_DISCOVERY_SHOWN = (
+    "status", "databases", "collections", "queries", "matches", "calls", "max_sources",
+    "last_error",
+)  # fmt: skip
 
 
 def _opt(raw: dict[str, Any] | None, build: Any) -> Any:
@@ -718,6 +713,11 @@ class AccessRequest:
     def leased_to_other(self, owner: str, now: datetime) -> bool:
         """Somebody else works on this record and their lease has not run out."""
         return self.lease is not None and self.lease.held_by_other(owner, now)
+
+    def leased(self, now: datetime) -> bool:
+        """A visit (or a filing) works on this record: writers that hold no lease (an
+        operator's read folding in an archive, a callback's note) leave it to that visit."""
+        return self.lease is not None and parse_isoformat(self.lease.until) > now
 
     # -- bytes ---------------------------------------------------------------------------
 

@@ -43,7 +43,6 @@ from service.storage.s3 import ArchiveStore, ArchiveUnavailable, NotFound
 log = structlog.get_logger(__name__)
 
 MAX_PAGE = 1000
-_READER = "operator-read"  # an operator's read holds no lease: any lease held is another's
 DEADLINE_CURSOR = re.compile(r"^\d{4}-\d{2}-\d{2}/[0-9A-HJKMNP-TV-Z]{26}$")
 
 
@@ -121,7 +120,7 @@ class OperatorApi:
         def change(current: AccessRequest) -> bool:
             if current.first.status is not Status.PENDING:
                 return False
-            if current.leased_to_other(_READER, utcnow()):
+            if current.leased(utcnow()):
                 # A visit works on it and finds the archive itself. Writing now would cost
                 # that visit its record write: the discovery it did and the sources it filed
                 # at Copernica, lost (filed again by the next visit).
